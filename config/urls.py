@@ -1,0 +1,14 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("workflows.urls")),
+    path("", include("diagnostics.urls")),
+    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/v1/", include("workflows.api.urls")),
+    path("django-rq/", include("django_rq.urls")),
+    path("", include("django_prometheus.urls")),
+]

@@ -1,0 +1,333 @@
+"""The evidence the detectors share: one ``Context`` per tick, loaded lazily and once.
+
+It holds the running attempts (one query), the queued counts per queue, what RQ's worker
+keys say (one pipelined round trip) and, per attempt, a ``Liveness`` verdict: is the
+process running it still there? RQ's registries are evidence, never the truth
+(CONVENTIONS §11): an attempt counts as lost only on strong evidence — its process is
+gone (same host), or its heartbeat went stale *and* RQ no longer knows its worker, or
+RQ ended its job.
+"""
+
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+
+import psutil
+import redis
+from django.conf import settings
+from django.db import connection
+from django.db.models import Count, F, Min
+from django.utils import timezone
+
+from diagnostics.models import Finding
+from workflows import dispatch
+from workflows.models import NodeAttempt, NodeRun
+
+CRITICAL, WARNING, INFO = Finding.Severity.CRITICAL, Finding.Severity.WARNING, Finding.Severity.INFO
+# RQ's key layout (rq 2.x).
+WORKERS_KEY = "rq:workers"
+WORKER_PREFIX = "rq:worker:"
+QUEUE_PREFIX = "rq:queue:"
+SUSPENDED_KEY = "rq:suspended"
+# RQ job states in which RQ will never run the job again.
+ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
+# Where the stalled detector remembers since when each attempt's progress stood still.
+PROGRESS_MEMORY_KEY = "keel:watchdog:progress"
+
+
+def setting(name: str, default):
+    return getattr(settings, name, default)
+
+
+@dataclass
+class WorkerInfo:
+    """What RQ's worker keys say about one worker, checked against the process table."""
+
+    name: str
+    registered: bool  # listed in rq:workers
+    exists: bool  # its key has not expired
+    queues: list[str] = field(default_factory=list)
+    hostname: str = ""
+    pid: int | None = None
+    state: str = ""
+    current_job: str = ""
+    last_heartbeat: str = ""
+    died: str = ""  # set by a clean shutdown
+    process: str = "unknown"  # alive / dead / unknown (another host)
+
+    @property
+    def alive(self) -> bool:
+        return self.exists and not self.died and self.process != "dead"
+
+    def gone_because(self) -> str:
+        if not self.exists:
+            return f"RQ has no key for worker {self.name} (it expired or was never written)"
+        if self.died:
+            return f"worker {self.name} shut down at {self.died}"
+        if self.process == "dead":
+            return (
+                f"worker {self.name}'s process (pid {self.pid} on {self.hostname}) no longer exists"
+            )
+        return ""
+
+    def as_evidence(self) -> dict:
+        return {
+            "name": self.name,
+            "in_rq_registry": self.registered,
+            "rq_key_exists": self.exists,
+            "queues": self.queues,
+            "host": self.hostname,
+            "pid": self.pid,
+            "state": self.state,
+            "current_job": self.current_job,
+            "rq_last_heartbeat": self.last_heartbeat,
+            "process": self.process,
+        }
+
+
+@dataclass
+class Liveness:
+    """Is the process running an attempt still there? The evidence, and the verdict."""
+
+    heartbeat_age: float
+    never_beat: bool
+    process: str  # alive / dead / unknown
+    process_detail: str
+    worker: WorkerInfo | None
+    job_status: str | None  # RQ's status, "missing", or None when Redis did not answer
+    lost_because: str = ""
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.lost_because)
+
+
+def process_state(pid: int | None, since: datetime | None) -> tuple[str, str]:
+    """("alive" | "dead", why) for a pid on this host that must predate ``since``."""
+    if not pid:
+        return "unknown", "no pid recorded"
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return "dead", f"pid {pid} is a zombie (exited, not yet reaped)"
+        if since is not None and process.create_time() > since.timestamp() + 1:
+            return "dead", f"pid {pid} now belongs to a newer process (the old one exited)"
+    except psutil.NoSuchProcess:
+        return "dead", f"no process with pid {pid} exists"
+    except psutil.Error as error:
+        return "unknown", f"could not inspect pid {pid}: {error}"
+    return "alive", f"pid {pid} is running"
+
+
+class Context:
+    """One tick's view of the world: loaded lazily, once, and shared by the detectors."""
+
+    def __init__(self, *, now=None, redis_connection=None, db=None):
+        self.now = now or timezone.now()
+        self.heartbeat = float(settings.KEEL_HEARTBEAT_SECONDS)
+        self.redis = redis_connection if redis_connection is not None else _redis()
+        self.db = db if db is not None else connection
+        self.host = socket.gethostname()
+        self._liveness: dict[int, Liveness] = {}
+        # Findings a detector could not re-examine this tick: left open, not resolved.
+        self.keep_open: set[tuple[str, str]] = set()
+
+    # Redis --------------------------------------------------------------------------------
+
+    @cached_property
+    def redis_error(self) -> str:
+        """Why Redis did not answer a PING, or "" when it did."""
+        try:
+            self.redis.ping()
+        except redis.RedisError as error:
+            return f"{type(error).__name__}: {error}"
+        return ""
+
+    @property
+    def redis_ok(self) -> bool:
+        return not self.redis_error
+
+    @cached_property
+    def workers(self) -> dict[str, WorkerInfo]:
+        """Every worker RQ lists, plus every worker a running attempt names."""
+        registered = {text(key)[len(WORKER_PREFIX) :] for key in self.redis.smembers(WORKERS_KEY)}
+        names = sorted(registered | {a.worker for a in self.running if a.worker})
+        with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(WORKER_PREFIX + name)
+            hashes = pipe.execute()
+        workers = {}
+        for name, raw in zip(names, hashes, strict=True):
+            data = {text(k): text(v) for k, v in raw.items()}
+            info = WorkerInfo(
+                name=name,
+                registered=name in registered,
+                exists=bool(data),
+                queues=[q for q in data.get("queues", "").split(",") if q],
+                hostname=data.get("hostname", ""),
+                pid=int(data["pid"]) if data.get("pid", "").isdigit() else None,
+                state=data.get("state", ""),
+                current_job=data.get("current_job", ""),
+                last_heartbeat=data.get("last_heartbeat", ""),
+                died=data.get("death", ""),
+            )
+            if info.exists and info.hostname == self.host and info.pid:
+                info.process, _ = process_state(info.pid, None)
+            workers[name] = info
+        return workers
+
+    @cached_property
+    def suspended(self) -> bool:
+        return bool(self.redis.exists(SUSPENDED_KEY))
+
+    def live_listeners(self, queue: str) -> list[str]:
+        return sorted(w.name for w in self.workers.values() if w.alive and queue in w.queues)
+
+    def job_states(self, job_ids: list[str]) -> dict[str, dict]:
+        """{job id: {"status": RQ's status or "missing", "worker": ...}} in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(f"rq:job:{job_id}", "status", "worker_name", "started_at")
+            rows = pipe.execute()
+        return {
+            job_id: {
+                "status": text(status) if status else "missing",
+                "worker": text(worker or b""),
+                "started_at": text(started or b""),
+            }
+            for job_id, (status, worker, started) in zip(job_ids, rows, strict=True)
+        }
+
+    @cached_property
+    def running_jobs(self) -> dict[str, dict]:
+        return self.job_states([a.rq_job_id for a in self.running]) if self.redis_ok else {}
+
+    # Database -----------------------------------------------------------------------------
+
+    @cached_property
+    def running(self) -> list[NodeAttempt]:
+        """The current attempt of every running node, with its node and run (one query)."""
+        return list(
+            NodeAttempt.objects.filter(
+                node_run__status=NodeRun.Status.RUNNING, number=F("node_run__attempt")
+            )
+            .select_related("node_run__run")
+            .order_by("node_run_id")
+        )
+
+    @cached_property
+    def queued_by_queue(self) -> dict[str, dict]:
+        rows = (
+            NodeRun.objects.filter(status=NodeRun.Status.QUEUED)
+            .values("queue")
+            .annotate(count=Count("id"), oldest=Min("queued_at"))
+        )
+        return {row["queue"]: row for row in rows}
+
+    # Verdicts -----------------------------------------------------------------------------
+
+    def age(self, moment: datetime | None) -> float:
+        return (self.now - moment).total_seconds() if moment else 0.0
+
+    def liveness(self, attempt: NodeAttempt) -> Liveness:
+        """Gather the evidence about an attempt's process and decide whether it is lost.
+
+        1. Heartbeat age (from the last beat, or from the claim when it never beat).
+        2. Same host: does the pid exist (and is it not a newer process or a zombie)?
+        3. RQ: is its worker still registered, and what does RQ say about its job?
+        4. Lost when: the process is gone and no beat came for 1.5 beats; or no beat for
+           the stale threshold and RQ lost the worker; or RQ ended the job (the work
+           horse died) and no beat came for 1.5 beats.
+        """
+        if attempt.pk in self._liveness:
+            return self._liveness[attempt.pk]
+        node = attempt.node_run
+        beat = node.heartbeat_at or attempt.started_at
+        never = node.heartbeat_at is None or node.heartbeat_at == node.started_at
+        if attempt.host == self.host:
+            process, detail = process_state(attempt.pid, attempt.started_at)
+        else:
+            process, detail = "unknown", f"runs on host {attempt.host or '?'}, not this one"
+        worker = job_status = None
+        if self.redis_ok:
+            worker = self.workers.get(attempt.worker)
+            job_status = self.running_jobs.get(attempt.rq_job_id, {}).get("status")
+        age = self.age(beat)
+        stale = age > self.stale_after
+        quiet = age > 1.5 * self.heartbeat
+        because = ""
+        if process == "dead" and quiet:
+            because = f"its process is gone: {detail}"
+        elif stale and worker is not None and not worker.alive:
+            because = worker.gone_because()
+        elif quiet and job_status in ENDED_JOB_STATES:
+            because = (
+                f"RQ reports its job {attempt.rq_job_id} as {job_status} (the work horse ended)"
+            )
+        verdict = Liveness(age, never, process, detail, worker, job_status, because)
+        self._liveness[attempt.pk] = verdict
+        return verdict
+
+    @property
+    def stale_after(self) -> float:
+        return setting("KEEL_STALE_BEATS", 3) * self.heartbeat
+
+
+def _redis():
+    return dispatch.redis_connection()
+
+
+def text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def node_subject(node_run_id: int, attempt: int | None = None) -> str:
+    return f"node_run:{node_run_id}" + (f":{attempt}" if attempt is not None else "")
+
+
+def about_attempt(attempt: NodeAttempt) -> dict:
+    """The subject fields of a detection about a running attempt (run, node, queue, worker)."""
+    node = attempt.node_run
+    return {
+        "run_id": node.run_id,
+        "node_run_id": node.pk,
+        "queue": attempt.queue,
+        "worker": attempt.worker,
+        "attempt_id": attempt.pk,
+    }
+
+
+def attempt_evidence(ctx: Context, attempt: NodeAttempt) -> dict:
+    node = attempt.node_run
+    return {
+        "run": node.run_id,
+        "node": node.node_key,
+        "node_type": node.node_type,
+        "attempt": attempt.number,
+        "max_attempts": node.max_attempts,
+        "queue": attempt.queue,
+        "worker": attempt.worker,
+        "host": attempt.host,
+        "pid": attempt.pid,
+        "rq_job_id": attempt.rq_job_id,
+        "started_at": iso(attempt.started_at),
+        "heartbeat_at": iso(node.heartbeat_at),
+        "seconds_since_heartbeat": round(ctx.age(node.heartbeat_at or attempt.started_at), 1),
+        "running_for_seconds": round(ctx.age(attempt.started_at), 1),
+        "heartbeat_interval_seconds": ctx.heartbeat,
+        "progress": node.progress,
+        "resource_samples": (attempt.resource_samples or [])[-3:],
+    }
+
+
+def retry_action(node: NodeRun) -> dict:
+    return {"kind": "retry_node", "run": node.run_id, "node": node.node_key}
+
+
+def worker_command(queue: str) -> dict:
+    return {"kind": "command", "command": f"manage.py rqworker {queue}"}

@@ -1,0 +1,89 @@
+"""The detector registry: ``@detector(code)`` and ``run_all``, which runs them all."""
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import psutil
+import redis
+from django.db import DatabaseError
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
+
+from diagnostics.detectors.context import Context, iso
+from diagnostics.findings import Detection
+from workflows.models import LogLine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Detector:
+    code: str
+    func: Callable[[Context], list[Detection]]
+    needs_redis: bool
+
+
+DETECTORS: list[Detector] = []
+
+
+def detector(code: str, *, needs_redis: bool = False):
+    def register(func):
+        DETECTORS.append(Detector(code, func, needs_redis))
+        return func
+
+    return register
+
+
+@dataclass
+class DetectionRun:
+    detections: list[Detection]
+    checked: set[str]
+    failed: dict[str, str]
+    # (code, subject) of open findings a detector could not look at this time.
+    keep_open: set[tuple[str, str]]
+
+
+def run_all(ctx: Context, codes: set[str] | None = None) -> DetectionRun:
+    """Run every detector (or those of ``codes``). A detector that cannot run (Redis down,
+    an error) is reported in ``failed`` and its open findings are left alone."""
+    detections, checked, failed = [], set(), {}
+    for each in DETECTORS:
+        if codes is not None and each.code not in codes:
+            continue
+        if each.needs_redis and not ctx.redis_ok:
+            failed[each.code] = f"Redis did not answer ({ctx.redis_error})"
+            continue
+        try:
+            found = each.func(ctx)
+        except (DatabaseError, redis.RedisError, psutil.Error, OSError) as error:
+            logger.exception("Detector %s failed", each.code)
+            failed[each.code] = f"{type(error).__name__}: {error}"
+            continue
+        detections.extend(found)
+        checked.add(each.code)
+    _attach_last_log_lines(detections)
+    return DetectionRun(detections, checked, failed, ctx.keep_open)
+
+
+def _attach_last_log_lines(detections: list[Detection], lines: int = 5) -> None:
+    """Add each attempt's last log lines to its detections' evidence (one query)."""
+    ids = {d.attempt_id for d in detections if d.attempt_id}
+    if not ids:
+        return
+    rows = (
+        LogLine.objects.filter(attempt_id__in=ids)
+        .annotate(
+            rank=Window(RowNumber(), partition_by=[F("attempt_id")], order_by=F("seq").desc())
+        )
+        .filter(rank__lte=lines)
+        .order_by("attempt_id", "seq")
+        .values_list("attempt_id", "at", "level", "message")
+    )
+    by_attempt = defaultdict(list)
+    for attempt_id, at, level, message in rows:
+        by_attempt[attempt_id].append({"at": iso(at), "level": level, "message": message[:500]})
+    for detection in detections:
+        if detection.attempt_id:
+            detection.evidence["last_log_lines"] = by_attempt.get(detection.attempt_id, [])

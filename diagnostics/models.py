@@ -1,0 +1,124 @@
+"""Findings: what the watchdog diagnosed, with evidence and what to do (DESIGN §6)."""
+
+from django.db import models
+from django.db.models import Q
+
+from workflows.models import NodeRun, Run
+
+
+class FindingSeverity(models.TextChoices):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+class Finding(models.Model):
+    """One diagnosis about one subject; open until the condition no longer holds.
+
+    ``first_seen`` is when the watchdog first saw the condition (time to detect is
+    first_seen minus when the condition began); ``resolved_at`` when it stopped holding
+    (time to recover). At most one open finding exists per (code, subject).
+    """
+
+    Severity = FindingSeverity
+
+    code = models.CharField(max_length=50, help_text="The cause, e.g. heartbeat_stale, job_lost.")
+    severity = models.CharField(
+        max_length=10, choices=FindingSeverity.choices, default=FindingSeverity.WARNING
+    )
+    subject = models.CharField(
+        max_length=200,
+        help_text="What the finding is about, e.g. node_run:42:1, queue:default, worker:w1, redis.",
+    )
+    run = models.ForeignKey(
+        Run, on_delete=models.CASCADE, null=True, blank=True, related_name="findings"
+    )
+    node_run = models.ForeignKey(
+        NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="findings"
+    )
+    queue = models.CharField(max_length=100, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    title = models.CharField(max_length=300, help_text="What is wrong, in plain words.")
+    evidence = models.JSONField(default=dict, blank=True)
+    suggestion = models.TextField(help_text="What to do about it.")
+    action = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="The one-click action that fits, e.g. {'kind': 'retry_node', ...}.",
+    )
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    repaired_at = models.DateTimeField(null=True, blank=True)
+    repair = models.TextField(blank=True, help_text="What the watchdog did about it automatically.")
+
+    class Meta:
+        ordering = ["-last_seen", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["code", "subject"],
+                condition=Q(resolved_at__isnull=True),
+                name="finding_open_unique",
+            ),
+            models.CheckConstraint(
+                condition=Q(severity__in=FindingSeverity.values), name="finding_severity_valid"
+            ),
+        ]
+        indexes = [
+            # Open findings: the "Stuck & findings" page, the upsert of each watchdog tick.
+            models.Index(
+                fields=["code", "subject"],
+                name="finding_open",
+                condition=Q(resolved_at__isnull=True),
+            ),
+            # Findings of one run (run and node pages, diagnose RUN_ID).
+            models.Index(fields=["run", "-last_seen"], name="finding_run_seen"),
+        ]
+
+    def __str__(self):
+        return f"{self.code} on {self.subject}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.resolved_at is None
+
+
+class AuditAction(models.TextChoices):
+    CLEAR_QUEUE = "clear_queue"
+    REQUEUE_FAILED = "requeue_failed"
+
+
+class AuditEvent(models.Model):
+    """One operator action that belongs to no run (a run's own actions are RunEvents).
+
+    Written by diagnostics/operations.py in the same call that acts, with the counts seen
+    just before and just after, so the trail says what the action actually changed.
+    """
+
+    Action = AuditAction
+
+    actor = models.CharField(max_length=150, help_text="Username of who acted.")
+    action = models.CharField(max_length=32, choices=AuditAction.choices)
+    target = models.CharField(max_length=200, help_text="What was acted on, e.g. queue:default.")
+    reason = models.TextField()
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        permissions = [
+            ("operate_queues", "Can clear queues and requeue failed jobs"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(action__in=AuditAction.values), name="auditevent_action_valid"
+            ),
+        ]
+        indexes = [
+            # The history of one target (a queue), newest first.
+            models.Index(fields=["target", "-at"], name="auditevent_target_at"),
+        ]
+
+    def __str__(self):
+        return f"{self.action} on {self.target} by {self.actor}"

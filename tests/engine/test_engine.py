@@ -1,0 +1,215 @@
+"""Engine transitions driven directly, as a worker would drive them.
+
+These pin down interleavings that are hard to force with real workers: a late result,
+a fan-in counter, a pool shared by two runs. Jobs still go to the real Redis.
+"""
+
+import pytest
+
+from workflows import dispatch, engine
+from workflows.models import Checkpoint, NodeAttempt, NodeRun, ResourcePool, Run, RunEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def claim(node_run: NodeRun, attempt: int | None = None) -> engine.Claim | None:
+    node_run.refresh_from_db()
+    return engine.claim_attempt(
+        node_run.pk, attempt or node_run.attempt, worker="test-worker", pid=1, host="test-host"
+    )
+
+
+def by_key(run) -> dict[str, NodeRun]:
+    return {n.node_key: n for n in NodeRun.objects.filter(run=run)}
+
+
+def test_roots_are_queued_with_an_attempt_and_a_job_on_start(start_run, clean_redis):
+    run = start_run(
+        {
+            "name": "Roots",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    nodes = by_key(run)
+    assert (nodes["a"].status, nodes["a"].attempt) == (NodeRun.Status.QUEUED, 1)
+    assert (nodes["b"].status, nodes["b"].pending_upstreams) == (NodeRun.Status.PENDING, 1)
+    assert nodes["b"].reason == "waiting for upstream: a"
+    assert NodeAttempt.objects.get(node_run=nodes["a"]).rq_job_id == dispatch.job_id(
+        nodes["a"].pk, 1
+    )
+    assert dispatch.missing_jobs([dispatch.job_id(nodes["a"].pk, 1)]) == set()
+
+
+def test_fan_in_waits_for_every_upstream_by_counting(start_run):
+    fan = {f"s{i}": {"type": "keel.noop"} for i in range(50)}
+    run = start_run(
+        {"name": "Fan", "nodes": {**fan, "join": {"type": "keel.noop", "after": list(fan)}}}
+    )
+    nodes = by_key(run)
+    for index, key in enumerate(fan):
+        assert claim(nodes[key])
+        assert engine.complete_attempt(nodes[key].pk, 1, {"i": index})
+        nodes["join"].refresh_from_db()
+        assert nodes["join"].pending_upstreams == 49 - index
+        expected = NodeRun.Status.QUEUED if index == 49 else NodeRun.Status.PENDING
+        assert nodes["join"].status == expected
+    join = claim(nodes["join"])
+    assert len(engine.upstream_outputs(join.run_id, join.upstream)) == 50
+
+
+def test_a_result_for_an_attempt_that_is_not_current_is_rejected_and_recorded(start_run):
+    run = start_run(
+        {
+            "name": "Stale",
+            "nodes": {"n": {"type": "keel.noop", "retries": {"max_attempts": 2, "backoff": 0}}},
+        }
+    )
+    n = by_key(run)["n"]
+    assert claim(n)
+    assert engine.abandon_attempt(n.pk, 1, reason="worker vanished", actor="watchdog")
+    n.refresh_from_db()
+    assert (n.status, n.attempt) == (NodeRun.Status.QUEUED, 2)
+
+    assert engine.complete_attempt(n.pk, 1, {"late": True}) is False
+    assert engine.fail_attempt(n.pk, 1, engine.Failure("ValueError", "late")) is False
+
+    n.refresh_from_db()
+    assert n.output is None and n.status == NodeRun.Status.QUEUED
+    reasons = list(
+        RunEvent.objects.filter(run=run, kind=RunEvent.Kind.STALE).values_list("reason", flat=True)
+    )
+    assert reasons == [
+        "rejected success of attempt 1: the node is queued at attempt 2",
+        "rejected failure of attempt 1: the node is queued at attempt 2",
+    ]
+
+
+def test_a_second_claim_of_the_same_attempt_is_refused(start_run):
+    run = start_run({"name": "Claim", "nodes": {"n": {"type": "keel.noop"}}})
+    n = by_key(run)["n"]
+    assert claim(n, 1) is not None
+    assert claim(n, 1) is None
+    assert (
+        RunEvent.objects.filter(
+            run=run, kind=RunEvent.Kind.STALE, reason__startswith="rejected claim"
+        ).count()
+        == 1
+    )
+
+
+def test_a_pool_slot_freed_in_one_run_goes_to_a_node_waiting_in_another(start_run):
+    definition = {
+        "name": "Pooled",
+        "pools": {"db": 1},
+        "nodes": {"n": {"type": "keel.noop", "pool": "db"}},
+    }
+    first = start_run(definition)
+    second = start_run(definition)
+    holder, waiter = by_key(first)["n"], by_key(second)["n"]
+    assert holder.status == NodeRun.Status.QUEUED
+    assert waiter.status == NodeRun.Status.PENDING and "waiting for pool db" in waiter.reason
+
+    assert claim(holder)
+    assert engine.complete_attempt(holder.pk, 1, {})
+    waiter.refresh_from_db()
+    assert (waiter.status, waiter.attempt) == (NodeRun.Status.QUEUED, 1)
+
+
+def test_resizing_a_pool_is_respected_by_the_next_queueing(start_run):
+    definition = {
+        "name": "Pooled",
+        "pools": {"api": 1},
+        "nodes": {"n": {"type": "keel.noop", "pool": "api"}},
+    }
+    first = start_run(definition)
+    ResourcePool.objects.filter(name="api").update(slots=2)
+    second = start_run(definition)
+    assert by_key(first)["n"].status == by_key(second)["n"].status == NodeRun.Status.QUEUED
+
+
+def test_the_run_succeeds_when_every_node_succeeded(start_run):
+    run = start_run(
+        {
+            "name": "Two",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    for key in ("a", "b"):
+        n = by_key(run)[key]
+        assert claim(n)
+        engine.complete_attempt(n.pk, 1, {key: 1})
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED and run.finished_at is not None
+    assert Checkpoint.objects.filter(run=run, kind=Checkpoint.Kind.NODE_DONE).count() == 2
+
+
+def test_progress_checkpoint_of_a_superseded_attempt_is_refused(start_run):
+    run = start_run(
+        {
+            "name": "Cp",
+            "nodes": {"n": {"type": "keel.noop", "retries": {"max_attempts": 2, "backoff": 0}}},
+        }
+    )
+    n = by_key(run)["n"]
+    assert claim(n)
+    engine.save_progress_checkpoint(n.pk, run.pk, 1, 1, {"offset": 10})
+    engine.abandon_attempt(n.pk, 1, reason="lost", actor="test")
+    with pytest.raises(engine.AttemptSuperseded):
+        engine.save_progress_checkpoint(n.pk, run.pk, 1, 2, {"offset": 20})
+    assert engine.latest_progress_state(n.pk) == {"offset": 10}
+
+
+def test_cancel_is_idempotent_and_closes_every_unfinished_node(start_run):
+    run = start_run(
+        {
+            "name": "C",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    assert engine.cancel_run(run.pk, actor="op", reason="test") is True
+    assert engine.cancel_run(run.pk, actor="op", reason="test") is False
+    run.refresh_from_db()
+    assert run.status == Run.Status.CANCELLED
+    assert set(NodeRun.objects.filter(run=run).values_list("status", flat=True)) == {
+        NodeRun.Status.CANCELLED
+    }
+    assert NodeAttempt.objects.get(node_run__run=run).status == NodeAttempt.Status.CANCELLED
+
+
+def test_unknown_run_params_are_refused_before_anything_is_written(make_version):
+    version = make_version(
+        {"name": "P", "params": {"day": "2026-01-01"}, "nodes": {"n": {"type": "keel.noop"}}}
+    )
+    with pytest.raises(
+        engine.RunParamsError, match=r"Unknown run param\(s\) colour .* declares: day"
+    ):
+        engine.start_run(version, params={"colour": "red"}, trigger="t")
+    assert not Run.objects.exists()
+    run = engine.start_run(version, params={"day": "2026-02-02"}, trigger="t")
+    assert run.params == {"day": "2026-02-02"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "attempt", "low", "high"),
+    [
+        ({"backoff": 5, "factor": 2, "max_delay": 300, "jitter": False}, 1, 5, 5),
+        ({"backoff": 5, "factor": 2, "max_delay": 300, "jitter": False}, 3, 20, 20),
+        ({"backoff": 5, "factor": 2, "max_delay": 30, "jitter": False}, 10, 30, 30),
+        ({"backoff": 8, "factor": 2, "max_delay": 300, "jitter": True}, 1, 4, 8),
+        ({"backoff": 0, "factor": 2, "max_delay": 300, "jitter": True}, 4, 0, 0),
+    ],
+)
+def test_backoff_is_exponential_capped_and_jittered(policy, attempt, low, high):
+    for _ in range(20):
+        assert low <= engine.backoff_delay(policy, attempt) <= high
+
+
+def test_nodes_keep_the_order_the_definition_wrote_them_in(start_run):
+    # PostgreSQL's jsonb reorders object keys; the spec keeps the written order separately.
+    run = start_run(
+        {"name": "Order", "nodes": {key: {"type": "keel.noop"} for key in ("zeta", "alpha", "mid")}}
+    )
+    assert list(
+        NodeRun.objects.filter(run=run).order_by("id").values_list("node_key", flat=True)
+    ) == ["zeta", "alpha", "mid"]
+    assert run.version.spec["order"] == ["zeta", "alpha", "mid"]

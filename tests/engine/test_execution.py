@@ -1,0 +1,527 @@
+"""The engine end to end: real RQ workers in subprocesses, real database and Redis."""
+
+import pytest
+
+from tests.conftest import finished, wait_for
+from tests.testapp.models import Execution, SinkRow
+from workflows import dispatch, engine, operations
+from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
+
+pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
+
+
+def node(run, key) -> NodeRun:
+    return NodeRun.objects.get(run=run, node_key=key)
+
+
+def attempts(run, key) -> list[NodeAttempt]:
+    return list(
+        NodeAttempt.objects.filter(node_run__run=run, node_run__node_key=key).order_by("number")
+    )
+
+
+DIAMOND = {
+    "name": "Diamond",
+    "nodes": {
+        "a": {"type": "test.record", "params": {"value": 1}},
+        "b": {"type": "test.record", "params": {"value": 10, "sleep": 1.0}, "after": ["a"]},
+        "c": {"type": "test.record", "params": {"value": 100, "sleep": 1.0}, "after": ["a"]},
+        "d": {"type": "test.record", "params": {"value": 1000}, "after": ["b", "c"]},
+    },
+}
+
+
+def test_dag_runs_in_order_with_parallel_branches(start_worker, start_run):
+    start_worker()
+    start_worker()
+    run = finished(start_run(DIAMOND))
+
+    assert run.status == Run.Status.SUCCEEDED
+    a, b, c, d = (attempts(run, key)[0] for key in "abcd")
+    assert a.finished_at <= b.started_at and a.finished_at <= c.started_at
+    assert max(b.finished_at, c.finished_at) <= d.started_at
+    # Two workers: the branches b and c ran at the same time.
+    assert b.started_at < c.finished_at and c.started_at < b.finished_at
+    assert Execution.objects.filter(run_id=run.pk).count() == 4
+
+
+def test_outputs_reach_downstream_inputs(start_worker, start_run):
+    start_worker()
+    run = finished(start_run(DIAMOND))
+
+    d = node(run, "d")
+    assert d.output == {"total": 1000 + (10 + 1) + (100 + 1), "seen": ["b", "c"]}
+    assert Checkpoint.objects.filter(node_run=d, kind=Checkpoint.Kind.NODE_DONE).get().state == {
+        "output": d.output
+    }
+
+
+def test_failed_node_is_retried_then_succeeds(start_worker, start_run):
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Retry",
+                "nodes": {
+                    "flaky": {
+                        "type": "test.fail_until",
+                        "params": {"succeed_on": 3},
+                        "retries": {
+                            "max_attempts": 3,
+                            "backoff": 0,
+                            "retry_on": ["ConnectionError"],
+                        },
+                    }
+                },
+            }
+        )
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    tries = attempts(run, "flaky")
+    assert [t.status for t in tries] == ["failed", "failed", "succeeded"]
+    assert tries[0].error_type == "ConnectionError"
+    assert "planned failure on attempt 1" in tries[0].traceback
+    assert node(run, "flaky").output == {"attempt": 3}
+    assert RunEvent.objects.filter(run=run, kind=RunEvent.Kind.RETRY).count() == 2
+
+
+def test_exhausted_retries_fail_the_run_but_the_independent_branch_finishes(
+    start_worker, start_run
+):
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Exhausted",
+                "nodes": {
+                    "broken": {
+                        "type": "test.fail_until",
+                        "params": {"succeed_on": 99},
+                        "retries": {"max_attempts": 2, "backoff": 0},
+                    },
+                    "after_broken": {"type": "test.record", "after": ["broken"]},
+                    "independent": {"type": "test.record", "params": {"sleep": 0.5}},
+                    "after_independent": {"type": "test.record", "after": ["independent"]},
+                },
+            }
+        )
+    )
+
+    assert run.status == Run.Status.FAILED
+    assert "broken failed" in run.reason
+    assert node(run, "broken").status == NodeRun.Status.FAILED
+    assert len(attempts(run, "broken")) == 2
+    assert node(run, "independent").status == NodeRun.Status.SUCCEEDED
+    assert node(run, "after_independent").status == NodeRun.Status.SUCCEEDED
+    blocked = node(run, "after_broken")
+    assert blocked.status == NodeRun.Status.PENDING
+    assert blocked.reason == "blocked: upstream broken failed"
+
+
+def test_errors_not_listed_in_retry_on_are_not_retried(start_worker, start_run):
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Not retryable",
+                "nodes": {
+                    "bad_input": {
+                        "type": "test.fail_until",
+                        "params": {"succeed_on": 2, "error": "ValueError"},
+                        "retries": {
+                            "max_attempts": 5,
+                            "backoff": 0,
+                            "retry_on": ["ConnectionError"],
+                        },
+                    }
+                },
+            }
+        )
+    )
+
+    assert run.status == Run.Status.FAILED
+    assert len(attempts(run, "bad_input")) == 1
+    assert "not retryable" in node(run, "bad_input").reason
+
+
+def test_sleeping_node_is_hard_timed_out_then_retried(start_worker, start_run):
+    start_worker("forking")
+    run = finished(
+        start_run(
+            {
+                "name": "Hard timeout",
+                "nodes": {
+                    "sleepy": {
+                        "type": "test.sleep_first",
+                        "params": {"seconds": 60, "until_attempt": 2},
+                        "timeout": 2,
+                        "retries": {"max_attempts": 2, "backoff": 0},
+                    }
+                },
+            }
+        ),
+        timeout=60,
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    first, second = attempts(run, "sleepy")
+    assert first.status == NodeAttempt.Status.TIMED_OUT
+    assert first.error_type == "HardTimeout"
+    assert 1.5 < (first.finished_at - first.started_at).total_seconds() < 10
+    assert second.status == NodeAttempt.Status.SUCCEEDED
+
+
+def test_soft_timeout_saves_a_checkpoint_and_the_next_attempt_resumes_from_it(
+    start_worker, start_run
+):
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Soft timeout",
+                "nodes": {
+                    "batches": {
+                        "type": "test.batches",
+                        "params": {"rows": 400, "batch": 20, "pause": 0.1},
+                        "soft_timeout": 1,
+                        "timeout": 30,
+                        "retries": {"max_attempts": 5, "backoff": 0},
+                    }
+                },
+            }
+        ),
+        timeout=60,
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    tries = attempts(run, "batches")
+    assert tries[0].status == NodeAttempt.Status.TIMED_OUT
+    assert tries[0].error_type == "SoftTimeout"
+    assert node(run, "batches").output["started_at_row"] > 1, "the last attempt resumed mid-way"
+    rows = SinkRow.objects.filter(run_key__contains=f"run{run.pk}-")
+    assert rows.count() == 400
+    assert sorted(rows.values_list("row_id", flat=True)) == list(range(1, 401))
+    assert {row.attempt for row in rows} == {t.number for t in tries}, (
+        "every attempt wrote its share"
+    )
+
+
+def test_killed_batch_node_resumes_and_processes_every_row_exactly_once(start_worker, start_run):
+    first_worker = start_worker("forking")
+    run = start_run(
+        {
+            "name": "Kill midway",
+            "nodes": {
+                "load": {
+                    "type": "test.batches",
+                    "params": {"rows": 10_000, "batch": 100, "pause": 0.03},
+                    "timeout": 120,
+                    "retries": {"max_attempts": 3, "backoff": 0},
+                }
+            },
+        }
+    )
+    key = f"keel-run{run.pk}-load"
+    wait_for(
+        lambda: SinkRow.objects.filter(run_key=key).count() >= 2000, timeout=60, message="2000 rows"
+    )
+    first_worker.kill_hard()
+    written_before_kill = SinkRow.objects.filter(run_key=key).count()
+    assert written_before_kill < 10_000
+
+    # The worker is gone; the watchdog (or an operator) abandons its attempt.
+    load = node(run, "load")
+    assert load.status == NodeRun.Status.RUNNING
+    assert engine.abandon_attempt(load.pk, 1, reason="worker killed", actor="test")
+    start_worker("forking")
+    run = finished(run, timeout=120)
+
+    assert run.status == Run.Status.SUCCEEDED
+    rows = SinkRow.objects.filter(run_key=key)
+    assert rows.count() == 10_000
+    assert sorted(rows.values_list("row_id", flat=True)) == list(range(1, 10_001))
+    resumed_at = node(run, "load").output["started_at_row"]
+    assert resumed_at == written_before_kill + 1, (
+        "the second attempt started right after the last checkpoint"
+    )
+    assert [a.status for a in attempts(run, "load")] == ["abandoned", "succeeded"]
+
+
+def test_late_result_of_a_superseded_attempt_is_rejected(start_worker, start_run):
+    slow = start_worker("forking", name="slow-worker")
+    run = start_run(
+        {
+            "name": "Superseded",
+            "nodes": {
+                "node": {
+                    "type": "test.sleep_first",
+                    "params": {"seconds": 4, "until_attempt": 2},
+                    "timeout": 30,
+                    "retries": {"max_attempts": 2, "backoff": 0},
+                }
+            },
+        }
+    )
+    target = node(run, "node")
+    wait_for(
+        lambda: NodeRun.objects.get(pk=target.pk).status == NodeRun.Status.RUNNING,
+        message="running",
+    )
+    assert engine.abandon_attempt(target.pk, 1, reason="presumed lost", actor="test")
+    start_worker("forking")
+    run = finished(run, timeout=30)
+    assert run.status == Run.Status.SUCCEEDED
+    assert node(run, "node").output == {"attempt": 2}
+
+    # Attempt 1 wakes up after its sleep and reports success: it must be rejected.
+    wait_for(
+        lambda: RunEvent.objects.filter(run=run, kind=RunEvent.Kind.STALE).exists(),
+        timeout=15,
+        message="the stale result to be recorded",
+    )
+    stale = RunEvent.objects.get(run=run, kind=RunEvent.Kind.STALE)
+    assert "rejected success of attempt 1" in stale.reason
+    assert node(run, "node").output == {"attempt": 2}
+    assert NodeAttempt.objects.get(node_run=target, number=1).status == NodeAttempt.Status.ABANDONED
+    slow.stop()
+
+
+def test_a_message_delivered_twice_runs_the_node_once(start_worker, start_run, clean_redis):
+    run = start_run({"name": "Twice", "nodes": {"only": {"type": "test.record"}}})
+    only = node(run, "only")
+    # The same "run attempt 1 of node-run X" arrives again, as after a redelivery.
+    dispatch.get_queue("default").enqueue_call(
+        dispatch.EXECUTOR_FUNC, args=(only.pk, 1), job_id=f"duplicate-{only.pk}"
+    )
+    start_worker()
+    run = finished(run)
+    wait_for(
+        lambda: RunEvent.objects.filter(run=run, kind=RunEvent.Kind.STALE).exists(),
+        message="stale claim",
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    assert Execution.objects.filter(run_id=run.pk, node_key="only").count() == 1
+    assert (
+        "rejected claim of attempt 1"
+        in RunEvent.objects.get(run=run, kind=RunEvent.Kind.STALE).reason
+    )
+
+
+def test_one_slot_pool_serialises_two_nodes(start_worker, start_run):
+    start_worker()
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Pool",
+                "pools": {"warehouse": 1},
+                "nodes": {
+                    "first": {"type": "test.record", "params": {"sleep": 1.0}, "pool": "warehouse"},
+                    "second": {
+                        "type": "test.record",
+                        "params": {"sleep": 1.0},
+                        "pool": "warehouse",
+                    },
+                },
+            }
+        )
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    one, two = sorted(
+        (attempts(run, key)[0] for key in ("first", "second")), key=lambda a: a.started_at
+    )
+    assert one.finished_at <= two.started_at, "the pool let only one node in at a time"
+
+
+def test_node_waiting_for_a_pool_slot_says_so(start_worker, start_run):
+    run = start_run(
+        {
+            "name": "Pool wait",
+            "pools": {"single": 1},
+            "nodes": {
+                "holder": {"type": "test.record", "pool": "single"},
+                "waiter": {"type": "test.record", "pool": "single"},
+            },
+        }
+    )
+    waiter = node(run, "waiter")
+    assert waiter.status == NodeRun.Status.PENDING
+    assert waiter.reason == "waiting for pool single (all slots in use)"
+    start_worker()
+    assert finished(run).status == Run.Status.SUCCEEDED
+
+
+def test_cancel_stops_a_running_node(start_worker, start_run):
+    worker = start_worker("forking")
+    run = start_run(
+        {
+            "name": "Cancel",
+            "nodes": {
+                "long": {"type": "test.sleep_first", "params": {"seconds": 60}, "timeout": 120},
+                "next": {"type": "test.record", "after": ["long"]},
+            },
+        }
+    )
+    long_node = node(run, "long")
+    wait_for(
+        lambda: NodeRun.objects.get(pk=long_node.pk).status == NodeRun.Status.RUNNING,
+        message="running",
+    )
+    wait_for(worker.horse_pids, message="a work horse")
+
+    outcome = operations.cancel_run(run.pk, actor="tester", reason="wrong input file")
+
+    assert outcome.changed
+    run.refresh_from_db()
+    assert run.status == Run.Status.CANCELLED
+    assert node(run, "long").status == NodeRun.Status.CANCELLED
+    assert node(run, "next").status == NodeRun.Status.CANCELLED
+    # RQ's stop-job command kills the work horse well before the node's 60 s sleep ends.
+    wait_for(lambda: not worker.horse_pids(), timeout=15, message="the work horse to be stopped")
+    assert attempts(run, "long")[0].status == NodeAttempt.Status.CANCELLED
+    event = RunEvent.objects.get(run=run, kind=RunEvent.Kind.OPERATOR)
+    assert (event.actor, event.reason) == ("tester", "wrong input file")
+    assert not operations.cancel_run(run.pk, actor="tester", reason="again").changed
+
+
+def test_cooperative_node_stops_when_cancelled(start_worker, start_run):
+    start_worker("simple")
+    run = start_run(
+        {
+            "name": "Cooperative",
+            "nodes": {
+                "n": {"type": "test.cooperative_sleep", "params": {"seconds": 60}, "timeout": 120}
+            },
+        }
+    )
+    target = node(run, "n")
+    wait_for(
+        lambda: NodeRun.objects.get(pk=target.pk).status == NodeRun.Status.RUNNING,
+        message="running",
+    )
+    operations.cancel_run(run.pk, actor="tester", reason="stop")
+    # The heartbeat (1 s in tests) sees the cancel; the node's late report is rejected.
+    wait_for(
+        lambda: RunEvent.objects.filter(run=run, kind=RunEvent.Kind.STALE).exists(),
+        timeout=15,
+        message="the node to stop and its report to be rejected",
+    )
+    assert node(run, "n").status == NodeRun.Status.CANCELLED
+
+
+def test_retry_backoff_is_kept_in_the_database_and_survives_losing_redis(
+    start_worker, start_run, clean_redis
+):
+    from diagnostics import watchdog
+
+    run = start_run(
+        {
+            "name": "Backoff",
+            "nodes": {
+                "flaky": {
+                    "type": "test.fail_until",
+                    "params": {"succeed_on": 2},
+                    "retries": {"max_attempts": 2, "backoff": 1, "jitter": False},
+                }
+            },
+        }
+    )
+    start_worker()
+    flaky = node(run, "flaky")
+    wait_for(
+        lambda: NodeRun.objects.get(pk=flaky.pk).status == NodeRun.Status.RETRY_WAIT,
+        message="retry_wait",
+    )
+    assert NodeRun.objects.get(pk=flaky.pk).retry_at is not None
+    for key in clean_redis.scan_iter("rq:*"):
+        if b"worker" not in key:
+            clean_redis.delete(key)  # everything RQ knew about jobs is gone
+
+    def retried():
+        watchdog.tick()
+        run.refresh_from_db()
+        return run.status in Run.TERMINAL
+
+    wait_for(retried, timeout=30, interval=0.5, message="the retry to be queued from the database")
+    assert run.status == Run.Status.SUCCEEDED
+    assert [a.status for a in attempts(run, "flaky")] == ["failed", "succeeded"]
+
+
+def test_queued_node_whose_job_was_lost_is_sent_again(start_worker, start_run, clean_redis):
+    from diagnostics import watchdog
+
+    run = start_run({"name": "Lost", "nodes": {"only": {"type": "test.record"}}})
+    clean_redis.delete("rq:queue:default")
+    clean_redis.delete(f"rq:job:{dispatch.job_id(node(run, 'only').pk, 1)}")
+    NodeRun.objects.filter(run=run).update(queued_at=run.created_at.replace(year=2020))
+    assert watchdog.tick().messages_resent == 1
+    start_worker()
+    assert finished(run).status == Run.Status.SUCCEEDED
+    assert Execution.objects.filter(run_id=run.pk).count() == 1
+
+
+def test_heartbeat_records_progress_and_resource_samples(start_worker, start_run):
+    start_worker()
+    run = finished(
+        start_run(
+            {
+                "name": "Heartbeat",
+                "nodes": {
+                    "slow": {
+                        "type": "test.batches",
+                        "params": {"rows": 30, "batch": 1, "pause": 0.1},
+                    }
+                },
+            }
+        )
+    )
+    slow = node(run, "slow")
+    attempt = attempts(run, "slow")[0]
+    assert slow.heartbeat_at is not None and slow.heartbeat_at > attempt.started_at
+    assert slow.progress["total"] == 30
+    assert attempt.rss_bytes > 0
+    assert len(attempt.resource_samples) >= 2
+    assert {"cpu_percent", "rss_bytes", "io_wait_percent"} <= set(attempt.resource_samples[0])
+
+
+def test_node_logs_are_stored_and_bounded(start_worker, start_run, settings):
+    start_worker(KEEL_MAX_LOG_LINES=50)
+    run = finished(
+        start_run(
+            {
+                "name": "Logs",
+                "nodes": {"chatty": {"type": "test.log_lines", "params": {"lines": 80}}},
+            }
+        )
+    )
+    lines = list(LogLine.objects.filter(attempt__node_run__run=run).order_by("seq"))
+    assert [line.message for line in lines[:2]] == ["line 0", "line 1"]
+    assert len(lines) == 51
+    assert lines[-1].message.startswith("log truncated: 30 more line(s) dropped")
+
+
+def test_run_past_its_timeout_is_failed_by_the_watchdog(start_worker, start_run):
+    from diagnostics import watchdog
+
+    start_worker()
+    run = start_run(
+        {
+            "name": "Deadline",
+            "timeout": 1,
+            "nodes": {"n": {"type": "test.cooperative_sleep", "params": {"seconds": 30}}},
+        }
+    )
+    wait_for(lambda: node(run, "n").status == NodeRun.Status.RUNNING, message="running")
+
+    def expired():
+        watchdog.tick()
+        run.refresh_from_db()
+        return run.status in Run.TERMINAL
+
+    wait_for(expired, timeout=15, interval=0.3, message="the run to expire")
+    assert run.status == Run.Status.FAILED
+    assert run.reason == "run exceeded its timeout"
+    assert node(run, "n").status == NodeRun.Status.CANCELLED

@@ -1,0 +1,103 @@
+"""Admin actions call the same operations: preview first, a reason, permission, audit."""
+
+import pytest
+from django.contrib.auth.models import Permission
+
+from tests.operations.test_operations import CHAIN, nodes, work
+from workflows.models import NodeRun, Run, RunEvent
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def failed_run(start_run):
+    run = start_run(CHAIN)
+    work(run, "a")
+    work(run, "b", fail="ValueError")
+    return run
+
+
+@pytest.fixture
+def operator(client, django_user_model):
+    user = django_user_model.objects.create_user("op", password="pw", is_staff=True)
+    user.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_run", "view_noderun", "operate_run"])
+    )
+    client.force_login(user)
+    return client
+
+
+def test_resume_action_shows_the_preview_then_applies_with_the_reason(operator, failed_run):
+    data = {"action": "resume_runs", "_selected_action": [failed_run.pk]}
+    page = operator.post("/admin/workflows/run/", data)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "runs again from the start" in html and "Reason" in html
+    failed_run.refresh_from_db()
+    assert failed_run.status == Run.Status.FAILED, "nothing changes before the confirmation"
+
+    key = page.context["form"]["request_key"].value()
+    confirm = {**data, "apply": "Confirm", "reason": "input fixed", "request_key": key}
+    response = operator.post("/admin/workflows/run/", confirm, follow=True)
+    assert (
+        f"Run {failed_run.pk}: Run {failed_run.pk} resumed: 2 node(s) will run again."
+        in response.content.decode()
+    )
+    failed_run.refresh_from_db()
+    assert failed_run.status == Run.Status.RUNNING
+    event = RunEvent.objects.get(run=failed_run, kind=RunEvent.Kind.OPERATOR)
+    assert (event.actor, event.reason) == ("op", "input fixed")
+
+    again = operator.post("/admin/workflows/run/", confirm, follow=True)
+    assert "This request was already applied; nothing changed." in again.content.decode()
+    assert RunEvent.objects.filter(run=failed_run, kind=RunEvent.Kind.OPERATOR).count() == 1
+
+
+def test_confirm_without_a_reason_changes_nothing(operator, failed_run):
+    data = {
+        "action": "resume_runs",
+        "_selected_action": [failed_run.pk],
+        "apply": "Confirm",
+        "reason": "",
+        "request_key": "k",
+    }
+    response = operator.post("/admin/workflows/run/", data)
+    assert response.status_code == 200 and "This field is required" in response.content.decode()
+    failed_run.refresh_from_db()
+    assert failed_run.status == Run.Status.FAILED
+
+
+def test_retry_node_action_with_downstream(operator, failed_run):
+    b = nodes(failed_run)["b"]
+    data = {
+        "action": "retry_nodes_with_downstream",
+        "_selected_action": [b.pk],
+        "apply": "Confirm",
+        "reason": "again",
+        "request_key": "k1",
+    }
+    operator.post("/admin/workflows/noderun/", data)
+    assert NodeRun.objects.get(pk=b.pk).status == NodeRun.Status.QUEUED
+
+
+def test_actions_are_hidden_from_staff_without_the_operate_permission(
+    client, django_user_model, failed_run
+):
+    viewer = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_run"))
+    client.force_login(viewer)
+    page = client.get("/admin/workflows/run/").content.decode()
+    assert "resume_runs" not in page
+    response = client.post(
+        "/admin/workflows/run/",
+        {
+            "action": "resume_runs",
+            "_selected_action": [failed_run.pk],
+            "apply": "1",
+            "reason": "x",
+            "request_key": "k",
+        },
+    )
+    failed_run.refresh_from_db()
+    assert failed_run.status == Run.Status.FAILED
+    assert response.status_code in (200, 302)

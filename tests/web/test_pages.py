@@ -1,0 +1,131 @@
+"""Every dashboard page renders, needs a login and the view permission, and the admin links
+each run to its dashboard page."""
+
+import pytest
+from django.test import Client
+
+from tests.web.conftest import CHAIN, user_with
+from workflows.models import Checkpoint
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def staff_client(client, django_user_model):
+    user = django_user_model.objects.create_superuser("boss", "boss@example.com", "pw-for-tests")
+    client.force_login(user)
+    return client
+
+
+def page_urls(run, checkpoint) -> list[str]:
+    return [
+        "/",
+        "/workflows/",
+        "/workflows/chain/",
+        "/workflows/chain/diff/",
+        "/runs/",
+        "/runs/?status=failed&workflow=chain&version=1&range=24h",
+        f"/runs/{run.pk}/",
+        f"/runs/{run.pk}/?node=b&attempt=1&log_page=1",
+        f"/runs/{run.pk}/live/",
+        f"/runs/{run.pk}/resume/preview/",
+        f"/runs/{run.pk}/retry/preview/?node=b",
+        f"/runs/{run.pk}/rollback/preview/",
+        f"/runs/{run.pk}/rollback/preview/?to_checkpoint={checkpoint.pk}",
+        f"/runs/{run.pk}/rollback/preview/?to_node=b",
+        f"/runs/{run.pk}/cancel/preview/",
+        f"/runs/{run.pk}/skip/preview/?node=c",
+        f"/runs/{run.pk}/mark-succeeded/preview/?node=b",
+    ]
+
+
+def test_every_page_renders(staff_client, failed_run):
+    checkpoint = Checkpoint.objects.filter(run=failed_run).first()
+    for url in page_urls(failed_run, checkpoint):
+        response = staff_client.get(url)
+        # The live partial of a finished run answers 286: htmx stops polling.
+        assert response.status_code == (286 if "/live/" in url else 200), url
+        assert b"Traceback (most recent call last)" not in response.content, url
+
+
+def test_pages_need_a_login(client, failed_run):
+    checkpoint = Checkpoint.objects.filter(run=failed_run).first()
+    for url in page_urls(failed_run, checkpoint):
+        response = client.get(url)
+        if "/live/" in url:  # polled: says "signed out" and stops the polling instead
+            assert response.status_code == 286 and b"signed out" in response.content
+            continue
+        assert response.status_code == 302, url
+        assert "/login/" in response["Location"], url
+
+
+def test_pages_need_the_view_permission(django_user_model, failed_run):
+    client = Client()
+    client.force_login(user_with(django_user_model, "nobody"))
+    for url in ["/", "/workflows/", "/workflows/chain/", "/runs/", f"/runs/{failed_run.pk}/"]:
+        assert client.get(url).status_code == 403, url
+    assert client.get(f"/runs/{failed_run.pk}/live/").status_code == 403
+
+
+def test_missing_things_are_404(staff_client, make_version):
+    make_version(CHAIN)
+    assert staff_client.get("/runs/999999/").status_code == 404
+    assert staff_client.get("/runs/999999/live/").status_code == 404
+    assert staff_client.get("/workflows/nope/").status_code == 404
+    assert staff_client.get("/workflows/chain/diff/?from=1&to=7").status_code == 404
+
+
+def test_viewer_sees_no_action_buttons(viewer_client, failed_run):
+    page = viewer_client.get(f"/runs/{failed_run.pk}/").content.decode()
+    assert "/resume/preview/" not in page and "/retry/preview/" not in page
+    assert "You can look but not act" in page
+
+
+def test_the_page_loads_only_the_apps_own_assets(staff_client, failed_run):
+    """No CDN, no web font: the dashboard works with no network beyond the app."""
+    page = staff_client.get(f"/runs/{failed_run.pk}/").content.decode()
+    assert '<script src="/static/vendor/htmx.min.js" defer></script>' in page
+    for tag in ('src="http', 'src="//', 'href="http', 'href="//', "@import"):
+        assert tag not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    htmx = staff_client.get("/static/vendor/htmx.min.js")
+    assert htmx.status_code == 200
+    assert b"htmx 2.0.11" in b"".join(htmx.streaming_content)[:300]
+
+
+def test_admin_lists_runs_and_links_to_the_dashboard(staff_client, start_run):
+    run = start_run(CHAIN)
+    changelist = staff_client.get("/admin/workflows/run/").content.decode()
+    assert f'href="/runs/{run.pk}/"' in changelist
+    for model in (
+        "workflow",
+        "workflowversion",
+        "noderun",
+        "nodeattempt",
+        "runevent",
+        "resourcepool",
+    ):
+        assert staff_client.get(f"/admin/workflows/{model}/").status_code == 200
+    node_run = run.nodes.first()
+    assert staff_client.get(f"/admin/workflows/noderun/{node_run.pk}/change/").status_code == 200
+    assert staff_client.get(f"/admin/workflows/run/{run.pk}/change/").status_code == 200
+
+
+def test_workflow_page_shows_reliability_for_the_chosen_window(staff_client, failed_run):
+    page = staff_client.get(f"/workflows/{failed_run.workflow.slug}/?window=30d").content.decode()
+    assert "Reliability" in page and "last 30d" in page
+    assert "1 failed of 1 finished" in page
+
+
+def test_an_operator_who_is_not_staff_signs_in_on_keels_own_page(client, django_user_model):
+    from django.contrib.auth.models import Permission
+
+    user = django_user_model.objects.create_user("ops", password="a-long-passphrase")
+    user.user_permissions.add(Permission.objects.get(codename="view_run"))
+    assert not user.is_staff
+    wrong = client.post("/login/", {"username": "ops", "password": "nope", "next": "/"})
+    assert "didn't match" in wrong.content.decode()
+    right = client.post(
+        "/login/", {"username": "ops", "password": "a-long-passphrase", "next": "/runs/"}
+    )
+    assert right.status_code == 302 and right["Location"] == "/runs/"
+    assert client.get("/runs/").status_code == 200

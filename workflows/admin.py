@@ -1,0 +1,279 @@
+from django.contrib import admin, messages
+from django.urls import reverse
+from django.utils.html import format_html
+
+from workflows import admin_actions
+from workflows.api import auth as api_auth
+from workflows.models import (
+    ApiToken,
+    Checkpoint,
+    LogLine,
+    NodeAttempt,
+    NodeRun,
+    ResourcePool,
+    Run,
+    RunEvent,
+    Workflow,
+    WorkflowVersion,
+)
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class VersionInline(ReadOnlyInline):
+    model = WorkflowVersion
+    fields = ["number", "created_at", "created_by", "checksum", "note"]
+    readonly_fields = fields
+    ordering = ["-number"]
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(admin.ModelAdmin):
+    list_display = ["slug", "name", "created_at", "updated_at"]
+    search_fields = ["slug", "name", "description"]
+    readonly_fields = ["created_at", "updated_at"]
+    inlines = [VersionInline]
+
+
+@admin.register(WorkflowVersion)
+class WorkflowVersionAdmin(admin.ModelAdmin):
+    list_display = ["workflow", "number", "created_by", "created_at", "short_checksum"]
+    list_filter = ["workflow"]
+    list_select_related = ["workflow"]
+    search_fields = ["workflow__slug", "note", "created_by"]
+    readonly_fields = [
+        "workflow",
+        "number",
+        "spec",
+        "source",
+        "checksum",
+        "created_by",
+        "created_at",
+    ]
+
+    @admin.display(description="checksum")
+    def short_checksum(self, obj):
+        return obj.checksum[:12]
+
+    def has_add_permission(self, request):
+        return False  # versions come from load_workflow, so each has a validated spec
+
+
+class NodeRunInline(ReadOnlyInline):
+    model = NodeRun
+    fields = [
+        "node_key",
+        "node_type",
+        "status",
+        "attempt",
+        "max_attempts",
+        "queue",
+        "pool",
+        "heartbeat_at",
+        "reason",
+    ]
+    readonly_fields = fields
+
+
+class RunEventInline(ReadOnlyInline):
+    model = RunEvent
+    fields = ["at", "kind", "node_run", "actor", "reason"]
+    readonly_fields = fields
+    show_change_link = False
+
+
+@admin.register(Run)
+class RunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+    actions = [admin_actions.resume_runs, admin_actions.cancel_runs]
+    list_display = [
+        "id",
+        "workflow",
+        "version_number",
+        "status",
+        "trigger",
+        "started_at",
+        "finished_at",
+        "dashboard_link",
+    ]
+    list_filter = ["status", "workflow", "created_at"]
+    list_select_related = ["workflow", "version"]
+    search_fields = ["=id", "workflow__slug", "trigger", "reason"]
+    date_hierarchy = "created_at"
+    readonly_fields = [
+        "workflow",
+        "version",
+        "status",
+        "params",
+        "trigger",
+        "priority",
+        "reason",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "deadline",
+        "pools",
+        "dashboard_link",
+    ]
+    inlines = [NodeRunInline, RunEventInline]
+
+    @admin.display(description="version", ordering="version__number")
+    def version_number(self, obj):
+        return f"v{obj.version.number}"
+
+    @admin.display(description="dashboard")
+    def dashboard_link(self, obj):
+        return format_html('<a href="{}">open</a>', reverse("workflows:run-detail", args=[obj.pk]))
+
+    def has_add_permission(self, request):
+        return False  # runs start through run_workflow or the dashboard
+
+
+class AttemptInline(ReadOnlyInline):
+    model = NodeAttempt
+    fields = [
+        "number",
+        "status",
+        "worker",
+        "host",
+        "pid",
+        "started_at",
+        "finished_at",
+        "error_type",
+        "error_message",
+    ]
+    readonly_fields = fields
+
+
+class CheckpointInline(ReadOnlyInline):
+    model = Checkpoint
+    fields = ["sequence", "kind", "attempt", "created_at", "state"]
+    readonly_fields = fields
+    show_change_link = False
+
+
+class NodeEventInline(RunEventInline):
+    fk_name = "node_run"
+
+
+@admin.register(NodeRun)
+class NodeRunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+    actions = [
+        admin_actions.retry_nodes,
+        admin_actions.retry_nodes_with_downstream,
+        admin_actions.skip_nodes,
+        admin_actions.rollback_to_node,
+    ]
+    list_display = [
+        "id",
+        "run",
+        "node_key",
+        "node_type",
+        "status",
+        "attempt",
+        "queue",
+        "pool",
+        "heartbeat_at",
+    ]
+    list_filter = ["status", "queue", "pool", "run__workflow"]
+    list_select_related = ["run", "run__workflow"]
+    search_fields = ["node_key", "node_type", "=run__id", "reason"]
+    readonly_fields = [f.name for f in NodeRun._meta.fields]
+    inlines = [AttemptInline, CheckpointInline, NodeEventInline]
+
+    def has_add_permission(self, request):
+        return False
+
+
+class LogLineInline(ReadOnlyInline):
+    model = LogLine
+    fields = ["seq", "at", "level", "message"]
+    readonly_fields = fields
+    show_change_link = False
+
+
+@admin.register(NodeAttempt)
+class NodeAttemptAdmin(admin.ModelAdmin):
+    list_display = [
+        "id",
+        "node_run",
+        "number",
+        "status",
+        "worker",
+        "host",
+        "started_at",
+        "finished_at",
+        "error_type",
+    ]
+    list_filter = ["status", "queue", "error_type"]
+    list_select_related = ["node_run", "node_run__run", "node_run__run__workflow"]
+    search_fields = [
+        "=node_run__run__id",
+        "node_run__node_key",
+        "worker",
+        "rq_job_id",
+        "error_message",
+    ]
+    readonly_fields = [f.name for f in NodeAttempt._meta.fields]
+    inlines = [LogLineInline]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(RunEvent)
+class RunEventAdmin(admin.ModelAdmin):
+    list_display = ["at", "run", "node_run", "kind", "actor", "reason"]
+    list_filter = ["kind"]
+    list_select_related = ["run", "run__workflow", "node_run", "node_run__run"]
+    search_fields = ["=run__id", "actor", "reason"]
+    readonly_fields = [f.name for f in RunEvent._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False  # the history is append-only
+
+
+@admin.register(ResourcePool)
+class ResourcePoolAdmin(admin.ModelAdmin):
+    list_display = ["name", "slots", "description", "updated_at"]
+    search_fields = ["name"]
+    readonly_fields = ["created_at", "updated_at"]
+
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Tokens are created with manage.py create_api_token, which shows the token once;
+    here they are listed and revoked, never read back (only a SHA-256 is stored)."""
+
+    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
+    list_select_related = ["user"]
+    search_fields = ["name", "prefix", "user__username"]
+    fields = ["user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+    readonly_fields = fields
+    actions = ["revoke"]
+
+    def has_add_permission(self, request):
+        return False  # the token must be shown once: use manage.py create_api_token
+
+    @admin.action(description="Revoke the selected tokens", permissions=["change"])
+    def revoke(self, request, queryset):
+        revoked = sum(api_auth.revoke_token(token) for token in queryset)
+        self.message_user(
+            request,
+            f"{revoked} token(s) revoked; scripts that use them now get 401.",
+            messages.SUCCESS,
+        )

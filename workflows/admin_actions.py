@@ -1,0 +1,184 @@
+"""Admin actions that call operator operations: preview, reason, confirm, audit.
+
+Each action first shows an intermediate page with the preview of every selected
+object and a required reason; only the confirm POST calls the operation. A request
+key in the form makes a double submit change nothing twice.
+"""
+
+import uuid
+from dataclasses import dataclass
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.template.response import TemplateResponse
+
+from workflows import operations
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 2, "cols": 80}), max_length=2000)
+    request_key = forms.CharField(widget=forms.HiddenInput, max_length=60)
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    run_id: int
+    options: dict  # for operations.preview and the operation
+
+
+def operate(
+    modeladmin, request, queryset, *, action: str, title: str, targets: list[Target], perform
+):
+    """Show previews and a reason form; on confirm, apply ``perform(target, actor, reason, key)``."""
+    if "apply" in request.POST:
+        form = ReasonForm(request.POST)
+        if form.is_valid():
+            actor = operations.Actor.for_user(request.user)
+            for target in targets:
+                key = f"{form.cleaned_data['request_key']}:{target.run_id}:{target.label}"
+                try:
+                    outcome = perform(target, actor, form.cleaned_data["reason"], key)
+                except operations.OperationError as error:
+                    modeladmin.message_user(request, f"{target.label}: {error}", messages.ERROR)
+                else:
+                    level = messages.SUCCESS if outcome.changed else messages.INFO
+                    modeladmin.message_user(request, f"{target.label}: {outcome.message}", level)
+            return None
+    else:
+        form = ReasonForm(initial={"request_key": uuid.uuid4().hex})
+    previews = []
+    for target in targets:
+        try:
+            previews.append(
+                (target, operations.preview(action, target.run_id, **target.options), "")
+            )
+        except operations.OperationError as error:
+            previews.append((target, None, str(error)))
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title,
+        "opts": modeladmin.model._meta,
+        "queryset": queryset,
+        "previews": previews,
+        "form": form,
+        "action_name": request.POST.get("action"),
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, "admin/workflows/confirm_operation.html", context)
+
+
+class OperateRunsMixin:
+    """Gives a ModelAdmin the ``operate`` permission used by ``@admin.action``."""
+
+    def has_operate_permission(self, request):
+        return request.user.has_perm(operations.OPERATE_PERMISSION)
+
+
+@admin.action(permissions=["operate"], description="Resume selected runs…")
+def resume_runs(modeladmin, request, queryset):
+    targets = [Target(f"run {run.pk}", run.pk, {}) for run in queryset]
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="resume",
+        title="Resume runs",
+        targets=targets,
+        perform=lambda t, actor, reason, key: operations.resume_run(
+            t.run_id, actor=actor, reason=reason, request_key=key
+        ),
+    )
+
+
+@admin.action(permissions=["operate"], description="Cancel selected runs…")
+def cancel_runs(modeladmin, request, queryset):
+    targets = [Target(f"run {run.pk}", run.pk, {}) for run in queryset]
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="cancel",
+        title="Cancel runs",
+        targets=targets,
+        perform=lambda t, actor, reason, key: operations.cancel_run(
+            t.run_id, actor=actor, reason=reason, request_key=key
+        ),
+    )
+
+
+def _node_targets(queryset, **options) -> list[Target]:
+    return [
+        Target(
+            f"run {node.run_id} node {node.node_key}",
+            node.run_id,
+            {"node": node.node_key, **options},
+        )
+        for node in queryset
+    ]
+
+
+@admin.action(permissions=["operate"], description="Retry selected nodes…")
+def retry_nodes(modeladmin, request, queryset):
+    return _retry(modeladmin, request, queryset, downstream=False)
+
+
+@admin.action(
+    permissions=["operate"], description="Retry selected nodes and reset their downstream…"
+)
+def retry_nodes_with_downstream(modeladmin, request, queryset):
+    return _retry(modeladmin, request, queryset, downstream=True)
+
+
+def _retry(modeladmin, request, queryset, *, downstream: bool):
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="retry",
+        title="Retry nodes" + (" and their downstream" if downstream else ""),
+        targets=_node_targets(queryset, downstream=downstream),
+        perform=lambda t, actor, reason, key: operations.retry_node(
+            t.run_id,
+            t.options["node"],
+            actor=actor,
+            reason=reason,
+            downstream=downstream,
+            request_key=key,
+        ),
+    )
+
+
+@admin.action(permissions=["operate"], description="Skip selected nodes…")
+def skip_nodes(modeladmin, request, queryset):
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="skip",
+        title="Skip nodes",
+        targets=_node_targets(queryset),
+        perform=lambda t, actor, reason, key: operations.skip_node(
+            t.run_id, t.options["node"], actor=actor, reason=reason, request_key=key
+        ),
+    )
+
+
+@admin.action(permissions=["operate"], description="Roll back to just before the selected node…")
+def rollback_to_node(modeladmin, request, queryset):
+    targets = [
+        Target(f"run {node.run_id} node {node.node_key}", node.run_id, {"to_node": node.node_key})
+        for node in queryset
+    ]
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="rollback",
+        title="Roll back runs",
+        targets=targets,
+        perform=lambda t, actor, reason, key: operations.rollback_run(
+            t.run_id, actor=actor, reason=reason, to_node=t.options["to_node"], request_key=key
+        ),
+    )

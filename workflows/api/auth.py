@@ -1,0 +1,127 @@
+"""Who is calling the API: a bearer token (scripts) or a browser session (with CSRF).
+
+* ``Authorization: Bearer <token>``: the token is looked up by its SHA-256; only the hash
+  is stored, so a leaked database does not leak usable tokens. A script cannot be lured
+  into sending a header by another site, so token requests need no CSRF token.
+* A logged-in session: a browser sends its cookie to any site's form, so unsafe methods
+  must carry Django's CSRF token (``X-CSRFToken`` header), exactly as the dashboard does.
+* Neither: 401.
+"""
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from django.db.models import Q
+from django.middleware.csrf import CsrfViewMiddleware, get_token
+from django.utils import timezone
+
+from workflows.api.errors import ApiError
+from workflows.models import ApiToken
+
+TOKEN_PREFIX = "keel_"
+# Characters of the token kept in clear (``keel_`` + 7): enough to tell tokens apart.
+VISIBLE_CHARS = 12
+# last_used_at is written at most this often per token, so busy scripts do not turn
+# every read into a write.
+LAST_USED_PRECISION = timedelta(seconds=60)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+HOW_TO_AUTHENTICATE = (
+    'Send "Authorization: Bearer <token>" (create one with: manage.py create_api_token '
+    "USERNAME --name WHAT-FOR), or log in to the dashboard and call the API from the browser."
+)
+
+
+def hash_token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def create_token(user, name: str) -> tuple[ApiToken, str]:
+    """Create a token for ``user``; returns the row and the token, which is never stored."""
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(
+        user=user, name=name, prefix=raw[:VISIBLE_CHARS], token_hash=hash_token(raw)
+    )
+    return token, raw
+
+
+def revoke_token(token: ApiToken) -> bool:
+    """Revoke a token; False when it was already revoked."""
+    return bool(
+        ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+    )
+
+
+def token_for(raw: str) -> ApiToken | None:
+    """The live token ``raw`` stands for (its user active), or None."""
+    if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
+        return None
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(token_hash=hash_token(raw), revoked_at__isnull=True)
+        .first()
+    )
+    if token is None or not token.user.is_active:
+        return None
+    now = timezone.now()
+    ApiToken.objects.filter(pk=token.pk).filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_PRECISION)
+    ).update(last_used_at=now)
+    return token
+
+
+def authenticate(request) -> None:
+    """Set ``request.user`` from the bearer token, or keep the session's; raise ApiError.
+
+    A request that sends an Authorization header is judged by it alone: a wrong token
+    is a 401 even if the browser also has a session.
+    """
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, credentials = header.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise _unauthenticated(
+                f"The Authorization header must be 'Bearer <token>'. {HOW_TO_AUTHENTICATE}"
+            )
+        token = token_for(credentials.strip())
+        if token is None:
+            raise _unauthenticated(
+                "This API token is unknown, revoked, or belongs to an inactive user. "
+                "Create a new one with: manage.py create_api_token USERNAME --name WHAT-FOR."
+            )
+        request.user = token.user
+        request.api_token = token
+        return
+    if not request.user.is_authenticated:
+        raise _unauthenticated(f"Authentication required. {HOW_TO_AUTHENTICATE}")
+    request.api_token = None
+    if request.method in SAFE_METHODS:
+        # Makes sure the browser has the CSRF cookie it needs for its next POST.
+        get_token(request)
+        return
+    reason = _csrf_failure(request)
+    if reason:
+        raise ApiError(
+            403,
+            f"CSRF check failed ({reason}). A browser session must send the csrftoken cookie's "
+            "value in an X-CSRFToken header; scripts should use a bearer token instead.",
+            code="csrf_failed",
+        )
+
+
+class _CsrfCheck(CsrfViewMiddleware):
+    def _reject(self, request, reason):
+        return reason
+
+
+def _csrf_failure(request) -> str | None:
+    """Django's own CSRF verdict for this request: None when it passes, else the reason."""
+    check = _CsrfCheck(lambda request: None)
+    check.process_request(request)
+    return check.process_view(request, None, (), {})
+
+
+def _unauthenticated(message: str) -> ApiError:
+    return ApiError(401, message, headers={"WWW-Authenticate": 'Bearer realm="keel"'})

@@ -1,0 +1,176 @@
+"""``ctx``: what a node sees while it runs (shared DESIGN §4)."""
+
+import json
+import logging
+import threading
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from workflows import engine
+from workflows.models import LogLine
+
+_UNSET = object()
+
+
+class NodeContext:
+    def __init__(self, claim: engine.Claim, *, started_monotonic: float | None = None):
+        self._claim = claim
+        self.params = claim.params
+        self.run_params = claim.run_params
+        self.attempt = claim.attempt
+        self.node_key = claim.node_key
+        self.run_id = claim.run_id
+        self.idempotency_key = f"keel-run{claim.run_id}-{claim.node_key}"
+        self._started = started_monotonic if started_monotonic is not None else time.monotonic()
+        self.deadline = timezone.now() + timedelta(seconds=claim.timeout_seconds)
+        self._inputs = _UNSET
+        self._checkpoint_state = _UNSET
+        self._next_sequence = None
+        self._progress = None
+        self._progress_dirty = False
+        self._stop_requested = threading.Event()
+        self.log = _attempt_logger(claim)
+
+    # --- what the node reads --------------------------------------------------------------
+
+    @property
+    def inputs(self) -> dict:
+        """Outputs of the upstream nodes, by node key (read once, when first asked for)."""
+        if self._inputs is _UNSET:
+            self._inputs = engine.upstream_outputs(self.run_id, self._claim.upstream)
+        return self._inputs
+
+    @property
+    def checkpoint_state(self):
+        """The state of this node's latest checkpoint from any attempt, or None."""
+        if self._checkpoint_state is _UNSET:
+            self._checkpoint_state = engine.latest_progress_state(self._claim.node_run_id)
+        return self._checkpoint_state
+
+    def should_stop(self) -> bool:
+        """True after the soft timeout, or once the attempt was cancelled or superseded."""
+        soft = self._claim.soft_timeout_seconds
+        if soft is not None and time.monotonic() - self._started >= soft:
+            return True
+        return self._stop_requested.is_set()
+
+    # --- what the node writes -------------------------------------------------------------
+
+    def checkpoint(self, state) -> None:
+        """Durably save where to resume from; also a heartbeat.
+
+        Call it inside your own ``transaction.atomic()`` together with the writes it
+        describes, and the two commit or roll back as one: exactly-once results.
+        """
+        _check_json(state, "checkpoint state")
+        if self._next_sequence is None:
+            self._next_sequence = engine.next_checkpoint_sequence(self._claim.node_run_id)
+        engine.save_progress_checkpoint(
+            self._claim.node_run_id, self.run_id, self.attempt, self._next_sequence, state
+        )
+        self._next_sequence += 1
+        # Visible to this attempt only once committed, but the node holds it already.
+        self._checkpoint_state = state
+
+    def progress(self, done, total=None, message: str = "") -> None:
+        """Report progress; written with the next heartbeat."""
+        self._progress = {"done": done, "total": total, "message": str(message)[:200]}
+        self._progress_dirty = True
+
+    # --- used by the executor -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def known_next_sequence(self) -> int | None:
+        """The next checkpoint sequence if known without asking the database."""
+        if self._next_sequence is not None:
+            return self._next_sequence
+        # A first attempt that saved no checkpoint: nothing came before it.
+        return 1 if self.attempt == 1 else None
+
+    def take_progress(self):
+        if not self._progress_dirty:
+            return None
+        self._progress_dirty = False
+        return self._progress
+
+
+def _check_json(value, what: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{what} must be JSON-serialisable: {error}") from None
+
+
+class AttemptLogHandler(logging.Handler):
+    """Buffers an attempt's log records and writes them as LogLine rows, bounded."""
+
+    def __init__(self, attempt_id: int):
+        super().__init__()
+        self.attempt_id = attempt_id
+        self.max_lines = settings.KEEL_MAX_LOG_LINES
+        self.max_chars = settings.KEEL_MAX_LOG_LINE_CHARS
+        self._buffer: list[LogLine] = []
+        self._seq = 0
+        self._dropped = 0
+        self._buffer_lock = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+        except Exception:  # a bad format string in a node must not kill the node
+            message = str(record.msg)
+        with self._buffer_lock:
+            if self._seq >= self.max_lines:
+                self._dropped += 1
+                return
+            self._seq += 1
+            self._buffer.append(
+                LogLine(
+                    attempt_id=self.attempt_id,
+                    seq=self._seq,
+                    at=timezone.now(),
+                    level=record.levelname,
+                    message=message[: self.max_chars],
+                )
+            )
+
+    def flush_to_db(self, final: bool = False) -> None:
+        with self._buffer_lock:
+            lines, self._buffer = self._buffer, []
+            if final and self._dropped:
+                lines.append(
+                    LogLine(
+                        attempt_id=self.attempt_id,
+                        seq=self._seq + 1,
+                        at=timezone.now(),
+                        level="WARNING",
+                        message=f"log truncated: {self._dropped} more line(s) dropped "
+                        f"(KEEL_MAX_LOG_LINES={self.max_lines})",
+                    )
+                )
+                self._dropped = 0
+                self._seq += 1
+        if lines:
+            with transaction.atomic():
+                LogLine.objects.bulk_create(lines)
+
+
+def _attempt_logger(claim: engine.Claim) -> logging.Logger:
+    # A Logger made directly, not via getLogger: it is not kept in logging's global
+    # registry, so one per attempt does not leak in a long-lived worker.
+    logger = logging.Logger(f"keel.node.{claim.node_key}", level=logging.DEBUG)
+    logger.propagate = False
+    handler = AttemptLogHandler(claim.attempt_id)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def log_handler(ctx: NodeContext) -> AttemptLogHandler:
+    return ctx.log.handlers[0]

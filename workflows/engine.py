@@ -1,0 +1,856 @@
+"""The engine: the one place where runs and node-runs change state.
+
+Executor, watchdog and operations all call these functions; nothing else writes a
+status. Every transition runs in ``transaction.atomic()``:
+
+* locks are taken in one order — the run row, then the pools it uses (by name),
+  then node rows — so two transactions never wait on each other in a circle;
+* a result is applied only if the node is still ``running`` *that* attempt
+  (compare-and-set); anything else is a stale message, recorded as a RunEvent and
+  otherwise ignored;
+* jobs are sent to RQ only after commit (workflows/dispatch.py).
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import F, Max, Q
+from django.utils import timezone
+
+from workflows import dispatch
+from workflows import spec as spec_module
+from workflows.models import (
+    Checkpoint,
+    NodeAttempt,
+    NodeRun,
+    ResourcePool,
+    Run,
+    RunEvent,
+    WorkflowVersion,
+)
+
+logger = logging.getLogger(__name__)
+
+ENGINE = "engine"
+PRIORITY_QUEUES = {"high": "high", "default": "default", "low": "low"}
+
+
+class EngineError(Exception):
+    """A transition that cannot happen; the message says why and what to do."""
+
+
+class RunParamsError(EngineError):
+    pass
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What went wrong in one attempt, as the executor (or the watchdog) saw it."""
+
+    error_type: str
+    message: str
+    traceback: str = ""
+    timed_out: bool = False
+    # Class names of the exception and its bases, matched against ``retry_on``.
+    names: tuple[str, ...] = ()
+    retryable: bool = True
+    # True when the attempt was ended from outside (lost worker): the error list of
+    # ``retry_on`` says nothing about it.
+    ignore_retry_on: bool = False
+
+
+@dataclass(frozen=True)
+class Claim:
+    node_run_id: int
+    run_id: int
+    attempt: int
+    node_key: str
+    node_type: str
+    params: dict
+    run_params: dict
+    upstream: list
+    timeout_seconds: int
+    soft_timeout_seconds: int | None
+    attempt_id: int
+
+
+# --- Starting a run ---------------------------------------------------------------------------
+
+
+def start_run(
+    version: WorkflowVersion,
+    *,
+    params: dict | None = None,
+    trigger: str,
+    priority: str = "default",
+    request_key: str | None = None,
+) -> Run:
+    """Create a run pinned to ``version`` and queue its root nodes.
+
+    1. Check the run params against those the definition declares.
+    2. Create the run and one NodeRun per node, copying what a worker needs.
+    3. Queue the nodes with no upstream (pools permitting); enqueue after commit.
+    """
+    spec = version.spec
+    run_params = resolve_run_params(spec, params or {})
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow_id=version.workflow_id,
+            version=version,
+            status=Run.Status.RUNNING,
+            params=run_params,
+            trigger=trigger,
+            priority=priority,
+            started_at=now,
+            deadline=now + timedelta(seconds=spec["timeout"]) if spec.get("timeout") else None,
+            pools=sorted({node["pool"] for node in spec["nodes"].values() if node["pool"]}),
+        )
+        downstream = spec_module.downstream_map(spec)
+        NodeRun.objects.bulk_create(
+            [
+                _new_node_run(run, key, spec["nodes"][key], downstream[key], priority, now)
+                for key in spec_module.node_keys(spec)
+            ],
+            batch_size=500,
+        )
+        RunEvent.objects.create(
+            run=run,
+            kind=RunEvent.Kind.TRANSITION,
+            actor=trigger,
+            reason="run started",
+            request_key=request_key,
+            before={"status": Run.Status.PENDING},
+            after={"status": Run.Status.RUNNING},
+        )
+        lock_pools(run)
+        roots = list(NodeRun.objects.filter(run=run, pending_upstreams=0).order_by("id"))
+        queue_or_wait(run, roots, now)
+    return run
+
+
+def resolve_run_params(spec: dict, given: dict) -> dict:
+    declared = spec.get("params") or {}
+    if not isinstance(given, dict):
+        raise RunParamsError('Run params must be a JSON object, e.g. {"date": "2026-01-31"}.')
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise RunParamsError(
+            f"Unknown run param(s) {', '.join(unknown)} for workflow {spec['slug']!r} "
+            f"(it declares: {known})."
+        )
+    return {**declared, **given}
+
+
+def _new_node_run(run, key, node, downstream, run_priority, now) -> NodeRun:
+    from workflows import registry
+
+    priority = node.get("priority") or run_priority
+    retries = node["retries"]
+    return NodeRun(
+        run=run,
+        node_key=key,
+        node_type=node["type"],
+        status=NodeRun.Status.PENDING,
+        max_attempts=retries.get("max_attempts", 1),
+        queue=PRIORITY_QUEUES[priority],
+        pool=node["pool"],
+        timeout_seconds=node["timeout"],
+        soft_timeout_seconds=node.get("soft_timeout"),
+        expected_seconds=node.get("expected_duration"),
+        params=registry.get(node["type"]).resolve_params(node["params"]),
+        upstream=list(node["after"]),
+        downstream=downstream,
+        retry_policy=retries,
+        pending_upstreams=len(node["after"]),
+        reason=f"waiting for upstream: {', '.join(node['after'])}" if node["after"] else "",
+        created_at=now,
+        updated_at=now,
+    )
+
+
+# --- Queueing and pools -----------------------------------------------------------------------
+
+
+def lock_pools(run: Run) -> dict[str, int]:
+    """Lock the run's pools in name order; return {name: slots}."""
+    slots = {}
+    for name in run.pools:
+        pool, _ = ResourcePool.objects.get_or_create(name=name, defaults={"slots": 1})
+        pool = ResourcePool.objects.select_for_update().get(pk=pool.pk)
+        slots[name] = pool.slots
+    return slots
+
+
+def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
+    """Queue ready nodes; those whose pool is full wait as ``pending`` with the reason.
+
+    The caller holds the run lock and the locks of the run's pools. Returns the nodes
+    that were queued.
+    """
+    if not nodes:
+        return []
+    free_slots = {name: _free_slots(name) for name in {node.pool for node in nodes if node.pool}}
+    to_queue, waiting = [], []
+    for node in nodes:
+        if node.pool and free_slots[node.pool] <= 0:
+            waiting.append(node)
+            continue
+        if node.pool:
+            free_slots[node.pool] -= 1
+        to_queue.append(node)
+    for node in waiting:
+        node.status = NodeRun.Status.PENDING
+        node.reason = f"waiting for pool {node.pool} (all slots in use)"
+        NodeRun.objects.filter(pk=node.pk).update(
+            status=node.status, retry_at=None, reason=node.reason, updated_at=now
+        )
+    return _queue_nodes(run, to_queue, now)
+
+
+def _free_slots(pool_name: str) -> int:
+    slots = ResourcePool.objects.values_list("slots", flat=True).get(name=pool_name)
+    used = NodeRun.objects.filter(pool=pool_name, status__in=NodeRun.HOLDS_SLOT).count()
+    return slots - used
+
+
+def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
+    """Move nodes to ``queued`` with a new attempt number and enqueue them after commit.
+
+    Conditional on the node still waiting (pending or retry_wait), so a node another
+    transaction already moved is left alone.
+    """
+    # One UPDATE per distinct attempt number (usually one for all), each a compare-and-set
+    # on the nodes still waiting; a 1000-root run costs one statement, not a thousand.
+    queued = []
+    by_attempt: dict[int, list[NodeRun]] = {}
+    for node in nodes:
+        by_attempt.setdefault(node.attempt, []).append(node)
+    for attempt, group in by_attempt.items():
+        ids = [node.pk for node in group]
+        waiting = NodeRun.objects.filter(
+            status__in=[NodeRun.Status.PENDING, NodeRun.Status.RETRY_WAIT], attempt=attempt
+        )
+        if len(ids) > 1:
+            # Which ones may still move, read under the update's own conditions.
+            ids = list(waiting.filter(pk__in=ids).values_list("pk", flat=True))
+        updated = waiting.filter(pk__in=ids).update(
+            status=NodeRun.Status.QUEUED,
+            attempt=F("attempt") + 1,
+            queued_at=now,
+            retry_at=None,
+            heartbeat_at=None,
+            reason="",
+            updated_at=now,
+        )
+        moved = set(ids)
+        if updated != len(ids):
+            # Another transaction moved some in between: ours are the ones stamped now.
+            moved = set(
+                NodeRun.objects.filter(
+                    pk__in=ids, status=NodeRun.Status.QUEUED, attempt=attempt + 1, queued_at=now
+                ).values_list("pk", flat=True)
+            )
+        for node in group:
+            if node.pk in moved:
+                node.attempt += 1
+                node.status = NodeRun.Status.QUEUED
+                queued.append(node)
+    NodeAttempt.objects.bulk_create(
+        [
+            NodeAttempt(
+                node_run=node,
+                number=node.attempt,
+                status=NodeAttempt.Status.QUEUED,
+                rq_job_id=dispatch.job_id(node.pk, node.attempt),
+                queue=node.queue,
+                created_at=now,
+                updated_at=now,
+            )
+            for node in queued
+        ],
+        batch_size=500,
+    )
+    dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in queued])
+    return queued
+
+
+def fill_pool(name: str, now) -> None:
+    """Give free slots of a pool to ready nodes waiting for it, oldest first, in any run.
+
+    The caller holds the pool's lock. Waiting nodes of other runs are moved with a
+    conditional update, without taking their run's lock (see the lock order above).
+    """
+    free = _free_slots(name)
+    if free <= 0:
+        return
+    waiting = list(
+        NodeRun.objects.filter(
+            pool=name,
+            status=NodeRun.Status.PENDING,
+            pending_upstreams=0,
+            run__status=Run.Status.RUNNING,
+        )
+        .select_related("run")
+        .order_by("id")[:free]
+    )
+    for node in waiting:
+        _queue_nodes(node.run, [node], now)
+
+
+# --- The worker side: claim, heartbeat, checkpoint --------------------------------------------
+
+
+def claim_attempt(
+    node_run_id: int, attempt: int, *, worker: str, pid: int, host: str
+) -> Claim | None:
+    """Compare-and-set ``queued`` → ``running`` for exactly this attempt.
+
+    Returns None when the message is stale (the node moved on, was cancelled, or this
+    very message was already delivered); that is recorded, and nothing runs.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        claimed = NodeRun.objects.filter(
+            pk=node_run_id, status=NodeRun.Status.QUEUED, attempt=attempt
+        ).update(status=NodeRun.Status.RUNNING, started_at=now, heartbeat_at=now, updated_at=now)
+        if not claimed:
+            _record_stale_message(node_run_id, attempt, worker, "claim")
+            return None
+        attempt_id = NodeAttempt.objects.values_list("pk", flat=True).get(
+            node_run_id=node_run_id, number=attempt
+        )
+        NodeAttempt.objects.filter(pk=attempt_id).update(
+            status=NodeAttempt.Status.RUNNING,
+            worker=worker,
+            pid=pid,
+            host=host,
+            started_at=now,
+            updated_at=now,
+        )
+        node = NodeRun.objects.select_related("run").get(pk=node_run_id)
+    return Claim(
+        node_run_id=node.pk,
+        run_id=node.run_id,
+        attempt=attempt,
+        node_key=node.node_key,
+        node_type=node.node_type,
+        params=node.params,
+        run_params=node.run.params,
+        upstream=node.upstream,
+        timeout_seconds=node.timeout_seconds,
+        soft_timeout_seconds=node.soft_timeout_seconds,
+        attempt_id=attempt_id,
+    )
+
+
+def _record_stale_message(node_run_id: int, attempt: int, worker: str, what: str) -> None:
+    row = NodeRun.objects.filter(pk=node_run_id).values("run_id", "status", "attempt").first()
+    if row is None:
+        logger.warning(
+            "Ignoring %s for node-run %s attempt %s: no such node-run.", what, node_run_id, attempt
+        )
+        return
+    logger.info(
+        "Ignoring stale %s for node-run %s attempt %s (node is %s, attempt %s).",
+        what,
+        node_run_id,
+        attempt,
+        row["status"],
+        row["attempt"],
+    )
+    RunEvent.objects.create(
+        run_id=row["run_id"],
+        node_run_id=node_run_id,
+        kind=RunEvent.Kind.STALE,
+        actor=worker or ENGINE,
+        reason=(
+            f"rejected {what} of attempt {attempt}: the node is {row['status']} "
+            f"at attempt {row['attempt']}"
+        ),
+        before={"attempt": attempt},
+        after={"status": row["status"], "attempt": row["attempt"]},
+    )
+
+
+def record_heartbeat(
+    node_run_id: int, attempt: int, *, progress=None, sample=None, samples=None
+) -> bool:
+    """Write heartbeat_at (and progress, resource samples) if the attempt is still current.
+
+    Returns False when it is not (cancelled, superseded): the node should stop.
+    """
+    now = timezone.now()
+    fields = {"heartbeat_at": now, "updated_at": now}
+    if progress is not None:
+        fields["progress"] = progress
+    current = NodeRun.objects.filter(
+        pk=node_run_id, status=NodeRun.Status.RUNNING, attempt=attempt
+    ).update(**fields)
+    if current and sample:
+        NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt).update(
+            cpu_percent=sample.get("cpu_percent"),
+            rss_bytes=sample.get("rss_bytes"),
+            io_wait_percent=sample.get("io_wait_percent"),
+            resource_samples=samples or [sample],
+            updated_at=now,
+        )
+    return bool(current)
+
+
+class AttemptSuperseded(BaseException):
+    """This attempt is no longer current (cancelled, timed out, or re-queued).
+
+    A BaseException so that a node's ``except Exception`` does not swallow it: the
+    attempt must stop without writing anything more.
+    """
+
+
+def save_progress_checkpoint(
+    node_run_id: int, run_id: int, attempt: int, sequence: int, state
+) -> Checkpoint:
+    """Store a node's resume state, only while its attempt is current.
+
+    Runs in its own savepoint: called inside the node's own ``transaction.atomic()``,
+    the checkpoint commits or rolls back together with the node's writes.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        current = NodeRun.objects.filter(
+            pk=node_run_id, status=NodeRun.Status.RUNNING, attempt=attempt
+        ).update(heartbeat_at=now, updated_at=now)
+        if not current:
+            raise AttemptSuperseded(
+                f"node-run {node_run_id} attempt {attempt} is no longer current"
+            )
+        return Checkpoint.objects.create(
+            run_id=run_id,
+            node_run_id=node_run_id,
+            kind=Checkpoint.Kind.PROGRESS,
+            sequence=sequence,
+            attempt=attempt,
+            state=state,
+        )
+
+
+def next_checkpoint_sequence(node_run_id: int) -> int:
+    last = Checkpoint.objects.filter(node_run_id=node_run_id).aggregate(last=Max("sequence"))[
+        "last"
+    ]
+    return (last or 0) + 1
+
+
+def latest_progress_state(node_run_id: int):
+    checkpoint = (
+        Checkpoint.objects.filter(node_run_id=node_run_id, kind=Checkpoint.Kind.PROGRESS)
+        .order_by("-sequence")
+        .only("state")
+        .first()
+    )
+    return checkpoint.state if checkpoint else None
+
+
+def upstream_outputs(run_id: int, keys: list[str]) -> dict:
+    if not keys:
+        return {}
+    return dict(
+        NodeRun.objects.filter(run_id=run_id, node_key__in=keys).values_list("node_key", "output")
+    )
+
+
+# --- Outcomes ---------------------------------------------------------------------------------
+
+
+def complete_attempt(
+    node_run_id: int,
+    attempt: int,
+    output,
+    *,
+    actor: str = ENGINE,
+    run_id: int | None = None,
+    next_sequence: int | None = None,
+) -> bool:
+    """Apply a successful attempt and advance the run. Returns False if it was stale.
+
+    1. Lock the run, its pools, then the node; reject unless running this attempt.
+    2. Mark the attempt and node succeeded; write the node_done checkpoint.
+    3. Count this node off each downstream node (fan-in counter); queue those that
+       reach zero, pools permitting.
+    4. Give the node's pool slot to a waiting node, in any run.
+    5. Close the run if nothing more can run.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        run, node = _lock_for_outcome(node_run_id, run_id)
+        if node.status != NodeRun.Status.RUNNING or node.attempt != attempt:
+            _record_stale_message(node_run_id, attempt, actor, "success")
+            return False
+        node.status = NodeRun.Status.SUCCEEDED
+        node.output = output
+        node.finished_at = now
+        node.reason = ""
+        node.save(update_fields=["status", "output", "finished_at", "reason", "updated_at"])
+        NodeAttempt.objects.filter(node_run=node, number=attempt).update(
+            status=NodeAttempt.Status.SUCCEEDED, finished_at=now, updated_at=now
+        )
+        Checkpoint.objects.create(
+            run=run,
+            node_run=node,
+            kind=Checkpoint.Kind.NODE_DONE,
+            # The executor knows the next sequence when it can (saves a MAX query per node).
+            sequence=next_sequence or next_checkpoint_sequence(node.pk),
+            attempt=attempt,
+            state={"output": output},
+        )
+        _release_downstream(run, node, now)
+        if node.pool:
+            fill_pool(node.pool, now)
+        close_run_if_done(run, now)
+    return True
+
+
+def fail_attempt(
+    node_run_id: int,
+    attempt: int,
+    failure: Failure,
+    *,
+    actor: str = ENGINE,
+    run_id: int | None = None,
+) -> bool:
+    """Record a failed or timed-out attempt; retry it or fail the node. False if stale.
+
+    1. Lock the run, its pools, then the node; reject unless running this attempt.
+    2. Close the attempt with the error and traceback.
+    3. Attempts left and the error retryable: ``retry_wait`` until the backoff has
+       passed (``promote_due_retries`` queues it; a zero delay queues it now).
+       Otherwise the node is failed / timed_out and its downstream stays pending.
+    4. Free its pool slot; close the run if nothing more can run.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        run, node = _lock_for_outcome(node_run_id, run_id)
+        if node.status != NodeRun.Status.RUNNING or node.attempt != attempt:
+            _record_stale_message(node_run_id, attempt, actor, "failure")
+            return False
+        _close_attempt(node, attempt, failure, now)
+        _after_failure(run, node, failure, now, actor)
+        if node.pool:
+            fill_pool(node.pool, now)
+        close_run_if_done(run, now)
+    return True
+
+
+def abandon_attempt(
+    node_run_id: int, attempt: int, *, reason: str, actor: str, retry: bool = True
+) -> bool:
+    """End an attempt whose worker can no longer report (killed, lost), then let the
+    retry policy act — the next attempt resumes from the node's latest checkpoint.
+
+    Used by the watchdog (worker or job lost) and by operators. The attempt is marked
+    ``abandoned``; if its worker does report later, that result is rejected as stale.
+    Returns False when the attempt is no longer the node's current running one.
+    """
+    now = timezone.now()
+    # Retried whatever ``retry_on`` lists: the node itself never raised anything.
+    failure = Failure(
+        error_type="AttemptAbandoned", message=reason, retryable=retry, ignore_retry_on=True
+    )
+    with transaction.atomic():
+        run, node = _lock_for_outcome(node_run_id)
+        if (
+            node.status not in (NodeRun.Status.RUNNING, NodeRun.Status.QUEUED)
+            or node.attempt != attempt
+        ):
+            return False
+        NodeAttempt.objects.filter(node_run=node, number=attempt).update(
+            status=NodeAttempt.Status.ABANDONED,
+            finished_at=now,
+            updated_at=now,
+            error_type=failure.error_type,
+            error_message=reason[:10_000],
+        )
+        _after_failure(run, node, failure, now, actor)
+        if node.pool:
+            fill_pool(node.pool, now)
+        close_run_if_done(run, now)
+    return True
+
+
+def _close_attempt(node: NodeRun, attempt: int, failure: Failure, now) -> None:
+    NodeAttempt.objects.filter(node_run=node, number=attempt).update(
+        status=NodeAttempt.Status.TIMED_OUT if failure.timed_out else NodeAttempt.Status.FAILED,
+        finished_at=now,
+        updated_at=now,
+        error_type=failure.error_type[:200],
+        error_message=failure.message[:10_000],
+        traceback=failure.traceback[-50_000:],
+    )
+
+
+def _after_failure(run: Run, node: NodeRun, failure: Failure, now, actor: str) -> None:
+    what = "timed out" if failure.timed_out else "failed"
+    summary = f"attempt {node.attempt} {what}: {failure.error_type}: {failure.message}"[:2000]
+    if node.attempt - node.attempts_base < node.max_attempts and _should_retry(
+        node.retry_policy, failure
+    ):
+        delay = backoff_delay(node.retry_policy, node.attempt)
+        node.status = NodeRun.Status.RETRY_WAIT
+        node.retry_at = now + timedelta(seconds=delay)
+        node.reason = (
+            f"{summary}; attempt {node.attempt + 1} of {node.max_attempts} in {delay:.1f}s"
+        )
+        node.save(update_fields=["status", "retry_at", "reason", "updated_at"])
+        RunEvent.objects.create(
+            run=run,
+            node_run=node,
+            kind=RunEvent.Kind.RETRY,
+            actor=actor,
+            reason=node.reason,
+            before={"status": NodeRun.Status.RUNNING, "attempt": node.attempt},
+            after={"status": NodeRun.Status.RETRY_WAIT, "retry_at": node.retry_at.isoformat()},
+        )
+        if delay <= 0:
+            queue_or_wait(run, [node], now)
+        return
+    node.status = NodeRun.Status.TIMED_OUT if failure.timed_out else NodeRun.Status.FAILED
+    node.finished_at = now
+    tries = (
+        "no retries left"
+        if node.attempt - node.attempts_base >= node.max_attempts
+        else "not retryable"
+    )
+    node.reason = f"{summary} ({tries})"
+    node.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+    RunEvent.objects.create(
+        run=run,
+        node_run=node,
+        kind=RunEvent.Kind.TRANSITION,
+        actor=actor,
+        reason=node.reason,
+        before={"status": NodeRun.Status.RUNNING},
+        after={"status": node.status},
+    )
+    if node.downstream:
+        NodeRun.objects.filter(
+            run=run, node_key__in=node.downstream, status=NodeRun.Status.PENDING
+        ).update(reason=f"blocked: upstream {node.node_key} {node.status}", updated_at=now)
+
+
+def _should_retry(policy: dict, failure: Failure) -> bool:
+    if not failure.retryable:
+        return False
+    retry_on = policy.get("retry_on") or []
+    return (
+        failure.ignore_retry_on or not retry_on or any(name in retry_on for name in failure.names)
+    )
+
+
+def backoff_delay(policy: dict, attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: exponential, capped, jittered.
+
+    Jitter keeps the delay between half and all of the computed value, so a burst of
+    failures does not come back as a burst of retries.
+    """
+    base = float(policy.get("backoff", 0))
+    factor = float(policy.get("factor", 2))
+    delay = min(base * factor ** max(attempt - 1, 0), float(policy.get("max_delay", 300)))
+    if policy.get("jitter", True) and delay > 0:
+        delay = random.uniform(delay / 2, delay)
+    return delay
+
+
+def _lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run, NodeRun]:
+    if run_id is None:
+        run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
+    run = Run.objects.select_for_update().get(pk=run_id)
+    lock_pools(run)
+    node = NodeRun.objects.select_for_update().get(pk=node_run_id)
+    return run, node
+
+
+def _release_downstream(run: Run, node: NodeRun, now) -> None:
+    """Count ``node`` off its downstream nodes and queue those with nothing left to wait for."""
+    if not node.downstream:
+        return
+    NodeRun.objects.filter(run=run, node_key__in=node.downstream).update(
+        pending_upstreams=F("pending_upstreams") - 1, updated_at=now
+    )
+    ready = list(
+        NodeRun.objects.filter(
+            run=run,
+            node_key__in=node.downstream,
+            pending_upstreams=0,
+            status=NodeRun.Status.PENDING,
+        ).order_by("id")
+    )
+    queue_or_wait(run, ready, now)
+
+
+def close_run_if_done(run: Run, now) -> None:
+    """Close the run when nothing more can happen in it.
+
+    Something can still happen while a node is queued, running or waiting to retry, or
+    a pending node has all upstreams done (it waits for a pool slot). Pending nodes
+    behind a failed upstream cannot run, so they do not keep the run open.
+    """
+    if run.status != Run.Status.RUNNING:
+        return
+    still_moving = NodeRun.objects.filter(
+        Q(status__in=NodeRun.ACTIVE) | Q(status=NodeRun.Status.PENDING, pending_upstreams=0),
+        run=run,
+    ).exists()
+    if still_moving:
+        return
+    unfinished = list(
+        NodeRun.objects.filter(run=run)
+        .exclude(status__in=NodeRun.DONE)
+        .values_list("node_key", "status")[:5]
+    )
+    if unfinished:
+        failed = [
+            f"{key} {status}" for key, status in unfinished if status != NodeRun.Status.PENDING
+        ]
+        finish_run(run, Run.Status.FAILED, "; ".join(failed) or "nodes could not run", now, ENGINE)
+    else:
+        finish_run(run, Run.Status.SUCCEEDED, "", now, ENGINE)
+
+
+def finish_run(run: Run, status: str, reason: str, now, actor: str) -> None:
+    before = run.status
+    run.status = status
+    run.finished_at = now
+    run.reason = reason
+    run.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+    RunEvent.objects.create(
+        run=run,
+        kind=RunEvent.Kind.TRANSITION,
+        actor=actor,
+        reason=reason or f"run {status}",
+        before={"status": before},
+        after={"status": status},
+    )
+
+
+# --- Stopping a run ---------------------------------------------------------------------------
+
+
+def cancel_run(run_id: int, *, actor: str, reason: str) -> bool:
+    """Cancel every node that has not finished and close the run as cancelled.
+
+    Queued jobs are removed from RQ and running ones stopped (RQ's stop-job command)
+    after commit; a running node also sees ``should_stop()`` at its next heartbeat,
+    and any result it still reports is rejected. Returns False if already finished.
+    """
+    return _stop_run(run_id, Run.Status.CANCELLED, f"cancelled by {actor}: {reason}", actor)
+
+
+def expire_run(run_id: int) -> bool:
+    """Fail a run that went past its deadline (the definition's ``timeout``)."""
+    return _stop_run(
+        run_id, Run.Status.FAILED, "run exceeded its timeout", ENGINE, only_if_overdue=True
+    )
+
+
+def _stop_run(
+    run_id: int, final_status: str, reason: str, actor: str, only_if_overdue=False
+) -> bool:
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.select_for_update().get(pk=run_id)
+        if run.status in Run.TERMINAL:
+            return False
+        if only_if_overdue and (run.deadline is None or run.deadline > now):
+            return False
+        lock_pools(run)
+        live = list(
+            NodeRun.objects.select_for_update()
+            .filter(run=run, status__in=[*NodeRun.ACTIVE, NodeRun.Status.PENDING])
+            .values_list("pk", "status", "attempt", "pool")
+        )
+        to_cancel = [(pk, attempt) for pk, status, attempt, _ in live if status in NodeRun.ACTIVE]
+        NodeRun.objects.filter(pk__in=[pk for pk, *_ in live]).update(
+            status=NodeRun.Status.CANCELLED,
+            finished_at=now,
+            reason=reason[:2000],
+            updated_at=now,
+        )
+        for pk, attempt in to_cancel:
+            NodeAttempt.objects.filter(
+                node_run_id=pk, number=attempt, status__in=NodeAttempt.ACTIVE
+            ).update(
+                status=NodeAttempt.Status.CANCELLED,
+                finished_at=now,
+                updated_at=now,
+                error_type="Cancelled",
+                error_message=reason[:10_000],
+            )
+        for pool in sorted({pool for *_, pool in live if pool}):
+            fill_pool(pool, now)
+        finish_run(run, final_status, reason, now, actor)
+        job_ids = [dispatch.job_id(pk, attempt) for pk, attempt in to_cancel]
+        transaction.on_commit(lambda: dispatch.stop_jobs(job_ids))
+    return True
+
+
+# --- Sweeps the watchdog runs -----------------------------------------------------------------
+
+
+def promote_due_retries(limit: int = 500) -> int:
+    """Queue nodes whose retry backoff has passed. Returns how many were queued.
+
+    Retries live in the database (``retry_wait`` + ``retry_at``), not in a scheduler,
+    so none is lost when a scheduler or Redis goes away.
+    """
+    now = timezone.now()
+    due = list(
+        NodeRun.objects.filter(status=NodeRun.Status.RETRY_WAIT, retry_at__lte=now)
+        .order_by("retry_at")
+        .values_list("run_id", flat=True)[:limit]
+    )
+    promoted = 0
+    for run_id in sorted(set(due)):
+        with transaction.atomic():
+            run = Run.objects.select_for_update().get(pk=run_id)
+            if run.status != Run.Status.RUNNING:
+                continue
+            lock_pools(run)
+            nodes = list(
+                NodeRun.objects.select_for_update()
+                .filter(run=run, status=NodeRun.Status.RETRY_WAIT, retry_at__lte=now)
+                .order_by("id")
+            )
+            promoted += len(queue_or_wait(run, nodes, now))
+    return promoted
+
+
+def expire_overdue_runs() -> int:
+    now = timezone.now()
+    overdue = Run.objects.filter(status=Run.Status.RUNNING, deadline__lt=now).values_list(
+        "pk", flat=True
+    )
+    return sum(expire_run(run_id) for run_id in list(overdue))
+
+
+def resend_lost_messages(older_than_seconds: float = 5.0) -> int:
+    """Re-send queued nodes whose RQ job is gone (never sent, or Redis lost it).
+
+    The job id is derived from (node-run, attempt), so re-sending the same message
+    is safe: the claim's compare-and-set lets only one delivery run the node.
+    """
+    cutoff = timezone.now() - timedelta(seconds=older_than_seconds)
+    queued = list(
+        NodeRun.objects.filter(status=NodeRun.Status.QUEUED, queued_at__lte=cutoff).order_by(
+            "queued_at"
+        )[:1000]
+    )
+    if not queued:
+        return 0
+    missing = dispatch.missing_jobs([dispatch.job_id(node.pk, node.attempt) for node in queued])
+    lost = [node for node in queued if dispatch.job_id(node.pk, node.attempt) in missing]
+    if lost:
+        dispatch.send([dispatch.Dispatch.for_node(node, note=" (re-sent)") for node in lost])
+    return len(lost)

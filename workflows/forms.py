@@ -1,0 +1,189 @@
+"""Forms of the dashboard: parse and check input; the operations decide what it means."""
+
+import json
+import uuid
+
+from django import forms
+from django.conf import settings
+
+from workflows.models import Run, Workflow
+
+# --- Operator actions -------------------------------------------------------------------------
+
+
+class JSONField(forms.CharField):
+    """A textarea holding JSON; ``object_only`` insists on a JSON object."""
+
+    widget = forms.Textarea
+
+    def __init__(self, *, object_only: bool = False, **kwargs):
+        self.object_only = object_only
+        kwargs.setdefault("widget", forms.Textarea(attrs={"rows": 6, "spellcheck": "false"}))
+        super().__init__(**kwargs)
+
+    def to_python(self, value):
+        text = (super().to_python(value) or "").strip()
+        if not text:
+            return {}
+        if len(text.encode()) > settings.KEEL_MAX_OUTPUT_BYTES:
+            raise forms.ValidationError(
+                f"This is {len(text.encode())} bytes; the limit is "
+                f"{settings.KEEL_MAX_OUTPUT_BYTES} (KEEL_MAX_OUTPUT_BYTES)."
+            )
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise forms.ValidationError(
+                f"Not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}."
+            ) from None
+        if self.object_only and not isinstance(value, dict):
+            raise forms.ValidationError('Give a JSON object, e.g. {"date": "2026-01-31"}.')
+        return value
+
+    def prepare_value(self, value):
+        if isinstance(value, dict | list):
+            return json.dumps(value, indent=2, sort_keys=True)
+        return value
+
+
+class ActionForm(forms.Form):
+    """What every action needs: a reason for the history, and a key for idempotency."""
+
+    reason = forms.CharField(
+        max_length=2000,
+        widget=forms.Textarea(
+            attrs={"rows": 3, "placeholder": "Why? It is kept in the run's history."}
+        ),
+        error_messages={"required": "Say why: the reason is kept in the run's history."},
+    )
+    # A fresh one is put in every rendered form: submitting the same form twice
+    # (a double click, a browser retry) applies the action once.
+    request_key = forms.CharField(max_length=100, widget=forms.HiddenInput)
+
+    @staticmethod
+    def new_request_key() -> str:
+        return f"web-{uuid.uuid4().hex}"
+
+    def options(self) -> dict:
+        """The operation's keyword arguments other than actor, reason and request key."""
+        return {}
+
+
+class NodeActionForm(ActionForm):
+    node = forms.CharField(max_length=100, widget=forms.HiddenInput)
+
+    def options(self) -> dict:
+        return {"node": self.cleaned_data["node"]}
+
+
+class RetryForm(NodeActionForm):
+    downstream = forms.BooleanField(required=False, widget=forms.HiddenInput)
+    expected_attempt = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+
+    def options(self) -> dict:
+        return {
+            "node": self.cleaned_data["node"],
+            "downstream": self.cleaned_data["downstream"],
+            "expected_attempt": self.cleaned_data["expected_attempt"],
+        }
+
+
+class MarkSucceededForm(NodeActionForm):
+    output = JSONField(
+        required=False,
+        initial="{}",
+        help_text="The node's output, as JSON: downstream nodes receive it as their input.",
+    )
+
+    def options(self) -> dict:
+        return {"node": self.cleaned_data["node"], "output": self.cleaned_data["output"]}
+
+
+class RollbackForm(ActionForm):
+    to_checkpoint = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+    to_node = forms.CharField(required=False, max_length=100, widget=forms.HiddenInput)
+    resume = forms.BooleanField(
+        required=False,
+        initial=True,
+        label="Resume the run right after rolling back",
+        help_text="Unticked, the run is left cancelled until someone resumes it.",
+    )
+
+    def clean(self):
+        data = super().clean()
+        if bool(data.get("to_checkpoint")) == bool(data.get("to_node")):
+            raise forms.ValidationError("Pick exactly one checkpoint or one node to roll back to.")
+        return data
+
+    def options(self) -> dict:
+        return {
+            "to_checkpoint": self.cleaned_data["to_checkpoint"],
+            "to_node": self.cleaned_data["to_node"] or None,
+            "resume": self.cleaned_data["resume"],
+        }
+
+
+class PreviewOptionsForm(forms.Form):
+    """The query string of a preview page: which node, checkpoint or variant."""
+
+    node = forms.CharField(required=False, max_length=100)
+    downstream = forms.BooleanField(required=False)
+    expected_attempt = forms.IntegerField(required=False, min_value=0)
+    to_checkpoint = forms.IntegerField(required=False, min_value=1)
+    to_node = forms.CharField(required=False, max_length=100)
+
+
+# --- Starting a run ---------------------------------------------------------------------------
+
+
+class StartRunForm(forms.Form):
+    params = JSONField(
+        object_only=True,
+        required=False,
+        label="Run params (JSON object)",
+        help_text="Only params the definition declares; the others keep their defaults.",
+        widget=forms.Textarea(attrs={"rows": 5, "spellcheck": "false"}),
+    )
+    priority = forms.ChoiceField(choices=Run.Priority.choices, initial=Run.Priority.DEFAULT)
+    # A fresh key per rendered form: submitting it twice starts one run.
+    request_key = forms.CharField(max_length=100, required=False, widget=forms.HiddenInput)
+
+
+# --- Lists ------------------------------------------------------------------------------------
+
+RANGES = {"1h": 1, "24h": 24, "7d": 7 * 24, "30d": 30 * 24}
+
+
+class RunFilterForm(forms.Form):
+    workflow = forms.ModelChoiceField(
+        queryset=Workflow.objects.order_by("slug"),
+        to_field_name="slug",
+        required=False,
+        empty_label="All workflows",
+    )
+    status = forms.ChoiceField(choices=[("", "Any status"), *Run.Status.choices], required=False)
+    version = forms.IntegerField(
+        required=False, min_value=1, widget=forms.NumberInput(attrs={"placeholder": "any"})
+    )
+    range = forms.ChoiceField(
+        choices=[
+            ("", "Any time"),
+            ("1h", "Last hour"),
+            ("24h", "Last 24 hours"),
+            ("7d", "Last 7 days"),
+            ("30d", "Last 30 days"),
+        ],
+        required=False,
+    )
+    created_from = forms.DateTimeField(
+        required=False,
+        label="From",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+    )
+    created_to = forms.DateTimeField(
+        required=False,
+        label="To",
+        widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
+    )
+    before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+    after = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)

@@ -1,0 +1,362 @@
+"""``manage.py devstack``: the whole of Keel on a laptop, started and stopped as one (``make run``).
+
+1. Start the embedded Redis when REDIS_URL is unset (else use REDIS_URL as it is).
+2. Migrate, load the demo definitions, create or reset the superuser ``admin``.
+3. Spawn an RQ worker, the watchdog and gunicorn, each in its own process group.
+4. Wait until the web server answers, start one run of each demo workflow, print how to log in.
+5. Wait. Ctrl-C or SIGTERM stops everything it started; a child that dies stops everything too.
+"""
+
+import contextlib
+import http.client
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from config import embedded_redis
+from config.env import env_int
+from workflows import operations, versioning
+from workflows.spec import DefinitionError
+
+HOST = "127.0.0.1"
+ADMIN_USERNAME = "admin"
+DEMO_DIR = Path(settings.BASE_DIR) / "workflows" / "demo_definitions"
+WEB_READY_SECONDS = 60
+STOP_GRACE_SECONDS = 10
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited unexpectedly with code {returncode}"
+
+
+class StopRequested(Exception):
+    """Raised from the signal handler, so a stop interrupts whatever step is running."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    reader: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.argv[1:]).removeprefix("-m ")
+
+    @property
+    def exited(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+    def signal_group(self, signum: int) -> None:
+        # The group, not just the leader: gunicorn's workers too. RQ puts each work horse in
+        # a process group of its own (os.setpgrp), so descendants are signalled one by one.
+        for pid in self._descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signum)
+
+    def _descendants(self) -> list[int]:
+        try:
+            return [
+                child.pid for child in psutil.Process(self.process.pid).children(recursive=True)
+            ]
+        except psutil.NoSuchProcess:
+            return []
+
+    def group_alive(self) -> bool:
+        self.process.poll()  # reap the leader, so a zombie does not count as alive
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class Command(BaseCommand):
+    help = (
+        "Run Keel on this machine: embedded Redis, migrations, demo workflows, an admin user, "
+        "an RQ worker, the watchdog and the web server. Ctrl-C stops everything."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--port",
+            type=int,
+            default=None,
+            help="Port of the web server on 127.0.0.1 (default KEEL_PORT, else 8000).",
+        )
+        parser.add_argument(
+            "--no-demo-runs",
+            action="store_true",
+            help="Load the demo workflows but do not start a run of each.",
+        )
+
+    def handle(self, *args, **options):
+        self.port = options["port"] or env_int("KEEL_PORT", 8000, minimum=1, maximum=65535)
+        if not 1 <= self.port <= 65535:
+            raise CommandError(f"--port {self.port} is not a TCP port; use 1-65535.")
+        self.base_url = f"http://{HOST}:{self.port}/"
+        self.children: list[Child] = []
+        self.redis_process = None
+        self.output_lock = threading.Lock()
+        self.stopping = self.hurry = False
+        self._check_port_free()
+        self._install_signal_handlers()
+        try:
+            self._start_redis()
+            self._prepare_database()
+            slugs = self._load_demo_definitions()
+            password = self._reset_admin_password()
+            self._spawn_children()
+            self._wait_for_web()
+            run_ids = [] if options["no_demo_runs"] else self._start_demo_runs(slugs)
+            self._print_welcome(password, run_ids)
+            self._wait_until_something_stops()
+        except StopRequested as stop:
+            self._say(f"\n{stop}: stopping everything (a second Ctrl-C kills at once)…")
+        finally:
+            self.stopping = True
+            self._stop_everything()
+        self._say(self.style.SUCCESS("Stopped."))
+
+    def _say(self, text: str) -> None:
+        # Relay threads write too: one line at a time, flushed, so a log file reads in order.
+        with self.output_lock:
+            self.stdout.write(text)
+            self.stdout.flush()
+
+    # --- Start-up ----------------------------------------------------------------------------
+
+    def _check_port_free(self) -> None:
+        # Gunicorn would retry for seconds and then die; say what to do instead.
+        with socket.socket() as probe:
+            # As gunicorn does, so connections of a previous run in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, self.port))
+            except OSError:
+                raise CommandError(
+                    f"Port {self.port} on {HOST} is in use (another devstack?). Stop that, or "
+                    "pick another port with --port N or KEEL_PORT=N."
+                ) from None
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            if self.stopping:
+                self.hurry = True  # a second Ctrl-C: kill instead of waiting
+                return
+            self.stopping = True
+            raise StopRequested(signal.Signals(signum).name)
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def _start_redis(self) -> None:
+        if not settings.KEEL_EMBEDDED_REDIS:
+            self._say("Redis: REDIS_URL is set; using it.")
+            return
+        socket_path = Path(settings.KEEL_EMBEDDED_REDIS_SOCKET)
+        try:
+            self.redis_process = embedded_redis.start(socket_path)
+        except RuntimeError as error:
+            raise CommandError(str(error)) from None
+        if self.redis_process is None:
+            # Someone else's server (a previous devstack's?): use it, and leave it running.
+            self._say(f"Redis: an embedded Redis already answers on {socket_path}; using it.")
+        else:
+            self._say(f"Redis: started the embedded Redis on {socket_path}.")
+
+    def _prepare_database(self) -> None:
+        call_command("migrate", interactive=False, verbosity=1)
+        if not settings.DEBUG:
+            # WhiteNoise serves only collected files when DEBUG is off.
+            call_command("collectstatic", interactive=False, verbosity=0)
+
+    def _load_demo_definitions(self) -> list[str]:
+        paths = sorted(DEMO_DIR.glob("*.yaml"))
+        if not paths:
+            raise CommandError(f"No demo definitions found in {DEMO_DIR}.")
+        slugs = []
+        for path in paths:
+            try:
+                result = versioning.load_file(path, actor="devstack")
+            except DefinitionError as error:
+                raise CommandError(f"{error}\nFix the demo definition and run again.") from None
+            self._say(str(result))
+            slugs.append(result.version.workflow.slug)
+        return slugs
+
+    def _reset_admin_password(self) -> str:
+        password = secrets.token_urlsafe(16)
+        user, _ = get_user_model().objects.get_or_create(username=ADMIN_USERNAME)
+        user.is_active = user.is_staff = user.is_superuser = True
+        user.set_password(password)
+        user.save()
+        self._write_private_file(self._password_path(), password + "\n")
+        return password
+
+    def _password_path(self) -> Path:
+        return Path(settings.VAR_DIR) / "admin-password"
+
+    @staticmethod
+    def _write_private_file(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+            file.write(text)
+
+    def _spawn_children(self) -> None:
+        # Paths relative to BASE_DIR, the children's working directory.
+        self.children = [
+            Child("worker", [sys.executable, "manage.py", "rqworker", *settings.KEEL_QUEUES]),
+            Child("watchdog", [sys.executable, "manage.py", "watchdog"]),
+            Child("web", [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py"]),
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KEEL_BIND": f"{HOST}:{self.port}"}
+        for child in self.children:
+            child.process = subprocess.Popen(
+                child.argv,
+                cwd=settings.BASE_DIR,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                # Own session and process group: Ctrl-C in the terminal reaches only us, so
+                # nothing half-stops on its own, and killpg reaches the child's own children.
+                start_new_session=True,
+            )
+            child.reader = threading.Thread(target=self._relay_output, args=(child,), daemon=True)
+            child.reader.start()
+            self._say(f"Started {child.name} (pid {child.process.pid}): {child.command}")
+
+    def _relay_output(self, child: Child) -> None:
+        """Copy a child's output to ours, each line prefixed with the child's name."""
+        for raw in child.process.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self._say(f"{child.name:>8} | {line}")
+
+    def _wait_for_web(self) -> None:
+        deadline = time.monotonic() + WEB_READY_SECONDS
+        while not self._web_answers():
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise CommandError(
+                    f"The web server did not answer on {self.base_url} within "
+                    f"{WEB_READY_SECONDS}s; see the 'web |' lines above."
+                )
+            time.sleep(0.2)
+
+    def _web_answers(self) -> bool:
+        connection = http.client.HTTPConnection(HOST, self.port, timeout=5)
+        try:
+            connection.request("GET", "/")
+            return connection.getresponse().status < 500
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def _start_demo_runs(self, slugs: list[str]) -> list[int]:
+        run_ids = []
+        for slug in slugs:
+            try:
+                run = operations.start_run(slug, actor="devstack")
+            except operations.OperationError as error:
+                self._say(self.style.ERROR(f"Could not start a demo run of {slug}: {error}"))
+                continue
+            self._say(f"Started run {run.pk} of {slug}: {self.base_url}runs/{run.pk}/")
+            run_ids.append(run.pk)
+        return run_ids
+
+    def _print_welcome(self, password: str, run_ids: list[int]) -> None:
+        manage = self._manage_command_for_humans()
+        run_id = run_ids[0] if run_ids else "RUN_ID"
+        lines = [
+            "",
+            self.style.SUCCESS("Keel is running."),
+            f"  Dashboard   {self.base_url}",
+            f"  Admin       {self.base_url}admin/",
+            f"  Log in as   {ADMIN_USERNAME} / {password}   (saved in {self._password_path()})",
+            "",
+            "Try, in another terminal:",
+            f"  {manage} run_workflow fan-out --wait 120",
+            f"  {manage} show_run {run_id}",
+            f'  {manage} cancel_run {run_id} --reason "just trying"',
+            f"  {manage} load_workflow workflows/demo_definitions/*.yaml",
+            "",
+            "Ctrl-C stops everything.",
+            "",
+        ]
+        self._say("\n".join(lines))
+
+    def _manage_command_for_humans(self) -> str:
+        """How to run manage.py against this same stack from another shell."""
+        python = Path(sys.executable)
+        if python.is_relative_to(settings.BASE_DIR):
+            python = python.relative_to(settings.BASE_DIR)
+        # Without these, another shell would talk to a different database, or refuse to start.
+        shared = [
+            f"{name}={shlex.quote(os.environ[name])}"
+            for name in ("DEBUG", "KEEL_VAR_DIR", "KEEL_EMBEDDED_REDIS_SOCKET")
+            if name in os.environ
+        ]
+        return " ".join([*shared, str(python), "manage.py"])
+
+    # --- Running and stopping ----------------------------------------------------------------
+
+    def _wait_until_something_stops(self) -> None:
+        while True:
+            self._check_children()
+            time.sleep(0.5)
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.exited:
+                raise CommandError(
+                    f"The {child.name} ({child.command}) {describe_exit(child.process.returncode)}"
+                    f"; stopped everything. Its output is above, prefixed '{child.name} |'."
+                )
+        if self.redis_process is not None and self.redis_process.poll() is not None:
+            raise CommandError(
+                f"The embedded Redis {describe_exit(self.redis_process.returncode)}; stopped "
+                f"everything. See its log next to {settings.KEEL_EMBEDDED_REDIS_SOCKET}."
+            )
+
+    def _stop_everything(self) -> None:
+        """Stop the children (terminate, wait, kill), then the embedded Redis they used."""
+        started = [child for child in self.children if child.process is not None]
+        for child in started:
+            child.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while any(child.group_alive() for child in started):
+            if self.hurry or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        for child in started:
+            if child.group_alive():
+                self._say(f"The {child.name} did not stop in time; killing it.")
+                child.signal_group(signal.SIGKILL)
+                child.process.wait()
+            if child.reader is not None:
+                child.reader.join(timeout=2)
+        if self.redis_process is not None:
+            embedded_redis.stop(self.redis_process)

@@ -1,0 +1,34 @@
+import getpass
+
+from django.core.management.base import BaseCommand, CommandError
+
+from workflows import versioning
+from workflows.spec import DefinitionError
+
+
+class Command(BaseCommand):
+    help = "Load workflow definitions (YAML or JSON); a new version is created only when the content changed."
+
+    def add_arguments(self, parser):
+        parser.add_argument("paths", nargs="+", help="Definition files.")
+        parser.add_argument(
+            "--note", default="", help="Why this version exists (shown in its history)."
+        )
+
+    def handle(self, *args, **options):
+        actor = f"cli:{getpass.getuser()}"
+        # Validate every file before writing any, so a bad file in a batch writes nothing.
+        errors = []
+        for path in options["paths"]:
+            try:
+                versioning.load_file(path, actor=actor, note=options["note"], dry_run=True)
+            except DefinitionError as error:
+                errors.append(str(error))
+        if errors:
+            raise CommandError(
+                "\n".join(errors) + "\nNothing was loaded. Fix the fields above and run again."
+            )
+        for path in options["paths"]:
+            result = versioning.load_file(path, actor=actor, note=options["note"])
+            style = self.style.SUCCESS if result.created else self.style.NOTICE
+            self.stdout.write(style(str(result)))

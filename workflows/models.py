@@ -1,0 +1,424 @@
+"""Keel's data model: the database is the truth (see shared DESIGN §2).
+
+State changes never happen here: they go through workflows/engine.py. Models hold
+fields, constraints and the indexes the engine and the watchdog query by.
+"""
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+
+
+class Workflow(models.Model):
+    slug = models.SlugField(max_length=100, unique=True)
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self):
+        return self.slug
+
+    def get_absolute_url(self):
+        return reverse("workflows:workflow-detail", args=[self.slug])
+
+
+class WorkflowVersion(models.Model):
+    """One immutable version of a definition. Runs are pinned to it forever."""
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="versions")
+    number = models.PositiveIntegerField()
+    spec = models.JSONField(help_text="The validated, normalised definition.")
+    source = models.TextField(help_text="The definition as it was loaded (YAML or JSON).")
+    checksum = models.CharField(max_length=64, help_text="SHA-256 of the normalised spec.")
+    created_by = models.CharField(max_length=150)
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["workflow", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["workflow", "number"], name="version_number_unique"),
+        ]
+
+    def __str__(self):
+        return f"{self.workflow.slug} v{self.number}"
+
+
+class RunStatus(models.TextChoices):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunPriority(models.TextChoices):
+    HIGH = "high"
+    DEFAULT = "default"
+    LOW = "low"
+
+
+class Run(models.Model):
+    Status = RunStatus
+
+    TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+    ACTIVE = frozenset({Status.PENDING, Status.RUNNING})
+
+    Priority = RunPriority
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.PROTECT, related_name="runs")
+    version = models.ForeignKey(WorkflowVersion, on_delete=models.PROTECT, related_name="runs")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    params = models.JSONField(default=dict, blank=True)
+    trigger = models.CharField(max_length=150, help_text="Who or what started the run.")
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.DEFAULT)
+    reason = models.TextField(blank=True, help_text="Why the run failed or was cancelled.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    pools = models.JSONField(
+        default=list, blank=True, help_text="Pools the run's nodes use, locked in name order."
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        permissions = [("operate_run", "Can resume, retry, roll back, skip, mark and cancel runs")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=RunStatus.values), name="run_status_valid"
+            ),
+        ]
+        indexes = [
+            # Run lists filtered by workflow, newest first.
+            models.Index(fields=["workflow", "-created_at"], name="run_workflow_created"),
+            # Run lists filtered by status; the overview's counts.
+            models.Index(fields=["status", "-created_at"], name="run_status_created"),
+            # The watchdog's "runs past their deadline" sweep reads only live runs.
+            models.Index(
+                fields=["deadline"], name="run_live_deadline", condition=Q(status="running")
+            ),
+        ]
+
+    def __str__(self):
+        return f"run {self.pk} of {self.workflow.slug}"
+
+    def get_absolute_url(self):
+        return reverse("workflows:run-detail", args=[self.pk])
+
+    @property
+    def is_finished(self):
+        return self.status in self.TERMINAL
+
+
+class NodeRunStatus(models.TextChoices):
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRY_WAIT = "retry_wait"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    SKIPPED = "skipped"
+
+
+class NodeRun(models.Model):
+    """One node of one run: its current state. Attempts hold the history."""
+
+    Status = NodeRunStatus
+
+    TERMINAL = frozenset(
+        {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED, Status.SKIPPED}
+    )
+    # States in which the engine still owes the node something.
+    ACTIVE = frozenset({Status.QUEUED, Status.RUNNING, Status.RETRY_WAIT})
+    # States that hold a pool slot.
+    HOLDS_SLOT = frozenset({Status.QUEUED, Status.RUNNING})
+    # Upstream states that let a downstream node go ahead.
+    DONE = frozenset({Status.SUCCEEDED, Status.SKIPPED})
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="nodes")
+    node_key = models.CharField(max_length=100)
+    node_type = models.CharField(max_length=200)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempt = models.PositiveIntegerField(default=0, help_text="Number of the current attempt.")
+    max_attempts = models.PositiveIntegerField(default=1)
+    attempts_base = models.PositiveIntegerField(
+        default=0,
+        help_text="Attempts made before the last operator reset; retries count from here.",
+    )
+    queue = models.CharField(max_length=32)
+    pool = models.CharField(max_length=100, blank=True)
+    timeout_seconds = models.PositiveIntegerField()
+    soft_timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
+    expected_seconds = models.PositiveIntegerField(null=True, blank=True)
+    # Copied from the pinned version when the run starts, so a worker never has to read
+    # the whole definition to run or advance one node (that would cost O(N) per node).
+    params = models.JSONField(default=dict, blank=True)
+    upstream = models.JSONField(default=list, blank=True)
+    downstream = models.JSONField(default=list, blank=True)
+    retry_policy = models.JSONField(default=dict, blank=True)
+    pending_upstreams = models.PositiveIntegerField(
+        default=0, help_text="Upstream nodes not yet succeeded or skipped (fan-in counter)."
+    )
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    progress = models.JSONField(null=True, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    reason = models.TextField(blank=True, help_text="Why the node waits or failed.")
+    retry_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "node_key"], name="noderun_key_unique"),
+            models.CheckConstraint(
+                condition=Q(status__in=NodeRunStatus.values), name="noderun_status_valid"
+            ),
+        ]
+        indexes = [
+            # engine.close_run_if_done: "is anything in this run still active?"
+            models.Index(fields=["run", "status"], name="noderun_run_status"),
+            # Watchdog: running nodes whose heartbeat went stale.
+            models.Index(
+                fields=["heartbeat_at"],
+                name="noderun_running_heartbeat",
+                condition=Q(status="running"),
+            ),
+            # engine.promote_due_retries: retries whose backoff has passed.
+            models.Index(
+                fields=["retry_at"],
+                name="noderun_retry_due",
+                condition=Q(status="retry_wait"),
+            ),
+            # Watchdog: queued nodes whose RQ job may be lost; backlog age.
+            models.Index(
+                fields=["queued_at"],
+                name="noderun_queued_since",
+                condition=Q(status="queued"),
+            ),
+            # engine.fill_pool: slots in use, and ready nodes waiting for a slot.
+            models.Index(
+                fields=["pool", "status", "id"],
+                name="noderun_pool_status",
+                condition=~Q(pool=""),
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.node_key} (run {self.run_id})"
+
+    @property
+    def idempotency_key(self):
+        """Stable across attempts of this node-run, so retried writes can be de-duplicated."""
+        return f"keel-run{self.run_id}-{self.node_key}"
+
+
+class AttemptStatus(models.TextChoices):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    CANCELLED = "cancelled"
+    # Ended by the watchdog or an operator, not by the worker that ran it.
+    ABANDONED = "abandoned"
+
+
+class NodeAttempt(models.Model):
+    Status = AttemptStatus
+
+    TERMINAL = frozenset(
+        {Status.SUCCEEDED, Status.FAILED, Status.TIMED_OUT, Status.CANCELLED, Status.ABANDONED}
+    )
+    ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
+
+    node_run = models.ForeignKey(NodeRun, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    rq_job_id = models.CharField(max_length=100)
+    queue = models.CharField(max_length=32)
+    worker = models.CharField(max_length=200, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    host = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_type = models.CharField(max_length=200, blank=True)
+    error_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    cpu_percent = models.FloatField(null=True, blank=True)
+    rss_bytes = models.BigIntegerField(null=True, blank=True)
+    io_wait_percent = models.FloatField(null=True, blank=True)
+    resource_samples = models.JSONField(
+        default=list, blank=True, help_text="Recent heartbeat samples (bounded)."
+    )
+
+    class Meta:
+        ordering = ["node_run", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["node_run", "number"], name="attempt_number_unique"),
+            models.CheckConstraint(
+                condition=Q(status__in=AttemptStatus.values), name="attempt_status_valid"
+            ),
+        ]
+
+    def __str__(self):
+        return f"attempt {self.number} of {self.node_run}"
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class CheckpointKind(models.TextChoices):
+    PROGRESS = "progress"  # saved by a node while it works: where to resume
+    NODE_DONE = "node_done"  # written by the engine when a node succeeds
+
+
+class Checkpoint(models.Model):
+    Kind = CheckpointKind
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="checkpoints")
+    node_run = models.ForeignKey(
+        NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="checkpoints"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    sequence = models.PositiveIntegerField(help_text="Increases with every checkpoint of the node.")
+    attempt = models.PositiveIntegerField(help_text="The attempt that saved it.")
+    state = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run", "node_run", "sequence"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node_run", "sequence"], name="checkpoint_sequence_unique"
+            ),
+            models.CheckConstraint(
+                condition=Q(kind__in=CheckpointKind.values), name="checkpoint_kind_valid"
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.kind} checkpoint {self.sequence} of {self.node_run or self.run}"
+
+
+class LogLine(models.Model):
+    attempt = models.ForeignKey(NodeAttempt, on_delete=models.CASCADE, related_name="log_lines")
+    seq = models.PositiveIntegerField()
+    at = models.DateTimeField()
+    level = models.CharField(max_length=10)
+    message = models.TextField()
+
+    class Meta:
+        ordering = ["attempt", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["attempt", "seq"], name="logline_seq_unique"),
+        ]
+
+    def __str__(self):
+        return f"{self.level} {self.message[:60]}"
+
+
+class RunEventKind(models.TextChoices):
+    TRANSITION = "transition"
+    RETRY = "retry"
+    OPERATOR = "operator"
+    STALE = "stale"  # a message or result for an attempt that is no longer current
+    FINDING = "finding"
+
+
+class RunEvent(models.Model):
+    """Append-only history of a run: transitions, operator actions, rejected results."""
+
+    Kind = RunEventKind
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    node_run = models.ForeignKey(
+        NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="events"
+    )
+    at = models.DateTimeField(auto_now_add=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    actor = models.CharField(max_length=150)
+    reason = models.TextField(blank=True)
+    request_key = models.CharField(
+        max_length=100,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="Idempotency key of the operator request that wrote it: a repeat changes nothing.",
+    )
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "at", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind__in=RunEventKind.values), name="runevent_kind_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["run", "at"], name="runevent_run_at")]
+
+    def __str__(self):
+        return f"{self.kind} on run {self.run_id} by {self.actor}"
+
+
+class ResourcePool(models.Model):
+    """Bounded slots for a shared resource (a database, an API quota)."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    slots = models.PositiveIntegerField(default=1)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return f"{self.name} ({self.slots} slots)"
+
+
+class ApiToken(models.Model):
+    """A bearer token for scripts using the JSON API (workflows/api/auth.py).
+
+    Only a SHA-256 of the token is stored: the token itself is shown once, when it is
+    created (manage.py create_api_token), and cannot be read back. ``prefix`` keeps its
+    first characters so a person can tell tokens apart in lists and logs.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, help_text="What the token is for, e.g. 'nightly cron'.")
+    prefix = models.CharField(max_length=16, help_text="The token's first characters.")
+    token_hash = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the token.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…) of {self.user}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

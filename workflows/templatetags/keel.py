@@ -1,0 +1,125 @@
+"""Formatting for the dashboard's templates: pretty JSON, durations, status glyphs.
+
+Every filter returns plain text; autoescaping still applies to what they return.
+"""
+
+import json
+from datetime import timedelta
+
+from django import template
+from django.utils import timezone
+from django.utils.html import format_html
+
+register = template.Library()
+
+# Status is shown as colour *and* a glyph and the word, never colour alone.
+STATUS_GLYPHS = {
+    "pending": "○",
+    "queued": "◔",
+    "running": "▶",
+    "retry_wait": "↻",
+    "succeeded": "✓",
+    "failed": "✕",
+    "timed_out": "◷",
+    "cancelled": "⊘",
+    "skipped": "↷",
+    "abandoned": "⊘",
+    "definition": "□",
+}
+
+
+@register.filter
+def pretty_json(value) -> str:
+    """Indented JSON, keys sorted; ``None`` reads as ``null``."""
+    try:
+        return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+@register.filter
+def status_glyph(status) -> str:
+    return STATUS_GLYPHS.get(str(status), "•")
+
+
+@register.filter
+def status_label(status) -> str:
+    return str(status).replace("_", " ")
+
+
+@register.filter
+def seconds(value) -> str:
+    """A duration in seconds (or a timedelta) as 0.42s, 12.3s, 4m 05s, 2h 01m, 3d 4h."""
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    value = float(value)
+    if value < 10:
+        return f"{value:.2f}s"
+    if value < 60:
+        return f"{value:.1f}s"
+    minutes, secs = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h {minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d {hours}h"
+
+
+@register.filter
+def ago(moment) -> str:
+    """How long ago, short: 4s ago, 3m ago, 2h ago, 5d ago."""
+    if not moment:
+        return "—"
+    delta = (timezone.now() - moment).total_seconds()
+    if delta < 0:
+        return "in " + seconds(-delta)
+    if delta < 60:
+        return f"{int(delta)}s ago"
+    if delta < 3600:
+        return f"{int(delta // 60)}m ago"
+    if delta < 48 * 3600:
+        return f"{int(delta // 3600)}h ago"
+    return f"{int(delta // 86400)}d ago"
+
+
+@register.filter
+def percent(value, digits=1) -> str:
+    if value is None:
+        return "—"
+    return f"{value * 100:.{int(digits)}f}%"
+
+
+@register.simple_tag(takes_context=True)
+def query_with(context, **changes) -> str:
+    """The current query string with some parameters replaced (None or "" removes one)."""
+    params = context["request"].GET.copy()
+    for key, value in changes.items():
+        if value is None or value == "":
+            params.pop(key, None)
+        else:
+            params[key] = value
+    encoded = params.urlencode()
+    return f"?{encoded}" if encoded else "?"
+
+
+@register.simple_tag
+def badge(status) -> str:
+    """A status as glyph + word on the status colour (colour is never the only cue)."""
+    status = str(status or "")
+    css = status if status in STATUS_GLYPHS else "unknown"
+    return format_html(
+        '<span class="badge s-{}"><span aria-hidden="true">{}</span> {}</span>',
+        css,
+        status_glyph(status),
+        status_label(status),
+    )
+
+
+@register.filter
+def css_status(status) -> str:
+    """A status safe to put in a class name: a known status, else "unknown"."""
+    return status if status in STATUS_GLYPHS else "unknown"
