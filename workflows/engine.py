@@ -5,6 +5,11 @@ status. Every transition runs in ``transaction.atomic()``:
 
 * locks are taken in one order — the run row, then the pools it uses (by name),
   then node rows — so two transactions never wait on each other in a circle;
+* they are ``FOR NO KEY UPDATE`` locks: Keel never changes a primary key, and unlike
+  ``FOR UPDATE`` they leave alone the key-share locks PostgreSQL's foreign-key checks
+  take. An event written outside the run's lock (a finding, a stale message) checks
+  its node-run and its run at commit, in no set order; against ``FOR UPDATE`` that
+  could wait on a transition in a circle;
 * a result is applied only if the node is still ``running`` *that* attempt
   (compare-and-set); anything else is a stale message, recorded as a RunEvent and
   otherwise ignored;
@@ -181,7 +186,7 @@ def lock_pools(run: Run) -> dict[str, int]:
     slots = {}
     for name in run.pools:
         pool, _ = ResourcePool.objects.get_or_create(name=name, defaults={"slots": 1})
-        pool = ResourcePool.objects.select_for_update().get(pk=pool.pk)
+        pool = ResourcePool.objects.select_for_update(no_key=True).get(pk=pool.pk)
         slots[name] = pool.slots
     return slots
 
@@ -666,9 +671,9 @@ def backoff_delay(policy: dict, attempt: int) -> float:
 def _lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run, NodeRun]:
     if run_id is None:
         run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
-    run = Run.objects.select_for_update().get(pk=run_id)
+    run = Run.objects.select_for_update(no_key=True).get(pk=run_id)
     lock_pools(run)
-    node = NodeRun.objects.select_for_update().get(pk=node_run_id)
+    node = NodeRun.objects.select_for_update(no_key=True).get(pk=node_run_id)
     return run, node
 
 
@@ -760,14 +765,14 @@ def _stop_run(
 ) -> bool:
     now = timezone.now()
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run_id)
+        run = Run.objects.select_for_update(no_key=True).get(pk=run_id)
         if run.status in Run.TERMINAL:
             return False
         if only_if_overdue and (run.deadline is None or run.deadline > now):
             return False
         lock_pools(run)
         live = list(
-            NodeRun.objects.select_for_update()
+            NodeRun.objects.select_for_update(no_key=True)
             .filter(run=run, status__in=[*NodeRun.ACTIVE, NodeRun.Status.PENDING])
             .values_list("pk", "status", "attempt", "pool")
         )
@@ -814,12 +819,12 @@ def promote_due_retries(limit: int = 500) -> int:
     promoted = 0
     for run_id in sorted(set(due)):
         with transaction.atomic():
-            run = Run.objects.select_for_update().get(pk=run_id)
+            run = Run.objects.select_for_update(no_key=True).get(pk=run_id)
             if run.status != Run.Status.RUNNING:
                 continue
             lock_pools(run)
             nodes = list(
-                NodeRun.objects.select_for_update()
+                NodeRun.objects.select_for_update(no_key=True)
                 .filter(run=run, status=NodeRun.Status.RETRY_WAIT, retry_at__lte=now)
                 .order_by("id")
             )

@@ -264,7 +264,7 @@ def cancel_run(run_id, *, actor, reason: str, request_key: str | None = None) ->
     run = get_run(run_id)
     _check_permission(actor, run, "cancel", reason)
     with transaction.atomic():
-        run = Run.objects.select_for_update().get(pk=run.pk)
+        run = Run.objects.select_for_update(no_key=True).get(pk=run.pk)
         if request_key and RunEvent.objects.filter(request_key=request_key).exists():
             return Outcome(run, False, "This request was already applied; nothing changed.")
         before = run.status
@@ -423,7 +423,7 @@ def _operate(
     _check_permission(actor, run, action, reason)
     try:
         with transaction.atomic():
-            run = Run.objects.select_for_update().get(pk=run.pk)
+            run = Run.objects.select_for_update(no_key=True).get(pk=run.pk)
             if request_key and RunEvent.objects.filter(request_key=request_key).exists():
                 return Outcome(run, False, "This request was already applied; nothing changed.")
             before_status = run.status

@@ -65,7 +65,7 @@ class Plan:
 def load_nodes(run: Run, *, lock: bool) -> dict[str, NodeRun]:
     queryset = NodeRun.objects.filter(run=run).order_by("id")
     if lock:
-        queryset = queryset.select_for_update()
+        queryset = queryset.select_for_update(no_key=True)
     return {node.node_key: node for node in queryset}
 
 

@@ -43,7 +43,7 @@ def load_definition(
             defaults={"name": parsed["name"], "description": parsed["description"]},
         )
         # Serialise concurrent loads of one workflow, so version numbers never collide.
-        workflow = Workflow.objects.select_for_update().get(pk=workflow.pk)
+        workflow = Workflow.objects.select_for_update(no_key=True).get(pk=workflow.pk)
         latest = workflow.versions.order_by("-number").first()
         if latest is not None and latest.checksum == definition.checksum:
             return LoadResult(latest, created=False)

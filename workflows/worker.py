@@ -22,8 +22,8 @@ def warm_up_orm() -> None:
     with transaction.atomic():
         NodeRun.objects.filter(pk=-1, status="queued", attempt=0).update(status="running")
         NodeAttempt.objects.filter(node_run_id=-1, number=0).values_list("pk", flat=True).first()
-        list(Run.objects.select_for_update().filter(pk=-1))
-        list(NodeRun.objects.select_for_update().filter(pk=-1))
+        list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
+        list(NodeRun.objects.select_for_update(no_key=True).filter(pk=-1))
         NodeRun.objects.filter(run_id=-1, status__in=NodeRun.ACTIVE).exists()
         list(NodeRun.objects.select_related("run").filter(pk=-1))
     connections.close_all()

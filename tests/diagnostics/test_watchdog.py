@@ -136,12 +136,14 @@ def test_two_watchdogs_acting_at_once_repair_a_lost_attempt_once(start_worker, s
     # Both act without the lock (as when Redis is down): the engine's compare-and-set
     # lets exactly one of them end the attempt.
     barrier = threading.Barrier(2)
-    reports = []
+    reports, errors = [], []
 
     def act():
         try:
             barrier.wait()
             reports.append(watchdog._act())
+        except Exception as error:  # a deadlock or any other error fails the test, below
+            errors.append(error)
         finally:
             connection.close()
 
@@ -151,6 +153,7 @@ def test_two_watchdogs_acting_at_once_repair_a_lost_attempt_once(start_worker, s
     for thread in threads:
         thread.join(timeout=60)
 
+    assert errors == []
     assert sum(len(report.repairs) for report in reports) == 1
     attempt = NodeAttempt.objects.get(node_run=only(run), number=1)
     assert attempt.status == NodeAttempt.Status.ABANDONED

@@ -4,7 +4,10 @@ These pin down interleavings that are hard to force with real workers: a late re
 a fan-in counter, a pool shared by two runs. Jobs still go to the real Redis.
 """
 
+import threading
+
 import pytest
+from django.db import connection, transaction
 
 from workflows import dispatch, engine
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, ResourcePool, Run, RunEvent
@@ -213,3 +216,38 @@ def test_nodes_keep_the_order_the_definition_wrote_them_in(start_run):
         NodeRun.objects.filter(run=run).order_by("id").values_list("node_key", flat=True)
     ) == ["zeta", "alpha", "mid"]
     assert run.version.spec["order"] == ["zeta", "alpha", "mid"]
+
+
+def test_an_event_written_beside_a_transition_does_not_wait_for_its_run_lock(start_run):
+    """A watchdog writes findings' events without the run's lock, while a worker's
+    transition holds it. PostgreSQL checks the event's run and node-run keys at commit;
+    if the engine's lock blocked that check, the two could deadlock (seen in CI)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks and deferred key checks are a PostgreSQL matter")
+    run = start_run({"name": "Locked", "nodes": {"only": {"type": "keel.noop"}}})
+    node = NodeRun.objects.get(run=run)
+    holding, release = threading.Event(), threading.Event()
+
+    def transition_in_progress():
+        try:
+            with transaction.atomic():
+                engine._lock_for_outcome(node.pk, run.pk)
+                holding.set()
+                release.wait(timeout=20)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=transition_in_progress)
+    thread.start()
+    try:
+        assert holding.wait(timeout=10)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            RunEvent.objects.create(
+                run=run, node_run=node, kind=RunEvent.Kind.FINDING, actor="watchdog", reason="x"
+            )
+    finally:
+        release.set()
+        thread.join(timeout=20)
+    assert RunEvent.objects.filter(run=run, reason="x").count() == 1
