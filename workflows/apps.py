@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class WorkflowsConfig(AppConfig):
@@ -11,3 +12,19 @@ class WorkflowsConfig(AppConfig):
         from workflows import registry
 
         registry.load_node_modules()
+
+        post_migrate.connect(use_sqlite_write_ahead_log, sender=self)
+
+
+def use_sqlite_write_ahead_log(using, **kwargs):
+    """SQLite: switch the database file to write-ahead logging, once and for good.
+
+    With WAL, readers (the dashboard) never wait for writers (the workers). The mode is
+    stored in the file, so every later connection has it without asking.
+    """
+    from django.db import connections
+
+    connection = connections[using]
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=WAL")

@@ -20,7 +20,6 @@ class NodeContext:
     def __init__(self, claim: engine.Claim, *, started_monotonic: float | None = None):
         self._claim = claim
         self.params = claim.params
-        self.run_params = claim.run_params
         self.attempt = claim.attempt
         self.node_key = claim.node_key
         self.run_id = claim.run_id
@@ -28,12 +27,13 @@ class NodeContext:
         self._started = started_monotonic if started_monotonic is not None else time.monotonic()
         self.deadline = timezone.now() + timedelta(seconds=claim.timeout_seconds)
         self._inputs = _UNSET
+        self._run_params = _UNSET
         self._checkpoint_state = _UNSET
         self._next_sequence = None
         self._progress = None
         self._progress_dirty = False
         self._stop_requested = threading.Event()
-        self.log = _attempt_logger(claim)
+        self._log: logging.Logger | None = None
 
     # --- what the node reads --------------------------------------------------------------
 
@@ -43,6 +43,20 @@ class NodeContext:
         if self._inputs is _UNSET:
             self._inputs = engine.upstream_outputs(self.run_id, self._claim.upstream)
         return self._inputs
+
+    @property
+    def log(self) -> logging.Logger:
+        """The attempt's logger: its lines are kept as LogLine rows (bounded)."""
+        if self._log is None:  # made when first used: most nodes never log
+            self._log = _attempt_logger(self._claim)
+        return self._log
+
+    @property
+    def run_params(self) -> dict:
+        """The run's params (read once, when first asked for)."""
+        if self._run_params is _UNSET:
+            self._run_params = engine.run_params(self.run_id)
+        return self._run_params
 
     @property
     def checkpoint_state(self):
@@ -92,6 +106,11 @@ class NodeContext:
             return self._next_sequence
         # A first attempt that saved no checkpoint: nothing came before it.
         return 1 if self.attempt == 1 else None
+
+    def flush_logs(self, final: bool = False) -> None:
+        """Write buffered log lines (the heartbeat does it; the executor at the end)."""
+        if self._log is not None:
+            self._log.handlers[0].flush_to_db(final=final)
 
     def take_progress(self):
         if not self._progress_dirty:
@@ -170,7 +189,3 @@ def _attempt_logger(claim: engine.Claim) -> logging.Logger:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     return logger
-
-
-def log_handler(ctx: NodeContext) -> AttemptLogHandler:
-    return ctx.log.handlers[0]

@@ -21,11 +21,11 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import transaction
-from django.db.models import F, Max, Q
+from django.db import connection, transaction
+from django.db.models import Max
 from django.utils import timezone
 
-from workflows import dispatch
+from workflows import dispatch, sql
 from workflows import spec as spec_module
 from workflows.models import (
     Checkpoint,
@@ -75,7 +75,6 @@ class Claim:
     node_key: str
     node_type: str
     params: dict
-    run_params: dict
     upstream: list
     timeout_seconds: int
     soft_timeout_seconds: int | None
@@ -226,49 +225,46 @@ def _free_slots(pool_name: str) -> int:
 def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
     """Move nodes to ``queued`` with a new attempt number and enqueue them after commit.
 
-    Conditional on the node still waiting (pending or retry_wait), so a node another
-    transaction already moved is left alone.
+    Conditional on the node still waiting (pending or retry_wait) at the attempt the
+    caller saw, so a node another transaction already moved is left alone; RETURNING
+    says which ones moved. One UPDATE per distinct attempt number (usually one for
+    all) and one INSERT for the attempts: a 1000-root run costs two statements.
     """
-    # One UPDATE per distinct attempt number (usually one for all), each a compare-and-set
-    # on the nodes still waiting; a 1000-root run costs one statement, not a thousand.
-    queued = []
+    stamp = sql.to_db(NodeRun, "queued_at", now)
     by_attempt: dict[int, list[NodeRun]] = {}
     for node in nodes:
         by_attempt.setdefault(node.attempt, []).append(node)
+    queued = []
     for attempt, group in by_attempt.items():
-        ids = [node.pk for node in group]
-        waiting = NodeRun.objects.filter(
-            status__in=[NodeRun.Status.PENDING, NodeRun.Status.RETRY_WAIT], attempt=attempt
-        )
-        if len(ids) > 1:
-            # Which ones may still move, read under the update's own conditions.
-            ids = list(waiting.filter(pk__in=ids).values_list("pk", flat=True))
-        updated = waiting.filter(pk__in=ids).update(
-            status=NodeRun.Status.QUEUED,
-            attempt=F("attempt") + 1,
-            queued_at=now,
-            retry_at=None,
-            heartbeat_at=None,
-            reason="",
-            updated_at=now,
-        )
-        moved = set(ids)
-        if updated != len(ids):
-            # Another transaction moved some in between: ours are the ones stamped now.
-            moved = set(
-                NodeRun.objects.filter(
-                    pk__in=ids, status=NodeRun.Status.QUEUED, attempt=attempt + 1, queued_at=now
-                ).values_list("pk", flat=True)
-            )
-        for node in group:
-            if node.pk in moved:
-                node.attempt += 1
-                node.status = NodeRun.Status.QUEUED
-                queued.append(node)
-    NodeAttempt.objects.bulk_create(
+        for start in range(0, len(group), QUEUE_CHUNK):
+            chunk = group[start : start + QUEUE_CHUNK]
+            moved = {
+                pk
+                for (pk,) in sql.fetch_all(
+                    f"UPDATE {sql.table(NodeRun)} SET status = %s, attempt = attempt + 1,"
+                    " queued_at = %s, retry_at = NULL, heartbeat_at = NULL, reason = '',"
+                    f" updated_at = %s WHERE id IN ({sql.placeholders(len(chunk))})"
+                    " AND status IN (%s, %s) AND attempt = %s RETURNING id",
+                    [
+                        NodeRun.Status.QUEUED,
+                        stamp,
+                        stamp,
+                        *(node.pk for node in chunk),
+                        NodeRun.Status.PENDING,
+                        NodeRun.Status.RETRY_WAIT,
+                        attempt,
+                    ],
+                )
+            }
+            for node in chunk:
+                if node.pk in moved:
+                    node.attempt += 1
+                    node.status = NodeRun.Status.QUEUED
+                    queued.append(node)
+    sql.insert(
         [
             NodeAttempt(
-                node_run=node,
+                node_run_id=node.pk,
                 number=node.attempt,
                 status=NodeAttempt.Status.QUEUED,
                 rq_job_id=dispatch.job_id(node.pk, node.attempt),
@@ -277,11 +273,14 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
                 updated_at=now,
             )
             for node in queued
-        ],
-        batch_size=500,
+        ]
     )
     dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in queued])
     return queued
+
+
+# Ids per UPDATE when queueing many nodes at once (well under any parameter limit).
+QUEUE_CHUNK = 1000
 
 
 def fill_pool(name: str, now) -> None:
@@ -316,41 +315,44 @@ def claim_attempt(
     """Compare-and-set ``queued`` → ``running`` for exactly this attempt.
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
-    very message was already delivered); that is recorded, and nothing runs.
+    very message was already delivered); that is recorded, and nothing runs. Two
+    statements in one transaction (workflows/sql.py says why by hand).
     """
-    now = timezone.now()
+    now = sql.to_db(NodeRun, "started_at", timezone.now())
     with transaction.atomic():
-        claimed = NodeRun.objects.filter(
-            pk=node_run_id, status=NodeRun.Status.QUEUED, attempt=attempt
-        ).update(status=NodeRun.Status.RUNNING, started_at=now, heartbeat_at=now, updated_at=now)
-        if not claimed:
+        node = sql.fetch_one(
+            f"UPDATE {sql.table(NodeRun)} SET status = %s, started_at = %s, heartbeat_at = %s,"
+            " updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
+            " RETURNING run_id, node_key, node_type, params, upstream, timeout_seconds,"
+            " soft_timeout_seconds",
+            [NodeRun.Status.RUNNING, now, now, now, node_run_id, NodeRun.Status.QUEUED, attempt],
+        )
+        if node is None:
             _record_stale_message(node_run_id, attempt, worker, "claim")
             return None
-        attempt_id = NodeAttempt.objects.values_list("pk", flat=True).get(
-            node_run_id=node_run_id, number=attempt
+        [attempt_id] = sql.fetch_one(
+            f"UPDATE {sql.table(NodeAttempt)} SET status = %s, worker = %s, pid = %s, host = %s,"
+            " started_at = %s, updated_at = %s WHERE node_run_id = %s AND number = %s"
+            " RETURNING id",
+            [NodeAttempt.Status.RUNNING, worker, pid, host, now, now, node_run_id, attempt],
         )
-        NodeAttempt.objects.filter(pk=attempt_id).update(
-            status=NodeAttempt.Status.RUNNING,
-            worker=worker,
-            pid=pid,
-            host=host,
-            started_at=now,
-            updated_at=now,
-        )
-        node = NodeRun.objects.select_related("run").get(pk=node_run_id)
+    run_id, node_key, node_type, params, upstream, timeout, soft_timeout = node
     return Claim(
-        node_run_id=node.pk,
-        run_id=node.run_id,
+        node_run_id=node_run_id,
+        run_id=run_id,
         attempt=attempt,
-        node_key=node.node_key,
-        node_type=node.node_type,
-        params=node.params,
-        run_params=node.run.params,
-        upstream=node.upstream,
-        timeout_seconds=node.timeout_seconds,
-        soft_timeout_seconds=node.soft_timeout_seconds,
+        node_key=node_key,
+        node_type=node_type,
+        params=sql.from_db(NodeRun, "params", params),
+        upstream=sql.from_db(NodeRun, "upstream", upstream),
+        timeout_seconds=timeout,
+        soft_timeout_seconds=soft_timeout,
         attempt_id=attempt_id,
     )
+
+
+def run_params(run_id: int) -> dict:
+    return Run.objects.values_list("params", flat=True).get(pk=run_id)
 
 
 def _record_stale_message(node_run_id: int, attempt: int, worker: str, what: str) -> None:
@@ -489,32 +491,53 @@ def complete_attempt(
     5. Close the run if nothing more can run.
     """
     now = timezone.now()
+    stamp = sql.to_db(NodeRun, "finished_at", now)
     with transaction.atomic():
-        run, node = _lock_for_outcome(node_run_id, run_id)
-        if node.status != NodeRun.Status.RUNNING or node.attempt != attempt:
+        if run_id is None:
+            run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
+        run = _lock_run(run_id)
+        lock_pools(run)
+        done = sql.fetch_one(
+            f"UPDATE {sql.table(NodeRun)} SET status = %s, output = %s, finished_at = %s,"
+            " reason = '', updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
+            " RETURNING downstream, pool",
+            [
+                NodeRun.Status.SUCCEEDED,
+                sql.to_db(NodeRun, "output", output),
+                stamp,
+                stamp,
+                node_run_id,
+                NodeRun.Status.RUNNING,
+                attempt,
+            ],
+        )
+        if done is None:
             _record_stale_message(node_run_id, attempt, actor, "success")
             return False
-        node.status = NodeRun.Status.SUCCEEDED
-        node.output = output
-        node.finished_at = now
-        node.reason = ""
-        node.save(update_fields=["status", "output", "finished_at", "reason", "updated_at"])
-        NodeAttempt.objects.filter(node_run=node, number=attempt).update(
-            status=NodeAttempt.Status.SUCCEEDED, finished_at=now, updated_at=now
+        downstream, pool = sql.from_db(NodeRun, "downstream", done[0]), done[1]
+        sql.execute(
+            f"UPDATE {sql.table(NodeAttempt)} SET status = %s, finished_at = %s, updated_at = %s"
+            " WHERE node_run_id = %s AND number = %s",
+            [NodeAttempt.Status.SUCCEEDED, stamp, stamp, node_run_id, attempt],
         )
-        Checkpoint.objects.create(
-            run=run,
-            node_run=node,
-            kind=Checkpoint.Kind.NODE_DONE,
-            # The executor knows the next sequence when it can (saves a MAX query per node).
-            sequence=next_sequence or next_checkpoint_sequence(node.pk),
-            attempt=attempt,
-            state={"output": output},
+        sql.insert(
+            [
+                Checkpoint(
+                    run_id=run_id,
+                    node_run_id=node_run_id,
+                    kind=Checkpoint.Kind.NODE_DONE,
+                    # The executor knows the next sequence when it can (saves a MAX query).
+                    sequence=next_sequence or next_checkpoint_sequence(node_run_id),
+                    attempt=attempt,
+                    state={"output": output},
+                )
+            ]
         )
-        _release_downstream(run, node, now)
-        if node.pool:
-            fill_pool(node.pool, now)
-        close_run_if_done(run, now)
+        released = _release_downstream(run, downstream, now)
+        if pool:
+            fill_pool(pool, now)
+        if not released:  # a node just queued keeps the run open: no need to ask
+            close_run_if_done(run, now)
     return True
 
 
@@ -677,22 +700,48 @@ def _lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run,
     return run, node
 
 
-def _release_downstream(run: Run, node: NodeRun, now) -> None:
-    """Count ``node`` off its downstream nodes and queue those with nothing left to wait for."""
-    if not node.downstream:
-        return
-    NodeRun.objects.filter(run=run, node_key__in=node.downstream).update(
-        pending_upstreams=F("pending_upstreams") - 1, updated_at=now
+def _lock_run(run_id: int) -> Run:
+    """Take the run's lock, first in the lock order; the Run comes with status and pools
+    loaded (other fields load when first read)."""
+    row = sql.fetch_one(
+        f"SELECT id, status, pools FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [run_id]
     )
-    ready = list(
-        NodeRun.objects.filter(
-            run=run,
-            node_key__in=node.downstream,
-            pending_upstreams=0,
-            status=NodeRun.Status.PENDING,
-        ).order_by("id")
+    if row is None:
+        raise Run.DoesNotExist(f"Run {run_id} does not exist.")
+    loaded = {"id": row[0], "status": row[1], "pools": sql.from_db(Run, "pools", row[2])}
+    return Run.from_db(
+        connection.alias,
+        list(loaded),
+        [loaded[field.attname] for field in Run._meta.concrete_fields if field.attname in loaded],
     )
-    queue_or_wait(run, ready, now)
+
+
+def _release_downstream(run: Run, downstream: list[str], now) -> list[NodeRun]:
+    """Count a finished node off its ``downstream`` nodes (the fan-in counter) and queue
+    those with nothing left to wait for. Returns the nodes queued."""
+    if not downstream:
+        return []
+    rows = sql.fetch_all(
+        f"UPDATE {sql.table(NodeRun)} SET pending_upstreams = pending_upstreams - 1,"
+        f" updated_at = %s WHERE run_id = %s AND node_key IN ({sql.placeholders(len(downstream))})"
+        " RETURNING id, status, pending_upstreams, attempt, node_key, queue, pool, timeout_seconds",
+        [sql.to_db(NodeRun, "updated_at", now), run.pk, *downstream],
+    )
+    ready = [
+        NodeRun(
+            id=pk,
+            run_id=run.pk,
+            status=status,
+            attempt=attempt,
+            node_key=node_key,
+            queue=queue,
+            pool=pool,
+            timeout_seconds=timeout,
+        )
+        for pk, status, pending, attempt, node_key, queue, pool, timeout in sorted(rows)
+        if pending == 0 and status == NodeRun.Status.PENDING
+    ]
+    return queue_or_wait(run, ready, now)
 
 
 def close_run_if_done(run: Run, now) -> None:
@@ -704,10 +753,12 @@ def close_run_if_done(run: Run, now) -> None:
     """
     if run.status != Run.Status.RUNNING:
         return
-    still_moving = NodeRun.objects.filter(
-        Q(status__in=NodeRun.ACTIVE) | Q(status=NodeRun.Status.PENDING, pending_upstreams=0),
-        run=run,
-    ).exists()
+    active = sorted(NodeRun.ACTIVE)
+    still_moving = sql.fetch_one(
+        f"SELECT 1 FROM {sql.table(NodeRun)} WHERE run_id = %s AND (status IN"
+        f" ({sql.placeholders(len(active))}) OR (status = %s AND pending_upstreams = 0)) LIMIT 1",
+        [run.pk, *active, NodeRun.Status.PENDING],
+    )
     if still_moving:
         return
     unfinished = list(

@@ -18,7 +18,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from workflows import engine, registry
-from workflows.context import NodeContext, log_handler
+from workflows.context import NodeContext
 from workflows.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
         return _report_failure(ctx, heartbeat, claim, _failure_from(error, claim))
     finally:
         heartbeat.stop()
-    log_handler(ctx).flush_to_db(final=True)
+    ctx.flush_logs(final=True)
     engine.complete_attempt(
         node_run_id,
         attempt,
@@ -80,7 +80,7 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
 
 def _report_failure(ctx, heartbeat, claim, failure: engine.Failure) -> dict:
     heartbeat.stop()
-    log_handler(ctx).flush_to_db(final=True)
+    ctx.flush_logs(final=True)
     engine.fail_attempt(
         claim.node_run_id, claim.attempt, failure, actor=_worker_name(), run_id=claim.run_id
     )

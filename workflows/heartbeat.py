@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection
 
 from workflows import engine
-from workflows.context import NodeContext, log_handler
+from workflows.context import NodeContext
 
 logger = logging.getLogger(__name__)
 MAX_SAMPLES = 60
@@ -49,12 +49,16 @@ class Heartbeat(threading.Thread):
         self._sampler: ResourceSampler | None = None
 
     def run(self) -> None:
+        beaten = False
         try:
             while not self._stopped.wait(self.interval):
+                beaten = True
                 self.beat()
         finally:
-            # Django opens one connection per thread; this one dies with the thread.
-            connection.close()
+            if beaten:
+                # Django opens one connection per thread; this one dies with the thread.
+                # (Most nodes end before the first beat, and never open one.)
+                connection.close()
 
     def beat(self) -> None:
         try:
@@ -69,7 +73,7 @@ class Heartbeat(threading.Thread):
                 sample=sample,
                 samples=self._samples,
             )
-            log_handler(self.ctx).flush_to_db()
+            self.ctx.flush_logs()
         except Exception:
             # A missed beat is what the watchdog looks for; never crash the node over it.
             logger.exception(

@@ -3,30 +3,56 @@
 ``manage.py rqworker high default low`` uses KeelWorker (settings.RQ["WORKER_CLASS"]).
 """
 
+import sqlite3
+
 from django.db import connections, transaction
+from django.utils import timezone
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
 
 # Imported by the parent, so that no forked work horse pays for importing the executor.
-from workflows import executor  # noqa: F401
-from workflows.models import NodeAttempt, NodeRun, Run
+from workflows import executor, sql  # noqa: F401
+from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
 
 
-def warm_up_orm() -> None:
-    """Run the kinds of statements a node attempt runs, matching no rows, then close.
+def warm_up() -> None:
+    """Do once what every node attempt does first, matching no rows, then disconnect.
 
-    Django compiles and caches much per query shape and per model on first use; done once in
-    the forking worker's parent, every work horse inherits it instead of paying for it
-    again (measured with bench/engine.py: several ms per node).
+    Much is set up on first use in a process: the connection's helper objects, the
+    fields' value conversions, the ORM's query compilation (still used off the hot
+    path: failures, stale messages). Done in the forking worker's parent, every work
+    horse inherits it instead of paying for it again (a few ms a node, measured in a
+    forked horse and by bench/engine.py).
     """
+    now = timezone.now()
     with transaction.atomic():
-        NodeRun.objects.filter(pk=-1, status="queued", attempt=0).update(status="running")
-        NodeAttempt.objects.filter(node_run_id=-1, number=0).values_list("pk", flat=True).first()
+        sql.fetch_all(f"SELECT id FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [-1])
+        sql.to_db(NodeRun, "started_at", now)
+        sql.from_db(NodeRun, "params", sql.to_db(NodeRun, "output", {}))
+        for model in (NodeAttempt, Checkpoint):
+            sql._insert_shape(model)
         list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
         list(NodeRun.objects.select_for_update(no_key=True).filter(pk=-1))
-        NodeRun.objects.filter(run_id=-1, status__in=NodeRun.ACTIVE).exists()
-        list(NodeRun.objects.select_related("run").filter(pk=-1))
+        NodeAttempt.objects.filter(node_run_id=-1, number=0).update(updated_at=now)
+        NodeRun.objects.filter(pk=-1).values("run_id", "status", "attempt").first()
     connections.close_all()
+
+
+def hold_sqlite_database_open() -> sqlite3.Connection | None:
+    """SQLite only: an idle connection the forking worker keeps for its whole life.
+
+    When the last connection to a WAL database closes, SQLite checkpoints the log and
+    deletes it, and the next connection builds it again. Without this, every work horse
+    would be that last connection: about 5 ms a node (measured in a forked horse, and by
+    bench/engine.py). It is not Django's connection, so no horse ever uses it; it holds
+    no lock but SQLite's "someone has the log open" mark.
+    """
+    database = connections["default"].settings_dict
+    if connections["default"].vendor != "sqlite" or database["NAME"] == ":memory:":
+        return None
+    keepalive = sqlite3.connect(database["NAME"], check_same_thread=False)
+    keepalive.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+    return keepalive
 
 
 class KeelWorker(Worker):
@@ -36,7 +62,8 @@ class KeelWorker(Worker):
         # Whatever --serializer says: Keel's messages are JSON, never pickle.
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
-        warm_up_orm()
+        warm_up()
+        self._sqlite_keepalive = hold_sqlite_database_open()
 
     def fork_work_horse(self, job, queue):
         # A forked child must not share the parent's database socket.
