@@ -28,7 +28,8 @@ def warm_up() -> None:
     with transaction.atomic():
         sql.fetch_all(f"SELECT id FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [-1])
         sql.to_db(NodeRun, "started_at", now)
-        sql.from_db(NodeRun, "params", sql.to_db(NodeRun, "output", {}))
+        sql.to_db(NodeRun, "output", {})
+        sql.from_db(NodeRun, "params", "{}")
         for model in (NodeAttempt, Checkpoint):
             sql._insert_shape(model)
         list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
