@@ -4,9 +4,11 @@
 """
 
 import sqlite3
+import time
 
 from django.db import connections, transaction
 from django.utils import timezone
+from rq import worker_registration
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
 
@@ -56,7 +58,38 @@ def hold_sqlite_database_open() -> sqlite3.Connection | None:
     return keepalive
 
 
-class KeelWorker(Worker):
+class RegistersAgain:
+    """Register the worker again when Redis has forgotten it (a FLUSHALL, a failover to
+    an empty replica).
+
+    RQ registers a worker once, at birth. Without this a live worker stays invisible
+    after a flush until it restarts: ``no_worker`` findings and alerts for queues it
+    serves, doctor's ✗, no worker in the system report. Checked at a heartbeat, at most
+    every REGISTRATION_CHECK_SECONDS, so it costs nothing per job.
+    """
+
+    REGISTRATION_CHECK_SECONDS = 5.0
+    _registration_checked_at = float("-inf")
+
+    def heartbeat(self, timeout=None, pipeline=None):
+        if (
+            not getattr(self, "_is_horse", False)
+            and time.monotonic() - self._registration_checked_at >= self.REGISTRATION_CHECK_SECONDS
+        ):
+            self._registration_checked_at = time.monotonic()
+            if not self.connection.hexists(self.key, "birth"):
+                self.log.warning(
+                    "Worker %s: Redis no longer knows this worker (flushed?); registering again.",
+                    self.name,
+                )
+                with self.connection.pipeline() as registration:
+                    registration.hset(self.key, mapping=self.serialize())
+                    worker_registration.register(self, registration)
+                    registration.execute()
+        super().heartbeat(timeout, pipeline)
+
+
+class KeelWorker(RegistersAgain, Worker):
     """The forking worker: each job runs in a fresh work horse, killable on timeout."""
 
     def __init__(self, *args, **kwargs):
@@ -80,7 +113,7 @@ class KeelWorker(Worker):
                 connections.close_all()
 
 
-class KeelSimpleWorker(SimpleWorker):
+class KeelSimpleWorker(RegistersAgain, SimpleWorker):
     """The non-forking worker: faster per job; a hard timeout still interrupts the job."""
 
     def __init__(self, *args, **kwargs):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from django.utils import timezone
+from rq import Worker
 
 from bench.faults import ThrowawayRedis
 from diagnostics.models import Finding
@@ -167,8 +168,7 @@ FAN_OUT = {
 def test_flushall_mid_run_every_node_runs_again_and_the_run_finishes(
     flushable_redis, start_worker, start_run, start_watchdog
 ):
-    start_worker("forking")
-    start_worker("forking")
+    workers = [start_worker("forking"), start_worker("forking")]
     start_watchdog()
     for _ in range(2):
         run = start_run(FAN_OUT)
@@ -196,6 +196,15 @@ def test_flushall_mid_run_every_node_runs_again_and_the_run_finishes(
         assert resent.count() >= 1 and len(lost_queued) - resent.count() <= 2
         assert all(f.repair.startswith("sent job keel-") for f in resent)
         assert all(f.resolved_at for f in resent)
+
+    # The flush forgot the workers too; they registered again, so the queues they
+    # serve do not look unattended.
+    def registered():
+        live = {worker.name for worker in Worker.all(connection=flushable_redis.client())}
+        return {worker.name for worker in workers} <= live
+
+    wait_for(registered, timeout=20, message="both workers registered again")
+    assert not Finding.objects.filter(code="no_worker", resolved_at__isnull=True).exists()
 
 
 def test_the_fault_bench_runs(transactional_db, tmp_path):
