@@ -67,16 +67,17 @@ WORKER_TIMEOUT = 900
 REGISTRIES = ("finished", "failed", "started", "deferred", "canceled", "scheduled")
 
 MEASURED = """\
-How the numbers are measured (one worker, started in burst mode after everything is enqueued):
-  per-node cost  (last end - first start) / N over the N-node batch. Raw RQ: the job hashes'
-                 started_at/ended_at (set in the process that runs the job, right around the
-                 function call). Keel: NodeAttempt.started_at (the claim) and finished_at (when
-                 the outcome is recorded). Both spans include everything between jobs: dequeue,
-                 fork, RQ's bookkeeping and, for Keel, claim/complete transactions and enqueue.
-  chain hop      end of node i -> start of node i+1 over the chain, median (p50) and p90.
-                 Raw RQ: started_at(i+1) - ended_at(i) of a depends_on chain (the worker
-                 enqueues the dependent). Keel: attempt(i+1).started_at - attempt(i).finished_at
-                 (the engine queues node i+1 in node i's completing transaction).
+How the numbers are measured (one worker, started in burst mode after everything is enqueued).
+Raw RQ: the job hashes' started_at/ended_at, set right around the job function. Keel has two
+clocks per node, the job hash and the NodeAttempt's claim (started_at) and outcome
+(finished_at); it is measured with whichever is less favourable to it.
+  per-node cost  (last end - first start) / N over the N-node batch (Keel: the earliest start,
+                 the latest end). Everything between jobs counts: dequeue, fork, RQ's
+                 bookkeeping and, for Keel, the claim and the report (transaction, enqueue).
+  chain hop      end of node i -> start of node i+1 over the chain, median (p50) and p90
+                 (Keel: the earliest end, the latest start). Raw RQ: a depends_on chain (RQ
+                 enqueues the dependent). Keel: a chain of nodes (the engine queues node i+1
+                 when it records node i's success).
   Keel/RQ        Keel's number divided by raw RQ's, same worker class; the target is <= {target}x."""
 
 
@@ -93,19 +94,39 @@ class Stores:
 
 @dataclass
 class Batch:
-    """Timestamps of one measured batch, in run order: start[i], end[i] of node i."""
+    """Timestamps of one measured batch, in run order: start[i], end[i] of node i.
+
+    A node with two clocks (Keel's: the RQ job hash and the NodeAttempt stamps) gives
+    the ones least favourable to it: for the per-node cost the earliest start and the
+    latest end (``starts``, ``ends``), for hops the latest start and the earliest end
+    (``hop_starts``, ``hop_ends``).
+    """
 
     starts: list
     ends: list
+    hop_starts: list | None = None
+    hop_ends: list | None = None
+
+    @classmethod
+    def of_two_clocks(cls, first: tuple[list, list], second: tuple[list, list]) -> "Batch":
+        (starts_a, ends_a), (starts_b, ends_b) = first, second
+        return cls(
+            starts=list(map(min, starts_a, starts_b)),
+            ends=list(map(max, ends_a, ends_b)),
+            hop_starts=list(map(max, starts_a, starts_b)),
+            hop_ends=list(map(min, ends_a, ends_b)),
+        )
 
     @property
     def per_node(self) -> float:
         return (max(self.ends) - min(self.starts)).total_seconds() / len(self.starts)
 
     def hops(self) -> list[float]:
+        starts = self.hop_starts or self.starts
+        ends = self.hop_ends or self.ends
         return [
             (following - end).total_seconds()
-            for end, following in zip(self.ends, self.starts[1:], strict=False)
+            for end, following in zip(ends, starts[1:], strict=False)
         ]
 
 
@@ -417,8 +438,12 @@ def keel_batch(stores: Stores, tmp: Path, kind: str, count: int, chained: bool) 
         )
     if len(attempts) != count:
         raise RuntimeError(f"Keel {kind} {shape}: {len(attempts)} attempts for {count} nodes")
-    batch = Batch([row[0] for row in attempts], [row[1] for row in attempts])
-    return Measured(batch, start_seconds, _phases(attempts, worker, f"Keel {kind} {shape}"))
+    jobs = _keel_jobs(attempts, worker, f"Keel {kind} {shape}")
+    batch = Batch.of_two_clocks(
+        ([job.started_at for job in jobs], [job.ended_at for job in jobs]),
+        ([row[0] for row in attempts], [row[1] for row in attempts]),
+    )
+    return Measured(batch, start_seconds, _phases(attempts, jobs))
 
 
 def definition(count: int, chained: bool) -> str:
@@ -434,14 +459,8 @@ def definition(count: int, chained: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _phases(attempts: list, worker: str, what: str) -> dict:
-    """Split each Keel job into phases, using the RQ hash of the job beside the attempt row.
-
-    rq start -> claim       from the job function's start to the claim's timestamp
-    claim -> outcome        claim transaction, node context, heartbeat thread, the node
-    outcome -> rq end       complete_attempt: the engine's transaction and the enqueue
-    rq end -> next rq start RQ between jobs (success bookkeeping, horse exit, dequeue, fork)
-    """
+def _keel_jobs(attempts: list, worker: str, what: str) -> list:
+    """The RQ jobs of the attempts, in the attempts' order, checked as raw RQ's are."""
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
@@ -453,13 +472,25 @@ def _phases(attempts: list, worker: str, what: str) -> dict:
         serializer=JSONSerializer,
     )
     check_jobs(jobs, worker, what)
-    # Ordered by the time RQ ran them, for the gap to the next job.
+    return jobs
+
+
+def _phases(attempts: list, jobs: list) -> dict:
+    """Each Keel job as RQ saw it, and the attempt as the engine stamped it.
+
+    rq start -> rq end       the job function: in a forking worker's horse, the node with
+                             its context and heartbeat (the worker claimed before forking
+                             and reports after the horse ends); in a simple worker, also
+                             the claim and the report
+    rq end -> next rq start  between jobs: RQ's bookkeeping, the horse's exit, the
+                             forking worker's report and next claim, dequeue, fork
+    claim -> outcome         NodeAttempt.started_at to finished_at (the engine's stamps)
+    """
     rows = sorted(zip(attempts, jobs, strict=True), key=lambda pair: pair[1].started_at)
     return {
-        "rq start -> claim": [_seconds(job.started_at, claim) for (claim, _, _), job in rows],
-        "claim -> outcome": [_seconds(claim, outcome) for (claim, outcome, _), _ in rows],
-        "outcome -> rq end": [_seconds(outcome, job.ended_at) for (_, outcome, _), job in rows],
+        "rq start -> rq end": [_seconds(job.started_at, job.ended_at) for _, job in rows],
         "rq end -> next rq start": _gaps([job for _, job in rows]),
+        "claim -> outcome": [_seconds(claim, outcome) for (claim, outcome, _), _ in rows],
     }
 
 
@@ -594,8 +625,8 @@ def report(results: dict, stores: Stores, args) -> tuple[list[str], list[str]]:
     out.append("")
     out.append(
         "Where the time goes, median ms per node (RQ job hashes; for Keel also NodeAttempt):\n"
-        "  rq start/end = around the job function; claim = NodeAttempt.started_at; "
-        "outcome = finished_at"
+        "  rq start/end = around the job function; claim -> outcome = NodeAttempt.started_at "
+        "to finished_at"
     )
     kind_width = max(len(kind) for kind in results)
     for kind, repeats in results.items():

@@ -351,6 +351,21 @@ def claim_attempt(
     )
 
 
+def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
+    """Note which process runs a claimed attempt (a forking worker claims, then forks)."""
+    sql.execute(
+        f"UPDATE {sql.table(NodeAttempt)} SET pid = %s WHERE node_run_id = %s AND number = %s"
+        " AND status = %s",
+        [pid, node_run_id, attempt, NodeAttempt.Status.RUNNING],
+    )
+
+
+def attempt_is_running(node_run_id: int, attempt: int) -> bool:
+    return NodeRun.objects.filter(
+        pk=node_run_id, status=NodeRun.Status.RUNNING, attempt=attempt
+    ).exists()
+
+
 def run_params(run_id: int) -> dict:
     return Run.objects.values_list("params", flat=True).get(pk=run_id)
 

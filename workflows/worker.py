@@ -3,7 +3,6 @@
 ``manage.py rqworker high default low`` uses KeelWorker (settings.RQ["WORKER_CLASS"]).
 """
 
-import sqlite3
 import time
 
 from django.db import connections, transaction
@@ -12,8 +11,7 @@ from rq import worker_registration
 from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
 
-# Imported by the parent, so that no forked work horse pays for importing the executor.
-from workflows import executor, sql  # noqa: F401
+from workflows import executor, sql
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
 
 
@@ -41,21 +39,9 @@ def warm_up() -> None:
     connections.close_all()
 
 
-def hold_sqlite_database_open() -> sqlite3.Connection | None:
-    """SQLite only: an idle connection the forking worker keeps for its whole life.
-
-    When the last connection to a WAL database closes, SQLite checkpoints the log and
-    deletes it, and the next connection builds it again. Without this, every work horse
-    would be that last connection: about 5 ms a node (measured in a forked horse, and by
-    bench/engine.py). It is not Django's connection, so no horse ever uses it; it holds
-    no lock but SQLite's "someone has the log open" mark.
-    """
-    database = connections["default"].settings_dict
-    if connections["default"].vendor != "sqlite" or database["NAME"] == ":memory:":
-        return None
-    keepalive = sqlite3.connect(database["NAME"], check_same_thread=False)
-    keepalive.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
-    return keepalive
+# A work horse's copies of its parent's database connections: referenced until the
+# horse exits so that nothing ever finalizes (and so closes) them.
+_inherited_connections: list = []
 
 
 class RegistersAgain:
@@ -97,12 +83,39 @@ class KeelWorker(RegistersAgain, Worker):
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
         warm_up()
-        self._sqlite_keepalive = hold_sqlite_database_open()
+
+    def execute_job(self, job, queue):
+        """Claim in this process, run the node in the work horse, report here.
+
+        This process lives for days and keeps a warm database connection; a horse lives
+        for one job and would have to open its own (on PostgreSQL a new server process
+        with cold caches). So the claim and the report are made here, and a horse
+        opens a connection only if its node asks for something (inputs, checkpoints,
+        logs, a heartbeat).
+        """
+        key = executor.claim_before_fork(job, worker=self.name, host=self.hostname)
+        self._claim_key = key
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._claim_key = None
+            if key is not None:
+                executor.report_after_horse(job, key, worker=self.name)
 
     def fork_work_horse(self, job, queue):
-        # A forked child must not share the parent's database socket.
-        connections.close_all()
-        super().fork_work_horse(job, queue)
+        super().fork_work_horse(job, queue)  # the horse never returns from it: os._exit
+        if getattr(self, "_claim_key", None) is not None:
+            executor.record_work_horse(self._claim_key, self.horse_pid)
+
+    def main_work_horse(self, job, queue):
+        # The parent's database connections are the parent's: the horse must neither use
+        # nor close them (closing would end the parent's session on the server). Drop
+        # them unclosed and kept referenced; Django opens new ones if the node needs any.
+        for connection in connections.all(initialized_only=True):
+            if connection.connection is not None:
+                _inherited_connections.append(connection.connection)
+                connection.connection = None
+        super().main_work_horse(job, queue)
 
     def perform_job(self, job, queue):
         try:

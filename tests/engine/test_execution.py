@@ -1,5 +1,8 @@
 """The engine end to end: real RQ workers in subprocesses, real database and Redis."""
 
+import os
+import signal
+
 import pytest
 
 from tests.conftest import finished, wait_for
@@ -525,3 +528,34 @@ def test_run_past_its_timeout_is_failed_by_the_watchdog(start_worker, start_run)
     assert run.status == Run.Status.FAILED
     assert run.reason == "run exceeded its timeout"
     assert node(run, "n").status == NodeRun.Status.CANCELLED
+
+
+def test_a_killed_work_horse_is_reported_by_its_worker_and_retried(start_worker, start_run):
+    """The forking worker claims, forks, and reports: when its horse dies without a word
+    (OOM killer, kill -9), the worker says so at once and the retry policy acts."""
+    start_worker("forking")
+    run = start_run(
+        {
+            "name": "Horse killed",
+            "nodes": {
+                "slow": {
+                    "type": "test.cooperative_sleep",
+                    "params": {"seconds": 2},
+                    "retries": {"max_attempts": 2, "backoff": 0},
+                }
+            },
+        }
+    )
+    wait_for(lambda: node(run, "slow").status == NodeRun.Status.RUNNING, message="running")
+    first = attempts(run, "slow")[0]
+    horse = first.pid
+    assert horse and horse != os.getpid()
+    os.kill(horse, signal.SIGKILL)
+
+    run = finished(run, timeout=30)  # no watchdog runs: the worker itself reported
+
+    assert run.status == Run.Status.SUCCEEDED
+    first, second = attempts(run, "slow")
+    assert (first.status, first.error_type) == (NodeAttempt.Status.FAILED, "WorkHorseEnded")
+    assert "signal 9" in first.error_message
+    assert second.status == NodeAttempt.Status.SUCCEEDED and second.pid != horse
