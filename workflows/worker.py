@@ -103,13 +103,17 @@ class KeelWorker(RegistersAgain, Worker):
                 executor.report_after_horse(job, key, worker=self.name)
 
     def fork_work_horse(self, job, queue):
+        if connections["default"].vendor == "sqlite":
+            # SQLite keeps lock state per process: a connection must never be carried
+            # across a fork (sqlite.org/howtocorrupt.html), not even an idle one.
+            connections.close_all()
         super().fork_work_horse(job, queue)  # the horse never returns from it: os._exit
         if getattr(self, "_claim_key", None) is not None:
             executor.record_work_horse(self._claim_key, self.horse_pid)
 
     def main_work_horse(self, job, queue):
-        # The parent's database connections are the parent's: the horse must neither use
-        # nor close them (closing would end the parent's session on the server). Drop
+        # The parent's PostgreSQL connections are the parent's: the horse must neither
+        # use nor close them (closing would end the parent's session on the server). Drop
         # them unclosed and kept referenced; Django opens new ones if the node needs any.
         for connection in connections.all(initialized_only=True):
             if connection.connection is not None:

@@ -64,8 +64,10 @@ def test_a_frozen_work_horse_is_reported_as_heartbeat_stale_not_lost(start_worke
     start_worker(KEEL_NODE_MODULES=NODE_MODULES)
     run = start_run(one_node(type="test.cooperative_sleep", params={"seconds": 30}, timeout=60))
     target = running(run)
+    # The resource sample is the last write of this node's beat: frozen after it, the
+    # horse holds no lock (frozen inside a write, it would hold SQLite's for good).
     wait_for(
-        lambda: (beat := NodeRun.objects.get(pk=target.pk)).heartbeat_at > beat.started_at,
+        lambda: NodeAttempt.objects.get(node_run=target, number=1).resource_samples,
         message="a first heartbeat",
     )
     horse = NodeAttempt.objects.get(node_run=target, number=1).pid

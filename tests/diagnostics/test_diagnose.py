@@ -34,9 +34,13 @@ def test_diagnose_a_run_with_a_frozen_node(start_worker, start_run):
     run = start_run(
         {"name": "Frozen", "nodes": {"n": {"type": "faults.stall", "params": {"seconds": 30}}}}
     )
+    # The log lines are the last write of a beat: frozen after it, the horse holds no
+    # lock (frozen inside a write, it would hold SQLite's for good).
     node = wait_for(
-        lambda: NodeRun.objects.filter(run=run, progress__isnull=False).first(),
-        message="a heartbeat with progress",
+        lambda: NodeRun.objects.filter(
+            run=run, progress__isnull=False, attempts__log_lines__isnull=False
+        ).first(),
+        message="a heartbeat with progress and logs",
     )
     horse = NodeAttempt.objects.get(node_run=node, number=1).pid
     os.kill(horse, signal.SIGSTOP)
