@@ -17,7 +17,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, close_old_connections, connections
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -82,8 +82,7 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
         if claim is None:
             return {"stale": True}
         return {"outcome": run_claimed(claim, started).as_json()}
-    # A worker lives for days: drop a connection the database has closed meanwhile.
-    close_old_connections()
+    check_connections()
     claim = engine.claim_attempt(
         node_run_id, attempt, worker=_worker_name(), pid=os.getpid(), host=socket.gethostname()
     )
@@ -92,6 +91,26 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
     outcome = run_claimed(claim, started)
     report(claim, outcome, actor=_worker_name())
     return outcome.summary()
+
+
+CONNECTION_CHECK_SECONDS = 1.0
+_connections_checked_at = float("-inf")
+
+
+def check_connections() -> None:
+    """A worker lives for days: drop connections the database has closed meanwhile, or
+    that outlived KEEL_DB_CONN_MAX_AGE.
+
+    After an error at once, otherwise at most every CONNECTION_CHECK_SECONDS: on
+    PostgreSQL a check costs a round trip (CONN_HEALTH_CHECKS), and paying it before
+    every job of a busy worker cost more than a node's claim.
+    """
+    global _connections_checked_at
+    now = time.monotonic()
+    errors = any(db.errors_occurred for db in connections.all(initialized_only=True))
+    if errors or now - _connections_checked_at >= CONNECTION_CHECK_SECONDS:
+        close_old_connections()
+        _connections_checked_at = now
 
 
 def run_claimed(claim: engine.Claim, started: float) -> Outcome:
@@ -160,7 +179,7 @@ def claim_before_fork(job, *, worker: str, host: str) -> tuple[int, int] | None:
         return None
     key = (int(job.args[0]), int(job.args[1]))
     try:
-        close_old_connections()
+        check_connections()
         claimed_before_fork[key] = engine.claim_attempt(
             *key, worker=worker, pid=os.getpid(), host=host
         )
