@@ -20,9 +20,9 @@ def warm_up() -> None:
 
     Much is set up on first use in a process: the connection's helper objects, the
     fields' value conversions, the ORM's query compilation (still used off the hot
-    path: failures, stale messages). Done in the forking worker's parent, every work
-    horse inherits it instead of paying for it again (a few ms a node, measured in a
-    forked horse and by bench/engine.py).
+    path: failures, stale messages). Done before the first fork, every work horse whose
+    node uses the database inherits it instead of paying for it again (a few ms, measured
+    in a forked horse).
     """
     now = timezone.now()
     with transaction.atomic():
