@@ -100,13 +100,6 @@ class NodeContext:
     def request_stop(self) -> None:
         self._stop_requested.set()
 
-    def known_next_sequence(self) -> int | None:
-        """The next checkpoint sequence if known without asking the database."""
-        if self._next_sequence is not None:
-            return self._next_sequence
-        # A first attempt that saved no checkpoint: nothing came before it.
-        return 1 if self.attempt == 1 else None
-
     def flush_logs(self, final: bool = False) -> None:
         """Write buffered log lines (the heartbeat does it; the executor at the end)."""
         if self._log is not None:

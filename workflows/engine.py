@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import Max
+from django.db.models import Exists, Max, OuterRef, Q
 from django.utils import timezone
 
 from workflows import dispatch, sql
@@ -68,6 +68,15 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class NodeFacts:
+    """What cannot change about a node-run once its run has started (safe to read unlocked)."""
+
+    run_id: int
+    downstream: tuple[str, ...]
+    run_pools: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Claim:
     node_run_id: int
     run_id: int
@@ -76,9 +85,15 @@ class Claim:
     node_type: str
     params: dict
     upstream: list
+    downstream: tuple[str, ...]
+    run_pools: tuple[str, ...]
     timeout_seconds: int
     soft_timeout_seconds: int | None
     attempt_id: int
+
+    @property
+    def facts(self) -> NodeFacts:
+        return NodeFacts(self.run_id, self.downstream, self.run_pools)
 
 
 # --- Starting a run ---------------------------------------------------------------------------
@@ -241,19 +256,18 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
             moved = {
                 pk
                 for (pk,) in sql.fetch_all(
-                    f"UPDATE {sql.table(NodeRun)} SET status = %s, attempt = attempt + 1,"
-                    " queued_at = %s, retry_at = NULL, heartbeat_at = NULL, reason = '',"
-                    f" updated_at = %s WHERE id IN ({sql.placeholders(len(chunk))})"
-                    " AND status IN (%s, %s) AND attempt = %s RETURNING id",
-                    [
-                        NodeRun.Status.QUEUED,
+                    *_queue_statement(
+                        f"id IN ({sql.placeholders(len(chunk))}) AND status IN (%s, %s)"
+                        " AND attempt = %s",
+                        [
+                            *(node.pk for node in chunk),
+                            NodeRun.Status.PENDING,
+                            NodeRun.Status.RETRY_WAIT,
+                            attempt,
+                        ],
                         stamp,
-                        stamp,
-                        *(node.pk for node in chunk),
-                        NodeRun.Status.PENDING,
-                        NodeRun.Status.RETRY_WAIT,
-                        attempt,
-                    ],
+                        returning="id",
+                    )
                 )
             }
             for node in chunk:
@@ -281,6 +295,19 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
 
 # Ids per UPDATE when queueing many nodes at once (well under any parameter limit).
 QUEUE_CHUNK = 1000
+
+
+def _queue_statement(where: str, params: list, stamp, *, returning: str) -> tuple[str, list]:
+    """The UPDATE that moves the node-runs ``where`` selects to ``queued``, next attempt.
+
+    The caller also inserts their NodeAttempt rows and sends them after commit.
+    """
+    return (
+        f"UPDATE {sql.table(NodeRun)} SET status = %s, attempt = attempt + 1, queued_at = %s,"
+        " retry_at = NULL, heartbeat_at = NULL, reason = '', updated_at = %s"
+        f" WHERE {where} RETURNING {returning}",
+        [NodeRun.Status.QUEUED, stamp, stamp, *params],
+    )
 
 
 def fill_pool(name: str, now) -> None:
@@ -315,28 +342,44 @@ def claim_attempt(
     """Compare-and-set ``queued`` → ``running`` for exactly this attempt.
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
-    very message was already delivered); that is recorded, and nothing runs. Two
-    statements in one transaction (workflows/sql.py says why by hand).
+    very message was already delivered); that is recorded, and nothing runs. One batch
+    of statements: a single round trip on PostgreSQL (workflows/sql.py).
     """
     now = sql.to_db(NodeRun, "started_at", timezone.now())
-    with transaction.atomic():
-        node = sql.fetch_one(
-            f"UPDATE {sql.table(NodeRun)} SET status = %s, started_at = %s, heartbeat_at = %s,"
-            " updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
-            " RETURNING run_id, node_key, node_type, params, upstream, timeout_seconds,"
-            " soft_timeout_seconds",
-            [NodeRun.Status.RUNNING, now, now, now, node_run_id, NodeRun.Status.QUEUED, attempt],
-        )
-        if node is None:
-            _record_stale_message(node_run_id, attempt, worker, "claim")
-            return None
-        [attempt_id] = sql.fetch_one(
-            f"UPDATE {sql.table(NodeAttempt)} SET status = %s, worker = %s, pid = %s, host = %s,"
-            " started_at = %s, updated_at = %s WHERE node_run_id = %s AND number = %s"
-            " RETURNING id",
-            [NodeAttempt.Status.RUNNING, worker, pid, host, now, now, node_run_id, attempt],
-        )
-    run_id, node_key, node_type, params, upstream, timeout, soft_timeout = node
+    batch = sql.Batch()
+    batch.add(
+        f"UPDATE {sql.table(NodeRun)} SET status = %s, started_at = %s, heartbeat_at = %s,"
+        " updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
+        " RETURNING run_id, node_key, node_type, params, upstream, downstream,"
+        " timeout_seconds, soft_timeout_seconds",
+        [NodeRun.Status.RUNNING, now, now, now, node_run_id, NodeRun.Status.QUEUED, attempt],
+        name="node",
+    )
+    # Only if the node was claimed just now, by the statement above.
+    batch.add(
+        f"UPDATE {sql.table(NodeAttempt)} SET status = %s, worker = %s, pid = %s, host = %s,"
+        " started_at = %s, updated_at = %s WHERE node_run_id = %s AND number = %s"
+        f" AND status = %s AND EXISTS (SELECT 1 FROM {sql.table(NodeRun)} WHERE id = %s"
+        " AND status = %s AND attempt = %s AND started_at = %s) RETURNING id",
+        [
+            *(NodeAttempt.Status.RUNNING, worker, pid, host, now, now),
+            *(node_run_id, attempt, NodeAttempt.Status.QUEUED),
+            *(node_run_id, NodeRun.Status.RUNNING, attempt, now),
+        ],
+        name="attempt",
+    )
+    batch.add(
+        f"SELECT pools FROM {sql.table(Run)}"
+        f" WHERE id = (SELECT run_id FROM {sql.table(NodeRun)} WHERE id = %s)",
+        [node_run_id],
+        name="run",
+    )
+    rows = batch.run()
+    claimed = rows["node"]
+    if not claimed:
+        _record_stale_message(node_run_id, attempt, worker, "claim")
+        return None
+    [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft_timeout)] = claimed
     return Claim(
         node_run_id=node_run_id,
         run_id=run_id,
@@ -345,19 +388,27 @@ def claim_attempt(
         node_type=node_type,
         params=sql.from_db(NodeRun, "params", params),
         upstream=sql.from_db(NodeRun, "upstream", upstream),
+        downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
+        run_pools=tuple(sql.from_db(Run, "pools", rows["run"][0][0])),
         timeout_seconds=timeout,
         soft_timeout_seconds=soft_timeout,
-        attempt_id=attempt_id,
+        attempt_id=rows["attempt"][0][0],
     )
 
 
 def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
-    """Note which process runs a claimed attempt (a forking worker claims, then forks)."""
-    sql.execute(
+    """Note which process runs a claimed attempt (a forking worker claims, then forks).
+
+    Evidence for diagnostics, not state: it need not wait for the disk.
+    """
+    batch = sql.Batch()
+    sql.commit_without_waiting_for_disk(batch)
+    batch.add(
         f"UPDATE {sql.table(NodeAttempt)} SET pid = %s WHERE node_run_id = %s AND number = %s"
         " AND status = %s",
         [pid, node_run_id, attempt, NodeAttempt.Status.RUNNING],
     )
+    batch.run()
 
 
 def attempt_is_running(node_run_id: int, attempt: int) -> bool:
@@ -493,67 +544,195 @@ def complete_attempt(
     output,
     *,
     actor: str = ENGINE,
-    run_id: int | None = None,
-    next_sequence: int | None = None,
+    facts: NodeFacts | None = None,
 ) -> bool:
     """Apply a successful attempt and advance the run. Returns False if it was stale.
 
-    1. Lock the run, its pools, then the node; reject unless running this attempt.
-    2. Mark the attempt and node succeeded; write the node_done checkpoint.
-    3. Count this node off each downstream node (fan-in counter); queue those that
-       reach zero, pools permitting.
-    4. Give the node's pool slot to a waiting node, in any run.
-    5. Close the run if nothing more can run.
+    1. Lock the run, its pools, then the node (the lock order above).
+    2. While the node is still running this attempt (each write's WHERE says so, and the
+       node's own compare-and-set comes last): write the node_done checkpoint, close
+       the attempt, count the node off each downstream node (the fan-in counter),
+       queue those left with nothing to wait for, and mark the node succeeded.
+    3. Ask whether anything in the run is still moving; if not, close the run.
+
+    In a run without pools, steps 1 and 2 are one batch of statements and one transaction by
+    themselves: a single round trip on PostgreSQL, the claim having brought the
+    ``facts``. The run closes in a transaction of its own just after, under its lock
+    again; should this process die in between, the watchdog closes it
+    (``close_finished_runs``). In a run with pools, where queueing has to count free
+    slots, it is all one transaction: the released nodes queue as slots allow and the
+    node's slot goes to a waiting node, in any run.
     """
+    facts = facts or node_facts(node_run_id)
     now = timezone.now()
-    stamp = sql.to_db(NodeRun, "finished_at", now)
-    with transaction.atomic():
-        if run_id is None:
-            run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
-        run = _lock_run(run_id)
-        lock_pools(run)
-        done = sql.fetch_one(
-            f"UPDATE {sql.table(NodeRun)} SET status = %s, output = %s, finished_at = %s,"
-            " reason = '', updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
-            " RETURNING downstream, pool",
-            [
-                NodeRun.Status.SUCCEEDED,
-                sql.to_db(NodeRun, "output", output),
-                stamp,
-                stamp,
-                node_run_id,
-                NodeRun.Status.RUNNING,
-                attempt,
-            ],
-        )
-        if done is None:
-            _record_stale_message(node_run_id, attempt, actor, "success")
-            return False
-        downstream, pool = sql.from_db(NodeRun, "downstream", done[0]), done[1]
-        sql.execute(
-            f"UPDATE {sql.table(NodeAttempt)} SET status = %s, finished_at = %s, updated_at = %s"
-            " WHERE node_run_id = %s AND number = %s",
-            [NodeAttempt.Status.SUCCEEDED, stamp, stamp, node_run_id, attempt],
-        )
-        sql.insert(
-            [
-                Checkpoint(
-                    run_id=run_id,
-                    node_run_id=node_run_id,
-                    kind=Checkpoint.Kind.NODE_DONE,
-                    # The executor knows the next sequence when it can (saves a MAX query).
-                    sequence=next_sequence or next_checkpoint_sequence(node_run_id),
-                    attempt=attempt,
-                    state={"output": output},
+    if facts.run_pools:
+        with transaction.atomic():
+            run = _lock_run(facts.run_id)
+            lock_pools(run)  # also creates a pool deleted since the run started
+            rows = _success_batch(node_run_id, attempt, output, facts, now).run()
+            if not rows["succeeded"]:
+                _record_stale_message(node_run_id, attempt, actor, "success")
+                return False
+            queue_or_wait(run, _ready_nodes(run, rows.get("counted_off", [])), now)
+            [(pool,)] = rows["succeeded"]
+            if pool:
+                fill_pool(pool, now)
+            if not rows["still_moving"]:
+                close_run_if_done(run, now)
+        return True
+
+    rows = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True).run()
+    if not rows["succeeded"]:
+        _record_stale_message(node_run_id, attempt, actor, "success")
+        return False
+    dispatch.send_after_commit(
+        [
+            dispatch.Dispatch.for_node(
+                NodeRun(
+                    id=pk,
+                    run_id=facts.run_id,
+                    node_key=key,
+                    attempt=number,
+                    queue=queue,
+                    timeout_seconds=timeout,
                 )
-            ]
-        )
-        released = _release_downstream(run, downstream, now)
-        if pool:
-            fill_pool(pool, now)
-        if not released:  # a node just queued keeps the run open: no need to ask
-            close_run_if_done(run, now)
+            )
+            for pk, number, key, queue, timeout in sorted(rows.get("queued", []))
+        ]
+    )
+    if not rows["still_moving"]:
+        close_finished_run(facts.run_id)
     return True
+
+
+def _success_batch(
+    node_run_id: int, attempt: int, output, facts: NodeFacts, now, *, lock_run: bool = False
+) -> sql.Batch:
+    """The statements of a success (steps 1 to 3 of ``complete_attempt``).
+
+    Named results: ``succeeded`` (a row with the node's pool, or none if the result
+    was stale), ``counted_off`` (the downstream nodes' counters), ``queued`` (the nodes
+    queued, in a run without pools), ``still_moving`` (a row if the run goes on).
+    """
+    stamp = sql.to_db(NodeRun, "finished_at", now)
+    current = Condition(
+        f"EXISTS (SELECT 1 FROM {sql.table(NodeRun)} AS this WHERE this.id = %s"
+        " AND this.status = %s AND this.attempt = %s)",
+        [node_run_id, NodeRun.Status.RUNNING, attempt],
+    )
+    batch = sql.Batch()
+    if lock_run:
+        batch.add(*_lock_run_statement(facts.run_id))
+    batch.add(f"SELECT id FROM {sql.table(NodeRun)} WHERE id = %s{sql.row_lock()}", [node_run_id])
+    batch.add(
+        *sql.insert_select(
+            Checkpoint,
+            {
+                "run": facts.run_id,
+                "node_run": node_run_id,
+                "kind": Checkpoint.Kind.NODE_DONE,
+                "sequence": sql.Raw(
+                    f"COALESCE((SELECT MAX(sequence) FROM {sql.table(Checkpoint)}"
+                    " WHERE node_run_id = %s), 0) + 1",
+                    (node_run_id,),
+                ),
+                "attempt": attempt,
+                "state": {"output": output},
+                "created_at": now,
+            },
+            f"WHERE {current.sql}",
+            current.params,
+        )
+    )
+    batch.add(
+        f"UPDATE {sql.table(NodeAttempt)} SET status = %s, finished_at = %s, updated_at = %s"
+        f" WHERE node_run_id = %s AND number = %s AND {current.sql}",
+        [NodeAttempt.Status.SUCCEEDED, stamp, stamp, node_run_id, attempt, *current.params],
+    )
+    if facts.downstream:
+        downstream = Condition(
+            f"run_id = %s AND node_key IN ({sql.placeholders(len(facts.downstream))})",
+            [facts.run_id, *facts.downstream],
+        )
+        batch.add(
+            f"UPDATE {sql.table(NodeRun)} SET pending_upstreams = pending_upstreams - 1,"
+            f" updated_at = %s WHERE {downstream.sql} AND {current.sql}"
+            " RETURNING id, status, pending_upstreams, attempt, node_key, queue, pool,"
+            " timeout_seconds",
+            [stamp, *downstream.params, *current.params],
+            name="counted_off",
+        )
+        if not facts.run_pools:
+            _add_queue_released(batch, downstream, current, now)
+    batch.add(
+        f"UPDATE {sql.table(NodeRun)} SET status = %s, output = %s, finished_at = %s,"
+        " reason = '', updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
+        " RETURNING pool",
+        [
+            *(NodeRun.Status.SUCCEEDED, sql.to_db(NodeRun, "output", output), stamp, stamp),
+            *(node_run_id, NodeRun.Status.RUNNING, attempt),
+        ],
+        name="succeeded",
+    )
+    batch.add(*_still_moving_statement(facts.run_id), name="still_moving")
+    return batch
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A piece of a WHERE clause with its parameters."""
+
+    sql: str
+    params: list
+
+
+def node_facts(node_run_id: int) -> NodeFacts:
+    row = sql.fetch_one(
+        f"SELECT node.run_id, node.downstream, run.pools FROM {sql.table(NodeRun)} AS node"
+        f" JOIN {sql.table(Run)} AS run ON run.id = node.run_id WHERE node.id = %s",
+        [node_run_id],
+    )
+    if row is None:
+        raise NodeRun.DoesNotExist(f"Node-run {node_run_id} does not exist.")
+    return NodeFacts(
+        run_id=row[0],
+        downstream=tuple(sql.from_db(NodeRun, "downstream", row[1])),
+        run_pools=tuple(sql.from_db(Run, "pools", row[2])),
+    )
+
+
+def _add_queue_released(batch: sql.Batch, downstream: Condition, current: Condition, now):
+    """Queue the downstream nodes left with nothing to wait for (in a run without pools)
+    and insert their attempts: the queued nodes without an attempt row are those."""
+    stamp = sql.to_db(NodeRun, "queued_at", now)
+    noderun = sql.table(NodeRun)
+    batch.add(
+        *_queue_statement(
+            f"{downstream.sql} AND status = %s AND pending_upstreams = 0 AND {current.sql}",
+            [*downstream.params, NodeRun.Status.PENDING, *current.params],
+            stamp,
+            returning="id, attempt, node_key, queue, timeout_seconds",
+        ),
+        name="queued",
+    )
+    batch.add(
+        *sql.insert_select(
+            NodeAttempt,
+            {
+                "node_run": sql.Raw(f"{noderun}.id"),
+                "number": sql.Raw(f"{noderun}.attempt"),
+                "status": NodeAttempt.Status.QUEUED,
+                "rq_job_id": sql.Raw(dispatch.job_id_sql(f"{noderun}.id", f"{noderun}.attempt")),
+                "queue": sql.Raw(f"{noderun}.queue"),
+                "created_at": now,
+                "updated_at": now,
+            },
+            f"FROM {noderun} WHERE {downstream.sql} AND status = %s AND {current.sql}"
+            f" AND NOT EXISTS (SELECT 1 FROM {sql.table(NodeAttempt)} AS attempt"
+            f" WHERE attempt.node_run_id = {noderun}.id AND attempt.number = {noderun}.attempt)",
+            [*downstream.params, NodeRun.Status.QUEUED, *current.params],
+        )
+    )
 
 
 def fail_attempt(
@@ -716,13 +895,20 @@ def _lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run,
 
 
 def _lock_run(run_id: int) -> Run:
-    """Take the run's lock, first in the lock order; the Run comes with status and pools
-    loaded (other fields load when first read)."""
-    row = sql.fetch_one(
-        f"SELECT id, status, pools FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [run_id]
-    )
+    """Take the run's lock, first in the lock order."""
+    row = sql.fetch_one(*_lock_run_statement(run_id))
     if row is None:
         raise Run.DoesNotExist(f"Run {run_id} does not exist.")
+    return _run_from_row(row)
+
+
+def _lock_run_statement(run_id: int) -> tuple[str, list]:
+    return f"SELECT id, status, pools FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [run_id]
+
+
+def _run_from_row(row: tuple) -> Run:
+    """A Run from ``_lock_run_statement``'s row: status and pools loaded, other fields
+    load when first read."""
     loaded = {"id": row[0], "status": row[1], "pools": sql.from_db(Run, "pools", row[2])}
     return Run.from_db(
         connection.alias,
@@ -731,18 +917,9 @@ def _lock_run(run_id: int) -> Run:
     )
 
 
-def _release_downstream(run: Run, downstream: list[str], now) -> list[NodeRun]:
-    """Count a finished node off its ``downstream`` nodes (the fan-in counter) and queue
-    those with nothing left to wait for. Returns the nodes queued."""
-    if not downstream:
-        return []
-    rows = sql.fetch_all(
-        f"UPDATE {sql.table(NodeRun)} SET pending_upstreams = pending_upstreams - 1,"
-        f" updated_at = %s WHERE run_id = %s AND node_key IN ({sql.placeholders(len(downstream))})"
-        " RETURNING id, status, pending_upstreams, attempt, node_key, queue, pool, timeout_seconds",
-        [sql.to_db(NodeRun, "updated_at", now), run.pk, *downstream],
-    )
-    ready = [
+def _ready_nodes(run: Run, counted_off: list[tuple]) -> list[NodeRun]:
+    """The nodes a success left with nothing to wait for, from its fan-in count's rows."""
+    return [
         NodeRun(
             id=pk,
             run_id=run.pk,
@@ -753,29 +930,60 @@ def _release_downstream(run: Run, downstream: list[str], now) -> list[NodeRun]:
             pool=pool,
             timeout_seconds=timeout,
         )
-        for pk, status, pending, attempt, node_key, queue, pool, timeout in sorted(rows)
+        for pk, status, pending, attempt, node_key, queue, pool, timeout in sorted(counted_off)
         if pending == 0 and status == NodeRun.Status.PENDING
     ]
-    return queue_or_wait(run, ready, now)
 
 
-def close_run_if_done(run: Run, now) -> None:
-    """Close the run when nothing more can happen in it.
+def _still_moving_statement(run_id: int) -> tuple[str, list]:
+    """A row if something can still happen in the run: a node is queued, running or
+    waiting to retry, or a pending node has all upstreams done (it waits for a pool
+    slot). Pending nodes behind a failed upstream cannot run and do not count."""
+    # One EXISTS per status, each a short index scan on noderun_run_status (run_id,
+    # status), the first hit ending the query. Written with OR or IN, the planner may
+    # read every node of the run instead, the finished ones too.
+    exists = f"EXISTS (SELECT 1 FROM {sql.table(NodeRun)} WHERE run_id = %s AND status = %s"
+    active = sorted(NodeRun.ACTIVE)
+    return (
+        "SELECT 1 WHERE "
+        + " OR ".join([f"{exists})"] * len(active))
+        + f" OR {exists} AND pending_upstreams = 0)",
+        [param for status in [*active, NodeRun.Status.PENDING] for param in (run_id, status)],
+    )
 
-    Something can still happen while a node is queued, running or waiting to retry, or
-    a pending node has all upstreams done (it waits for a pool slot). Pending nodes
-    behind a failed upstream cannot run, so they do not keep the run open.
+
+def close_finished_run(run_id: int) -> bool:
+    """Close the run if nothing more can happen in it, in a transaction of its own."""
+    with transaction.atomic():
+        return close_run_if_done(_lock_run(run_id), timezone.now())
+
+
+def close_finished_runs(limit: int = 500) -> int:
+    """Close running runs in which nothing can happen any more. Returns how many closed.
+
+    A success closes its run just after it commits (``complete_attempt``); this is for a
+    process that died in between.
+    """
+    moving = NodeRun.objects.filter(run=OuterRef("pk")).filter(
+        Q(status__in=NodeRun.ACTIVE) | Q(status=NodeRun.Status.PENDING, pending_upstreams=0)
+    )
+    stuck_open = list(
+        Run.objects.filter(status=Run.Status.RUNNING)
+        .exclude(Exists(moving))
+        .values_list("pk", flat=True)[:limit]
+    )
+    return sum(close_finished_run(run_id) for run_id in stuck_open)
+
+
+def close_run_if_done(run: Run, now) -> bool:
+    """Close the run when nothing more can happen in it (``_still_moving_statement``).
+
+    The caller holds the run's lock. Returns True if it closed the run.
     """
     if run.status != Run.Status.RUNNING:
-        return
-    active = sorted(NodeRun.ACTIVE)
-    still_moving = sql.fetch_one(
-        f"SELECT 1 FROM {sql.table(NodeRun)} WHERE run_id = %s AND (status IN"
-        f" ({sql.placeholders(len(active))}) OR (status = %s AND pending_upstreams = 0)) LIMIT 1",
-        [run.pk, *active, NodeRun.Status.PENDING],
-    )
-    if still_moving:
-        return
+        return False
+    if sql.fetch_one(*_still_moving_statement(run.pk)):
+        return False
     unfinished = list(
         NodeRun.objects.filter(run=run)
         .exclude(status__in=NodeRun.DONE)
@@ -788,6 +996,7 @@ def close_run_if_done(run: Run, now) -> None:
         finish_run(run, Run.Status.FAILED, "; ".join(failed) or "nodes could not run", now, ENGINE)
     else:
         finish_run(run, Run.Status.SUCCEEDED, "", now, ENGINE)
+    return True
 
 
 def finish_run(run: Run, status: str, reason: str, now, actor: str) -> None:

@@ -41,8 +41,6 @@ class Outcome:
     output: Any = None
     failure: engine.Failure | None = None
     superseded: bool = False
-    # The node's next checkpoint sequence, when known without asking the database.
-    next_sequence: int | None = None
 
     def as_json(self) -> dict:
         return {**asdict(self), "failure": asdict(self.failure) if self.failure else None}
@@ -121,7 +119,7 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
     try:
         output = registry.get(claim.node_type)(ctx)
         _cancel_hard_timeout()
-        outcome = Outcome(output=_checked_output(output), next_sequence=ctx.known_next_sequence())
+        outcome = Outcome(output=_checked_output(output))
     except engine.AttemptSuperseded:
         _cancel_hard_timeout()
         logger.info(
@@ -156,12 +154,7 @@ def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
         )
     else:
         engine.complete_attempt(
-            claim.node_run_id,
-            claim.attempt,
-            outcome.output,
-            actor=actor,
-            run_id=claim.run_id,
-            next_sequence=outcome.next_sequence,
+            claim.node_run_id, claim.attempt, outcome.output, actor=actor, facts=claim.facts
         )
 
 

@@ -144,7 +144,9 @@ class NodeRun(models.Model):
     # Upstream states that let a downstream node go ahead.
     DONE = frozenset({Status.SUCCEEDED, Status.SKIPPED})
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="nodes")
+    # No index of its own: noderun_key_unique and noderun_run_status start with run, and
+    # every index costs a write whenever a node changes state.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="nodes", db_index=False)
     node_key = models.CharField(max_length=100)
     node_type = models.CharField(max_length=200)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -244,7 +246,10 @@ class NodeAttempt(models.Model):
     )
     ACTIVE = frozenset({Status.QUEUED, Status.RUNNING})
 
-    node_run = models.ForeignKey(NodeRun, on_delete=models.CASCADE, related_name="attempts")
+    # Indexed by attempt_number_unique, which starts with it.
+    node_run = models.ForeignKey(
+        NodeRun, on_delete=models.CASCADE, related_name="attempts", db_index=False
+    )
     number = models.PositiveIntegerField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     rq_job_id = models.CharField(max_length=100)
@@ -294,8 +299,14 @@ class Checkpoint(models.Model):
     Kind = CheckpointKind
 
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="checkpoints")
+    # Indexed by checkpoint_sequence_unique, which starts with it.
     node_run = models.ForeignKey(
-        NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="checkpoints"
+        NodeRun,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="checkpoints",
+        db_index=False,
     )
     kind = models.CharField(max_length=16, choices=Kind.choices)
     sequence = models.PositiveIntegerField(help_text="Increases with every checkpoint of the node.")
@@ -348,7 +359,8 @@ class RunEvent(models.Model):
 
     Kind = RunEventKind
 
-    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events")
+    # Indexed by runevent_run_at, which starts with it.
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events", db_index=False)
     node_run = models.ForeignKey(
         NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="events"
     )

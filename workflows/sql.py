@@ -1,18 +1,21 @@
 """Hand-written SQL for the statements every node runs: its claim and its completion.
 
-Everywhere else the engine uses the ORM. These few statements run once per node in a
-freshly forked work horse, where building a query with the ORM costs more than the
-database does (bench/engine.py measured it), and ``UPDATE … RETURNING`` does in one
-statement what the ORM needs two or three for.
+Everywhere else the engine uses the ORM. These few statements run for every node, where
+building a query with the ORM costs more than the database does (bench/engine.py
+measured it), ``UPDATE … RETURNING`` does in one statement what the ORM needs two or
+three for, and ``batch`` sends a whole transition to PostgreSQL in one round trip.
 
 The SQL is plain enough for PostgreSQL and SQLite (3.35 or newer, for RETURNING)
 alike. Values go through the model fields' own conversions, so rows are stored and
 read exactly as the ORM stores and reads them.
 """
 
+import time
+from dataclasses import dataclass
 from functools import cache
 
-from django.db import connection
+import psycopg
+from django.db import connection, transaction
 from django.db.models import Model
 
 # SQLite allows 32 766 bound parameters per statement, PostgreSQL 65 535.
@@ -53,6 +56,112 @@ def execute(statement: str, params) -> int:
     with connection.cursor() as cursor:
         cursor.execute(statement, params)
         return cursor.rowcount
+
+
+class Batch:
+    """Statements run in order as one transaction, each added under a name for its rows.
+
+    On PostgreSQL they are sent together in pipeline mode, so the whole batch costs one
+    round trip instead of one per statement, and outside ``transaction.atomic()`` needs
+    no BEGIN and COMMIT of its own: statements sent before one Sync run as one
+    transaction. They are also prepared (KEEL_DB_PREPARED_STATEMENTS), so PostgreSQL
+    plans each once per connection instead of at every node. SQLite runs them one by
+    one in ``transaction.atomic()``.
+
+    No statement can see what an earlier one returned, only what it changed: a
+    statement that must happen only if an earlier one did says so in its WHERE clause.
+    """
+
+    def __init__(self):
+        self._statements: list[tuple[str, list]] = []
+        self._names: dict[str, int] = {}
+
+    def add(self, statement: str, params, name: str | None = None) -> None:
+        if name is not None:
+            self._names[name] = len(self._statements)
+        self._statements.append((statement, list(params)))
+
+    def run(self) -> dict[str, list[tuple]]:
+        """Run the statements; return the rows of each named one ([] if it has none)."""
+        if connection.vendor == "postgresql":
+            results = self._run_pipelined()
+        else:
+            with transaction.atomic():
+                results = [fetch_all(statement, params) for statement, params in self._statements]
+        return {name: results[index] for name, index in self._names.items()}
+
+    def _run_pipelined(self) -> list[list[tuple]]:
+        # Django's own cursors bind parameters client-side, which pipeline mode cannot
+        # use; these cursors bind them server-side, on Django's connection and inside
+        # its transaction if there is one.
+        connection.ensure_connection()
+        connection.validate_no_broken_transaction()
+        started = time.monotonic()
+        with connection.wrap_database_errors:
+            cursors = []
+            with connection.connection.pipeline():
+                for statement, params in self._statements:
+                    cursor = psycopg.Cursor(connection.connection)
+                    cursor.execute(statement, params)
+                    cursors.append(cursor)
+            results = [cursor.fetchall() if cursor.description else [] for cursor in cursors]
+        if connection.queries_logged:  # DEBUG, or a test counting queries
+            connection.queries_log.append(
+                {
+                    "sql": ";\n".join(statement for statement, _ in self._statements),
+                    "time": f"{time.monotonic() - started:.3f}",
+                }
+            )
+        return results
+
+
+@dataclass(frozen=True)
+class Raw:
+    """An SQL expression for ``insert_select``, in place of a value."""
+
+    expression: str
+    params: tuple = ()
+
+
+def insert_select(model: type[Model], values: dict, rest: str, rest_params) -> tuple[str, list]:
+    """``INSERT INTO <model> (…) SELECT <values> <rest>``: rows made by a query, or one
+    row made only if a condition holds (``rest`` = ``"WHERE …"``).
+
+    ``values`` maps field names to values (converted as the ORM converts them) or to
+    ``Raw`` expressions over the rows ``rest`` selects. A field left out gets its
+    default as the ORM would give it; a nullable one without a default is NULL.
+    """
+    columns, expressions, params = [], [], []
+    for field in model._meta.concrete_fields:
+        if field.primary_key:
+            continue
+        if field.name in values:
+            value = values[field.name]
+        elif field.null and not field.has_default():
+            continue
+        else:
+            value = field.get_default()  # "" for a text field without a default, as the ORM
+        columns.append(connection.ops.quote_name(field.column))
+        if isinstance(value, Raw):
+            expressions.append(value.expression)
+            params.extend(value.params)
+        else:
+            expressions.append("%s")
+            params.append(field.get_db_prep_save(value, connection))
+    statement = (
+        f"INSERT INTO {table(model)} ({', '.join(columns)}) SELECT {', '.join(expressions)} {rest}"
+    )
+    return statement, [*params, *rest_params]
+
+
+def commit_without_waiting_for_disk(batch: Batch) -> None:
+    """Let ``batch`` commit without waiting for its write to reach the disk: for evidence,
+    never for state. If PostgreSQL itself crashes, the last such writes (under a second)
+    are lost; nothing is ever half-written. SQLite, in WAL mode with synchronous=NORMAL,
+    does not wait for the disk at commit anyway.
+    """
+    if connection.vendor == "postgresql":
+        batch.add("SET LOCAL synchronous_commit TO OFF", [])
 
 
 def row_lock() -> str:

@@ -251,3 +251,87 @@ def test_an_event_written_beside_a_transition_does_not_wait_for_its_run_lock(sta
         release.set()
         thread.join(timeout=20)
     assert RunEvent.objects.filter(run=run, reason="x").count() == 1
+
+
+def test_a_released_node_gets_its_attempt_and_its_job_like_a_root_does(start_run, clean_redis):
+    # The attempt of a node queued by its upstream's success is written by a query
+    # (INSERT … SELECT); it must read exactly like one the ORM writes for a root.
+    run = start_run(
+        {
+            "name": "Released",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    a, b = by_key(run)["a"], by_key(run)["b"]
+    assert claim(a)
+    assert engine.complete_attempt(a.pk, 1, {"rows": 3})
+
+    b.refresh_from_db()
+    assert (b.status, b.attempt, b.reason) == (NodeRun.Status.QUEUED, 1, "")
+    released = NodeAttempt.objects.get(node_run=b)
+    assert (released.number, released.status, released.queue) == (1, "queued", b.queue)
+    assert released.rq_job_id == dispatch.job_id(b.pk, 1)
+    assert dispatch.missing_jobs([released.rq_job_id]) == set()
+    assert released.created_at is not None and released.updated_at is not None
+    as_the_orm_would = NodeAttempt()
+    for field in (
+        *("worker", "pid", "host", "started_at", "finished_at", "error_type"),
+        *("error_message", "traceback", "cpu_percent", "rss_bytes", "resource_samples"),
+    ):
+        assert getattr(released, field) == getattr(as_the_orm_would, field), field
+
+
+def test_the_node_done_checkpoint_follows_the_progress_checkpoints(start_run):
+    run = start_run({"name": "Seq", "nodes": {"n": {"type": "keel.noop"}}})
+    n = by_key(run)["n"]
+    assert claim(n)
+    engine.save_progress_checkpoint(n.pk, run.pk, 1, 1, {"offset": 10})
+    engine.save_progress_checkpoint(n.pk, run.pk, 1, 2, {"offset": 20})
+    assert engine.complete_attempt(n.pk, 1, {"rows": 20})
+    assert list(
+        Checkpoint.objects.filter(node_run=n).order_by("sequence").values_list("kind", "sequence")
+    ) == [("progress", 1), ("progress", 2), ("node_done", 3)]
+    assert Checkpoint.objects.get(node_run=n, kind="node_done").state == {"output": {"rows": 20}}
+
+
+def test_a_duplicate_success_report_changes_nothing(start_run):
+    run = start_run(
+        {
+            "name": "Twice",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    a, b = by_key(run)["a"], by_key(run)["b"]
+    assert claim(a)
+    assert engine.complete_attempt(a.pk, 1, {"first": True})
+    assert engine.complete_attempt(a.pk, 1, {"second": True}) is False
+
+    a.refresh_from_db()
+    b.refresh_from_db()
+    assert a.output == {"first": True}
+    assert (b.pending_upstreams, b.attempt) == (0, 1)
+    assert Checkpoint.objects.filter(node_run=a).count() == 1
+    assert NodeAttempt.objects.filter(node_run=b).count() == 1
+
+
+def test_a_run_left_open_with_nothing_to_do_is_closed_by_the_sweep(start_run):
+    # What a worker leaves behind if it dies between a last success and closing the run.
+    done = start_run({"name": "Done", "nodes": {"n": {"type": "keel.noop"}}})
+    NodeRun.objects.filter(run=done).update(status=NodeRun.Status.SUCCEEDED)
+    blocked = start_run(
+        {
+            "name": "Blocked",
+            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+        }
+    )
+    NodeRun.objects.filter(run=blocked, node_key="a").update(status=NodeRun.Status.FAILED)
+    busy = start_run({"name": "Busy", "nodes": {"n": {"type": "keel.noop"}}})
+
+    assert engine.close_finished_runs() == 2
+    assert engine.close_finished_runs() == 0
+
+    statuses = dict(Run.objects.values_list("pk", "status"))
+    assert statuses[done.pk] == Run.Status.SUCCEEDED
+    assert statuses[blocked.pk] == Run.Status.FAILED
+    assert Run.objects.get(pk=blocked.pk).reason == "a failed"
+    assert statuses[busy.pk] == Run.Status.RUNNING
