@@ -33,7 +33,6 @@ class TickReport:
     retries_queued: int = 0
     messages_resent: int = 0
     runs_expired: int = 0
-    runs_closed: int = 0
     opened: tuple[str, ...] = ()
     resolved: tuple[str, ...] = ()
     repairs: tuple[str, ...] = ()
@@ -46,7 +45,6 @@ class TickReport:
             self.retries_queued
             or self.messages_resent
             or self.runs_expired
-            or self.runs_closed
             or self.opened
             or self.resolved
             or self.repairs
@@ -60,8 +58,7 @@ class TickReport:
             return f"the database does not answer ({self.database_down}); nothing checked"
         lines = [
             f"retries queued: {self.retries_queued}, lost messages re-sent: "
-            f"{self.messages_resent}, runs expired: {self.runs_expired}, runs closed: "
-            f"{self.runs_closed}, findings opened: "
+            f"{self.messages_resent}, runs expired: {self.runs_expired}, findings opened: "
             f"{len(self.opened)}, resolved: {len(self.resolved)}, repairs: {len(self.repairs)}"
         ]
         lines += [f"  opened   {one}" for one in self.opened]
@@ -113,8 +110,7 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
     6. Drop RQ jobs that ended without running their queued node, re-send every
        queued node whose job is missing (a flush, the commit→enqueue gap), and note
        the re-sends on their findings.
-    7. Fail runs past their deadline; close runs with nothing left to do whose last
-       success did not get to close them (its process died just after).
+    7. Fail runs past their deadline.
     """
     now = timezone.now()
     db = db if db is not None else connection
@@ -142,13 +138,11 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
     if ctx.redis_ok:
         repairs.confirm_resent(found.detections, recorded.by_key, report)
     expired = engine.expire_overdue_runs()
-    closed = engine.close_finished_runs()
     return TickReport(
         acted=True,
         retries_queued=retries,
         messages_resent=resent,
         runs_expired=expired,
-        runs_closed=closed,
         opened=tuple(_describe(f) for f in recorded.opened),
         resolved=tuple(_describe(f) for f in recorded.resolved),
         repairs=tuple(report.abandoned + report.resent),

@@ -112,3 +112,13 @@ def undo_effect(ctx, output):
     Execution.objects.create(
         node_key=f"undo:{ctx.node_key}", run_id=ctx.run_id, attempt=0, pid=os.getpid()
     )
+
+
+@node_type("test.busy", params={"seconds": float})
+def busy(ctx):
+    """Keeps a CPU busy for a while."""
+    deadline = time.monotonic() + ctx.params["seconds"]
+    spins = 0
+    while time.monotonic() < deadline:
+        spins += sum(range(1000))
+    return {"spins": spins}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import Exists, Max, OuterRef, Q
+from django.db.models import Max
 from django.utils import timezone
 
 from workflows import dispatch, sql
@@ -344,14 +344,24 @@ def claim_attempt(
     Returns None when the message is stale (the node moved on, was cancelled, or this
     very message was already delivered); that is recorded, and nothing runs. One batch
     of statements: a single round trip on PostgreSQL (workflows/sql.py).
+
+    The claim does not wait for the disk (sql.commit_without_waiting_for_disk): it only
+    says an attempt started, and waiting cost a quarter of a millisecond per node on
+    this kind of machine. Should a crash of PostgreSQL undo it, the node is queued again
+    while its attempt runs: the attempt is told to stop at its next beat, its result is
+    rejected as stale, and the watchdog sends the node again once RQ has ended the job.
+    A re-run, as when a worker dies; never a result lost or applied twice. Outcomes
+    and every other transition wait for the disk.
     """
     now = sql.to_db(NodeRun, "started_at", timezone.now())
     batch = sql.Batch()
+    sql.commit_without_waiting_for_disk(batch)
     batch.add(
         f"UPDATE {sql.table(NodeRun)} SET status = %s, started_at = %s, heartbeat_at = %s,"
         " updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
         " RETURNING run_id, node_key, node_type, params, upstream, downstream,"
-        " timeout_seconds, soft_timeout_seconds",
+        f" timeout_seconds, soft_timeout_seconds, (SELECT pools FROM {sql.table(Run)}"
+        f" WHERE {sql.table(Run)}.id = {sql.table(NodeRun)}.run_id)",
         [NodeRun.Status.RUNNING, now, now, now, node_run_id, NodeRun.Status.QUEUED, attempt],
         name="node",
     )
@@ -368,18 +378,14 @@ def claim_attempt(
         ],
         name="attempt",
     )
-    batch.add(
-        f"SELECT pools FROM {sql.table(Run)}"
-        f" WHERE id = (SELECT run_id FROM {sql.table(NodeRun)} WHERE id = %s)",
-        [node_run_id],
-        name="run",
-    )
     rows = batch.run()
     claimed = rows["node"]
     if not claimed:
         _record_stale_message(node_run_id, attempt, worker, "claim")
         return None
-    [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft_timeout)] = claimed
+    [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft_timeout, pools)] = (
+        claimed
+    )
     return Claim(
         node_run_id=node_run_id,
         run_id=run_id,
@@ -389,7 +395,7 @@ def claim_attempt(
         params=sql.from_db(NodeRun, "params", params),
         upstream=sql.from_db(NodeRun, "upstream", upstream),
         downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
-        run_pools=tuple(sql.from_db(Run, "pools", rows["run"][0][0])),
+        run_pools=tuple(sql.from_db(Run, "pools", pools)),
         timeout_seconds=timeout,
         soft_timeout_seconds=soft_timeout,
         attempt_id=rows["attempt"][0][0],
@@ -397,18 +403,10 @@ def claim_attempt(
 
 
 def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
-    """Note which process runs a claimed attempt (a forking worker claims, then forks).
-
-    Evidence for diagnostics, not state: it need not wait for the disk.
-    """
-    batch = sql.Batch()
-    sql.commit_without_waiting_for_disk(batch)
-    batch.add(
-        f"UPDATE {sql.table(NodeAttempt)} SET pid = %s WHERE node_run_id = %s AND number = %s"
-        " AND status = %s",
-        [pid, node_run_id, attempt, NodeAttempt.Status.RUNNING],
-    )
-    batch.run()
+    """Note which process runs a claimed attempt (a forking worker claims, then forks)."""
+    NodeAttempt.objects.filter(
+        node_run_id=node_run_id, number=attempt, status=NodeAttempt.Status.RUNNING
+    ).update(pid=pid)
 
 
 def attempt_is_running(node_run_id: int, attempt: int) -> bool:
@@ -548,71 +546,66 @@ def complete_attempt(
 ) -> bool:
     """Apply a successful attempt and advance the run. Returns False if it was stale.
 
+    One transaction:
+
     1. Lock the run, its pools, then the node (the lock order above).
     2. While the node is still running this attempt (each write's WHERE says so, and the
        node's own compare-and-set comes last): write the node_done checkpoint, close
        the attempt, count the node off each downstream node (the fan-in counter),
-       queue those left with nothing to wait for, and mark the node succeeded.
-    3. Ask whether anything in the run is still moving; if not, close the run.
+       queue those left with nothing to wait for, close the run if nothing more can
+       happen in it, and mark the node succeeded.
 
-    In a run without pools, steps 1 and 2 are one batch of statements and one transaction by
-    themselves: a single round trip on PostgreSQL, the claim having brought the
-    ``facts``. The run closes in a transaction of its own just after, under its lock
-    again; should this process die in between, the watchdog closes it
-    (``close_finished_runs``). In a run with pools, where queueing has to count free
-    slots, it is all one transaction: the released nodes queue as slots allow and the
-    node's slot goes to a waiting node, in any run.
+    In a run without pools it is one batch of statements and nothing else: a single
+    round trip on PostgreSQL, the claim having brought the ``facts``. In a run with
+    pools, where queueing counts free slots, the released nodes queue after the batch
+    as slots allow, and the node's slot goes to a waiting node, in any run.
     """
     facts = facts or node_facts(node_run_id)
     now = timezone.now()
-    if facts.run_pools:
-        with transaction.atomic():
-            run = _lock_run(facts.run_id)
-            lock_pools(run)  # also creates a pool deleted since the run started
-            rows = _success_batch(node_run_id, attempt, output, facts, now).run()
-            if not rows["succeeded"]:
-                _record_stale_message(node_run_id, attempt, actor, "success")
-                return False
-            queue_or_wait(run, _ready_nodes(run, rows.get("counted_off", [])), now)
-            [(pool,)] = rows["succeeded"]
-            if pool:
-                fill_pool(pool, now)
-            if not rows["still_moving"]:
-                close_run_if_done(run, now)
+    if not facts.run_pools:
+        rows = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True).run()
+        if not rows["succeeded"]:
+            _record_stale_message(node_run_id, attempt, actor, "success")
+            return False
+        dispatch.send_after_commit(
+            [
+                dispatch.Dispatch.for_node(
+                    NodeRun(
+                        id=pk,
+                        run_id=facts.run_id,
+                        node_key=key,
+                        attempt=number,
+                        queue=queue,
+                        timeout_seconds=timeout,
+                    )
+                )
+                for pk, number, key, queue, timeout in sorted(rows.get("queued", []))
+            ]
+        )
         return True
 
-    rows = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True).run()
-    if not rows["succeeded"]:
-        _record_stale_message(node_run_id, attempt, actor, "success")
-        return False
-    dispatch.send_after_commit(
-        [
-            dispatch.Dispatch.for_node(
-                NodeRun(
-                    id=pk,
-                    run_id=facts.run_id,
-                    node_key=key,
-                    attempt=number,
-                    queue=queue,
-                    timeout_seconds=timeout,
-                )
-            )
-            for pk, number, key, queue, timeout in sorted(rows.get("queued", []))
-        ]
-    )
-    if not rows["still_moving"]:
-        close_finished_run(facts.run_id)
+    with transaction.atomic():
+        run = _lock_run(facts.run_id)
+        lock_pools(run)  # also creates a pool deleted since the run started
+        rows = _success_batch(node_run_id, attempt, output, facts, now).run()
+        if not rows["succeeded"]:
+            _record_stale_message(node_run_id, attempt, actor, "success")
+            return False
+        queue_or_wait(run, _ready_nodes(run, rows.get("counted_off", [])), now)
+        [(pool,)] = rows["succeeded"]
+        if pool:
+            fill_pool(pool, now)
     return True
 
 
 def _success_batch(
     node_run_id: int, attempt: int, output, facts: NodeFacts, now, *, lock_run: bool = False
 ) -> sql.Batch:
-    """The statements of a success (steps 1 to 3 of ``complete_attempt``).
+    """The statements of a success (steps 1 and 2 of ``complete_attempt``).
 
     Named results: ``succeeded`` (a row with the node's pool, or none if the result
     was stale), ``counted_off`` (the downstream nodes' counters), ``queued`` (the nodes
-    queued, in a run without pools), ``still_moving`` (a row if the run goes on).
+    queued, in a run without pools), ``closed`` (a row if the run closed).
     """
     stamp = sql.to_db(NodeRun, "finished_at", now)
     current = Condition(
@@ -664,6 +657,7 @@ def _success_batch(
         )
         if not facts.run_pools:
             _add_queue_released(batch, downstream, current, now)
+    _add_close_if_done(batch, facts.run_id, now, finishing=(node_run_id, current))
     batch.add(
         f"UPDATE {sql.table(NodeRun)} SET status = %s, output = %s, finished_at = %s,"
         " reason = '', updated_at = %s WHERE id = %s AND status = %s AND attempt = %s"
@@ -674,7 +668,6 @@ def _success_batch(
         ],
         name="succeeded",
     )
-    batch.add(*_still_moving_statement(facts.run_id), name="still_moving")
     return batch
 
 
@@ -935,67 +928,111 @@ def _ready_nodes(run: Run, counted_off: list[tuple]) -> list[NodeRun]:
     ]
 
 
-def _still_moving_statement(run_id: int) -> tuple[str, list]:
-    """A row if something can still happen in the run: a node is queued, running or
-    waiting to retry, or a pending node has all upstreams done (it waits for a pool
-    slot). Pending nodes behind a failed upstream cannot run and do not count."""
+def _still_moving(run_id: int, excluding: int | None = None) -> Condition:
+    """Something can still happen in the run: a node is queued, running or waiting to
+    retry, or a pending node has all upstreams done (it waits for a pool slot). Pending
+    nodes behind a failed upstream cannot run and do not count."""
     # One EXISTS per status, each a short index scan on noderun_run_status (run_id,
     # status), the first hit ending the query. Written with OR or IN, the planner may
     # read every node of the run instead, the finished ones too.
-    exists = f"EXISTS (SELECT 1 FROM {sql.table(NodeRun)} WHERE run_id = %s AND status = %s"
-    active = sorted(NodeRun.ACTIVE)
-    return (
-        "SELECT 1 WHERE "
-        + " OR ".join([f"{exists})"] * len(active))
-        + f" OR {exists} AND pending_upstreams = 0)",
-        [param for status in [*active, NodeRun.Status.PENDING] for param in (run_id, status)],
+    node = f"SELECT 1 FROM {sql.table(NodeRun)} WHERE run_id = %s AND status = %s"
+    if excluding is not None:
+        node += " AND id <> %s"
+    statuses = [*sorted(NodeRun.ACTIVE), NodeRun.Status.PENDING]
+    exists = [f"EXISTS ({node})"] * (len(statuses) - 1) + [
+        f"EXISTS ({node} AND pending_upstreams = 0)"
+    ]
+    return Condition(
+        "(" + " OR ".join(exists) + ")",
+        [
+            param
+            for status in statuses
+            for param in (run_id, status, *(() if excluding is None else (excluding,)))
+        ],
     )
 
 
-def close_finished_run(run_id: int) -> bool:
-    """Close the run if nothing more can happen in it, in a transaction of its own."""
-    with transaction.atomic():
-        return close_run_if_done(_lock_run(run_id), timezone.now())
+def _add_close_if_done(
+    batch: sql.Batch, run_id: int, now, *, finishing: tuple[int, Condition] | None = None
+) -> None:
+    """Close the run if nothing more can happen in it (``_still_moving``), with its
+    transition event; the batch's result ``closed`` has the new status and reason.
 
-
-def close_finished_runs(limit: int = 500) -> int:
-    """Close running runs in which nothing can happen any more. Returns how many closed.
-
-    A success closes its run just after it commits (``complete_attempt``); this is for a
-    process that died in between.
+    Succeeded when every node is done; failed otherwise, the reason naming the first
+    unfinished nodes that are not merely pending (or "nodes could not run"). The caller
+    holds the run's lock. ``finishing``: a node this batch marks succeeded in a later
+    statement, and the condition that it is still running the attempt it reports: it
+    counts as done, and nothing is closed unless the condition holds.
     """
-    moving = NodeRun.objects.filter(run=OuterRef("pk")).filter(
-        Q(status__in=NodeRun.ACTIVE) | Q(status=NodeRun.Status.PENDING, pending_upstreams=0)
+    run = sql.table(Run)
+    stamp = sql.to_db(Run, "finished_at", now)
+    done = sorted(NodeRun.DONE)
+    excluding, guard = finishing if finishing else (None, Condition("1 = 1", []))
+    others = "run_id = %s" + ("" if excluding is None else " AND id <> %s")
+    others_params = [run_id, *(() if excluding is None else (excluding,))]
+    unfinished = (
+        f"SELECT id, node_key, status FROM {sql.table(NodeRun)} WHERE {others}"
+        f" AND status NOT IN ({sql.placeholders(len(done))})"
     )
-    stuck_open = list(
-        Run.objects.filter(status=Run.Status.RUNNING)
-        .exclude(Exists(moving))
-        .values_list("pk", flat=True)[:limit]
+    named = sql.joined("node_key || ' ' || status", "'; '")
+    moving = _still_moving(run_id, excluding)
+    batch.add(
+        f"UPDATE {run} SET status = CASE WHEN EXISTS ({unfinished}) THEN %s ELSE %s END,"
+        f" reason = CASE WHEN EXISTS ({unfinished}) THEN COALESCE((SELECT {named} FROM"
+        f" ({unfinished} ORDER BY id LIMIT 5) AS first_unfinished WHERE status <> %s),"
+        " 'nodes could not run') ELSE '' END, finished_at = %s, updated_at = %s"
+        f" WHERE id = %s AND status = %s AND {guard.sql} AND NOT {moving.sql}"
+        " RETURNING status, reason",
+        [
+            *(*others_params, *done, Run.Status.FAILED, Run.Status.SUCCEEDED),
+            *(*others_params, *done, *others_params, *done, NodeRun.Status.PENDING),
+            *(stamp, stamp, run_id, Run.Status.RUNNING, *guard.params, *moving.params),
+        ],
+        name="closed",
     )
-    return sum(close_finished_run(run_id) for run_id in stuck_open)
+    batch.add(
+        *sql.insert_select(
+            RunEvent,
+            {
+                "run": sql.Raw(f"{run}.id"),
+                "at": now,
+                "kind": RunEvent.Kind.TRANSITION,
+                "actor": ENGINE,
+                "reason": sql.Raw(
+                    f"CASE WHEN {run}.reason = '' THEN 'run ' || {run}.status ELSE {run}.reason END"
+                ),
+                "before": {"status": Run.Status.RUNNING},
+                "after": sql.Raw(
+                    f"CASE WHEN {run}.status = %s THEN %s ELSE %s END",
+                    (
+                        Run.Status.SUCCEEDED,
+                        sql.to_db(RunEvent, "after", {"status": Run.Status.SUCCEEDED}),
+                        sql.to_db(RunEvent, "after", {"status": Run.Status.FAILED}),
+                    ),
+                ),
+            },
+            # Closed just now: the run was running under this transaction's lock.
+            f"FROM {run} WHERE {run}.id = %s AND {run}.status IN (%s, %s)"
+            f" AND {run}.finished_at = %s AND {guard.sql}",
+            [run_id, Run.Status.SUCCEEDED, Run.Status.FAILED, stamp, *guard.params],
+        )
+    )
 
 
 def close_run_if_done(run: Run, now) -> bool:
-    """Close the run when nothing more can happen in it (``_still_moving_statement``).
+    """Close the run when nothing more can happen in it (``_add_close_if_done``).
 
     The caller holds the run's lock. Returns True if it closed the run.
     """
     if run.status != Run.Status.RUNNING:
         return False
-    if sql.fetch_one(*_still_moving_statement(run.pk)):
+    batch = sql.Batch()
+    _add_close_if_done(batch, run.pk, now)
+    closed = batch.run()["closed"]
+    if not closed:
         return False
-    unfinished = list(
-        NodeRun.objects.filter(run=run)
-        .exclude(status__in=NodeRun.DONE)
-        .values_list("node_key", "status")[:5]
-    )
-    if unfinished:
-        failed = [
-            f"{key} {status}" for key, status in unfinished if status != NodeRun.Status.PENDING
-        ]
-        finish_run(run, Run.Status.FAILED, "; ".join(failed) or "nodes could not run", now, ENGINE)
-    else:
-        finish_run(run, Run.Status.SUCCEEDED, "", now, ENGINE)
+    [(run.status, run.reason)] = closed
+    run.finished_at = now
     return True
 
 

@@ -21,9 +21,8 @@ from django.db import DatabaseError, close_old_connections, connections
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from workflows import dispatch, engine, registry
+from workflows import dispatch, engine, heartbeat, registry
 from workflows.context import NodeContext
-from workflows.heartbeat import Heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
        (already claimed, cancelled, superseded) returns without running anything.
        A forking worker has claimed it already, in its own long-lived process with a
        warm database connection (claim_before_fork).
-    2. Start the heartbeat thread and run the node function with its ``ctx``.
+    2. Have the process's heartbeat watch the attempt; run the node function with ``ctx``.
     3. Report success (output) or failure (error, traceback; timed out on RQ's hard
        timeout or the node's SoftTimeout) to the engine, which decides what is next.
        In a forking worker's horse the outcome is the job's result instead, and the
@@ -114,8 +113,8 @@ def check_connections() -> None:
 def run_claimed(claim: engine.Claim, started: float) -> Outcome:
     """Run a claimed node with its heartbeat; never raises for what the node does."""
     ctx = NodeContext(claim, started_monotonic=started)
-    heartbeat = Heartbeat(ctx, claim.node_run_id, claim.attempt)
-    heartbeat.start()
+    beside = heartbeat.for_this_process()
+    beside.watch(ctx, claim.node_run_id, claim.attempt)
     try:
         output = registry.get(claim.node_type)(ctx)
         _cancel_hard_timeout()
@@ -140,7 +139,7 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
         _cancel_hard_timeout()
         outcome = Outcome(failure=_failure_from(error, claim))
     finally:
-        heartbeat.stop()
+        beside.unwatch()
     ctx.flush_logs(final=True)
     return outcome
 

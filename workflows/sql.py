@@ -15,25 +15,39 @@ from dataclasses import dataclass
 from functools import cache
 
 import psycopg
-from django.db import connection, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.db.models import Model
 
 # SQLite allows 32 766 bound parameters per statement, PostgreSQL 65 535.
 MAX_PARAMS = 30_000
 
 
+@cache
 def table(model: type[Model]) -> str:
+    # Both backends quote names alike ("name"): the answer does not depend on the database.
     return connection.ops.quote_name(model._meta.db_table)
+
+
+@cache
+def _field(model: type[Model], field_name: str):
+    return model._meta.get_field(field_name)
 
 
 def to_db(model: type[Model], field_name: str, value):
     """A value as the ORM would send it for that field (JSON encoded, datetimes adapted)."""
-    return model._meta.get_field(field_name).get_db_prep_value(value, connection, prepared=False)
+    return _field(model, field_name).get_db_prep_value(value, connection, prepared=False)
 
 
 def from_db(model: type[Model], field_name: str, value):
     """A JSON column's value as the ORM would load it (both backends return JSON as text)."""
-    return model._meta.get_field(field_name).from_db_value(value, None, connection)
+    return _field(model, field_name).from_db_value(value, None, connection)
+
+
+def joined(expression: str, separator: str) -> str:
+    """An aggregate joining ``expression`` over rows with ``separator`` (SQL literals), in
+    the order the rows come (select them from an ordered subquery)."""
+    function = "string_agg" if connection.vendor == "postgresql" else "group_concat"
+    return f"{function}({expression}, {separator})"
 
 
 def placeholders(count: int) -> str:
@@ -94,19 +108,21 @@ class Batch:
         # Django's own cursors bind parameters client-side, which pipeline mode cannot
         # use; these cursors bind them server-side, on Django's connection and inside
         # its transaction if there is one.
-        connection.ensure_connection()
-        connection.validate_no_broken_transaction()
+        db = connections[DEFAULT_DB_ALIAS]  # once: each look-up through the proxy costs
+        db.ensure_connection()
+        db.validate_no_broken_transaction()
         started = time.monotonic()
-        with connection.wrap_database_errors:
+        with db.wrap_database_errors:
+            session = db.connection
             cursors = []
-            with connection.connection.pipeline():
+            with session.pipeline():
                 for statement, params in self._statements:
-                    cursor = psycopg.Cursor(connection.connection)
+                    cursor = psycopg.Cursor(session)
                     cursor.execute(statement, params)
                     cursors.append(cursor)
             results = [cursor.fetchall() if cursor.description else [] for cursor in cursors]
-        if connection.queries_logged:  # DEBUG, or a test counting queries
-            connection.queries_log.append(
+        if db.queries_logged:  # DEBUG, or a test counting queries
+            db.queries_log.append(
                 {
                     "sql": ";\n".join(statement for statement, _ in self._statements),
                     "time": f"{time.monotonic() - started:.3f}",
@@ -132,9 +148,7 @@ def insert_select(model: type[Model], values: dict, rest: str, rest_params) -> t
     default as the ORM would give it; a nullable one without a default is NULL.
     """
     columns, expressions, params = [], [], []
-    for field in model._meta.concrete_fields:
-        if field.primary_key:
-            continue
+    for field in _insert_shape(model)[0]:
         if field.name in values:
             value = values[field.name]
         elif field.null and not field.has_default():
@@ -155,10 +169,14 @@ def insert_select(model: type[Model], values: dict, rest: str, rest_params) -> t
 
 
 def commit_without_waiting_for_disk(batch: Batch) -> None:
-    """Let ``batch`` commit without waiting for its write to reach the disk: for evidence,
-    never for state. If PostgreSQL itself crashes, the last such writes (under a second)
-    are lost; nothing is ever half-written. SQLite, in WAL mode with synchronous=NORMAL,
-    does not wait for the disk at commit anyway.
+    """Let ``batch`` commit without waiting for PostgreSQL to flush its log to disk
+    (asynchronous commit, for this transaction only).
+
+    Other sessions see the commit at once, so it orders and excludes exactly as any
+    other. Only a crash of PostgreSQL itself can undo it, and only if it came within
+    the last fraction of a second: the log is written in order, so the next commit that
+    does wait makes every earlier one durable. SQLite (WAL, synchronous=NORMAL) never
+    waits at commit anyway.
     """
     if connection.vendor == "postgresql":
         batch.add("SET LOCAL synchronous_commit TO OFF", [])

@@ -109,6 +109,10 @@ class KeelWorker(RegistersAgain, Worker):
             connections.close_all()
         super().fork_work_horse(job, queue)  # the horse never returns from it: os._exit
         if getattr(self, "_claim_key", None) is not None:
+            # Written while the horse starts up, when this process would only wait; on
+            # SQLite it also opens the connection the fork closed before the report
+            # needs it. (Left to the report, that reopening slowed the forking worker by
+            # 7% per node on SQLite in bench/engine.py.)
             executor.record_work_horse(self._claim_key, self.horse_pid)
 
     def main_work_horse(self, job, queue):

@@ -228,15 +228,3 @@ def test_a_finding_remembers_when_its_condition_began_across_ticks(start_run, cl
     watchdog.tick()
     finding.refresh_from_db()
     assert finding.evidence["since"] == began and finding.last_seen > finding.first_seen
-
-
-def test_a_tick_closes_a_run_whose_nodes_all_finished(start_run, capsys):
-    run = start_run(SINGLE)
-    NodeRun.objects.filter(run=run).update(status=NodeRun.Status.SUCCEEDED)
-
-    report = watchdog.tick()
-
-    assert report.runs_closed == 1 and report.eventful
-    assert "runs closed: 1" in str(report)
-    run.refresh_from_db()
-    assert run.status == Run.Status.SUCCEEDED

@@ -314,24 +314,40 @@ def test_a_duplicate_success_report_changes_nothing(start_run):
     assert NodeAttempt.objects.filter(node_run=b).count() == 1
 
 
-def test_a_run_left_open_with_nothing_to_do_is_closed_by_the_sweep(start_run):
-    # What a worker leaves behind if it dies between a last success and closing the run.
-    done = start_run({"name": "Done", "nodes": {"n": {"type": "keel.noop"}}})
-    NodeRun.objects.filter(run=done).update(status=NodeRun.Status.SUCCEEDED)
-    blocked = start_run(
+def test_a_success_that_leaves_only_blocked_nodes_fails_the_run_naming_the_failure(start_run):
+    run = start_run(
         {
             "name": "Blocked",
-            "nodes": {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop", "after": ["a"]}},
+            "nodes": {
+                "a": {"type": "keel.noop"},
+                "b": {"type": "keel.noop", "after": ["a"]},
+                "c": {"type": "keel.noop"},
+            },
         }
     )
-    NodeRun.objects.filter(run=blocked, node_key="a").update(status=NodeRun.Status.FAILED)
-    busy = start_run({"name": "Busy", "nodes": {"n": {"type": "keel.noop"}}})
+    a, c = by_key(run)["a"], by_key(run)["c"]
+    assert claim(a) and claim(c)
+    assert engine.fail_attempt(a.pk, 1, engine.Failure("ValueError", "boom"))
+    assert Run.objects.get(pk=run.pk).status == Run.Status.RUNNING  # c still runs
 
-    assert engine.close_finished_runs() == 2
-    assert engine.close_finished_runs() == 0
+    assert engine.complete_attempt(c.pk, 1, {})
 
-    statuses = dict(Run.objects.values_list("pk", "status"))
-    assert statuses[done.pk] == Run.Status.SUCCEEDED
-    assert statuses[blocked.pk] == Run.Status.FAILED
-    assert Run.objects.get(pk=blocked.pk).reason == "a failed"
-    assert statuses[busy.pk] == Run.Status.RUNNING
+    run.refresh_from_db()
+    assert (run.status, run.reason) == (Run.Status.FAILED, "a failed")
+    assert run.finished_at is not None
+    event = RunEvent.objects.filter(run=run, kind=RunEvent.Kind.TRANSITION).latest("id")
+    assert (event.reason, event.actor) == ("a failed", "engine")
+    assert (event.before, event.after) == ({"status": "running"}, {"status": "failed"})
+
+
+def test_the_last_success_closes_the_run_with_its_event(start_run):
+    run = start_run({"name": "Last", "nodes": {"n": {"type": "keel.noop"}}})
+    n = by_key(run)["n"]
+    assert claim(n)
+    assert engine.complete_attempt(n.pk, 1, {})
+
+    run.refresh_from_db()
+    assert (run.status, run.reason) == (Run.Status.SUCCEEDED, "")
+    event = RunEvent.objects.filter(run=run, kind=RunEvent.Kind.TRANSITION).latest("id")
+    assert (event.reason, event.after) == ("run succeeded", {"status": "succeeded"})
+    assert RunEvent.objects.filter(run=run, reason="run succeeded").count() == 1

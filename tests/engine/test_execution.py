@@ -490,6 +490,87 @@ def test_heartbeat_records_progress_and_resource_samples(start_worker, start_run
     assert {"cpu_percent", "rss_bytes", "io_wait_percent"} <= set(attempt.resource_samples[0])
 
 
+def test_a_claim_the_database_forgot_costs_a_rerun_never_a_second_result(
+    start_worker, start_run, settings
+):
+    """A claim does not wait for the disk (engine.claim_attempt): a crash of PostgreSQL
+    may undo it while the node runs. Undone here by hand, as the crash would."""
+    from diagnostics import watchdog
+
+    settings.KEEL_LOST_JOB_GRACE_SECONDS = 0
+    start_worker("simple")
+    run = start_run(
+        {
+            "name": "Claim undone",
+            "nodes": {"n": {"type": "test.cooperative_sleep", "params": {"seconds": 4}}},
+        }
+    )
+    wait_for(lambda: node(run, "n").status == NodeRun.Status.RUNNING, message="running")
+    NodeRun.objects.filter(run=run).update(
+        status=NodeRun.Status.QUEUED, started_at=None, heartbeat_at=None
+    )
+    NodeAttempt.objects.filter(node_run__run=run).update(
+        status=NodeAttempt.Status.QUEUED, worker="", pid=None, host="", started_at=None
+    )
+
+    # The running attempt hears at its next beat that it is not current and stops; what
+    # it reports is rejected, and the node stays queued.
+    stale = wait_for(
+        lambda: RunEvent.objects.filter(run=run, kind=RunEvent.Kind.STALE).first(),
+        message="the undone attempt's report rejected",
+    )
+    assert stale.reason == "rejected failure of attempt 1: the node is queued at attempt 1"
+    assert node(run, "n").status == NodeRun.Status.QUEUED
+
+    # RQ has ended the job without the node running to the end: the watchdog sends it again.
+    def rerun_finished():
+        watchdog.tick()
+        return Run.objects.get(pk=run.pk).status in Run.TERMINAL
+
+    wait_for(rerun_finished, timeout=30, interval=0.3, message="the re-sent node to finish")
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert Execution.objects.filter(run_id=run.pk).count() == 2
+    [attempt] = attempts(run, "n")
+    assert attempt.status == NodeAttempt.Status.SUCCEEDED
+    assert Checkpoint.objects.filter(node_run=node(run, "n"), kind="node_done").count() == 1
+
+
+def test_a_simple_worker_beats_for_each_node_it_runs_in_turn(start_worker, start_run):
+    # One heartbeat thread serves every node the process runs: each attempt gets its own
+    # beats and samples, and a beat never lands on an attempt that has ended.
+    start_worker("simple")
+    batches = {"type": "test.batches", "params": {"rows": 25, "batch": 1, "pause": 0.1}}
+    run = finished(
+        start_run(
+            {
+                "name": "Beats in turn",
+                "nodes": {"first": batches, "second": {**batches, "after": ["first"]}},
+            }
+        )
+    )
+    assert run.status == Run.Status.SUCCEEDED
+    for key in ("first", "second"):
+        beaten, [attempt] = node(run, key), attempts(run, key)
+        assert attempt.started_at < beaten.heartbeat_at <= attempt.finished_at
+        assert beaten.progress["done"] >= 10
+        assert 2 <= len(attempt.resource_samples) <= 3, key
+
+
+@pytest.mark.parametrize("kind", ["forking", "simple"])
+def test_a_busy_node_shows_its_cpu_from_the_first_sample(start_worker, start_run, kind):
+    start_worker(kind)
+    run = finished(
+        start_run(
+            {"name": "Busy", "nodes": {"hot": {"type": "test.busy", "params": {"seconds": 2.5}}}}
+        )
+    )
+    samples = attempts(run, "hot")[0].resource_samples
+    assert len(samples) >= 2
+    # One process, one busy thread: close to 100% of a CPU in every interval.
+    assert all(sample["cpu_percent"] > 50 for sample in samples), samples
+
+
 def test_node_logs_are_stored_and_bounded(start_worker, start_run, settings):
     start_worker(KEEL_MAX_LOG_LINES=50)
     run = finished(
@@ -533,7 +614,7 @@ def test_run_past_its_timeout_is_failed_by_the_watchdog(start_worker, start_run)
 def test_a_killed_work_horse_is_reported_by_its_worker_and_retried(start_worker, start_run):
     """The forking worker claims, forks, and reports: when its horse dies without a word
     (OOM killer, kill -9), the worker says so at once and the retry policy acts."""
-    start_worker("forking")
+    worker = start_worker("forking")
     run = start_run(
         {
             "name": "Horse killed",
@@ -546,10 +627,13 @@ def test_a_killed_work_horse_is_reported_by_its_worker_and_retried(start_worker,
             },
         }
     )
-    wait_for(lambda: node(run, "slow").status == NodeRun.Status.RUNNING, message="running")
-    first = attempts(run, "slow")[0]
-    horse = first.pid
-    assert horse and horse != os.getpid()
+    # The worker claims (its own pid), forks, and notes the horse's pid once the horse
+    # has run for a moment.
+    horse = wait_for(
+        lambda: (pid := attempts(run, "slow")[0].pid) not in (None, worker.pid) and pid,
+        message="the horse's pid on the attempt",
+    )
+    assert horse in worker.horse_pids()
     os.kill(horse, signal.SIGKILL)
 
     run = finished(run, timeout=30)  # no watchdog runs: the worker itself reported
