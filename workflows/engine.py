@@ -404,9 +404,11 @@ def claim_attempt(
 
 def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
     """Note which process runs a claimed attempt (a forking worker claims, then forks)."""
-    NodeAttempt.objects.filter(
-        node_run_id=node_run_id, number=attempt, status=NodeAttempt.Status.RUNNING
-    ).update(pid=pid)
+    sql.execute(
+        f"UPDATE {sql.table(NodeAttempt)} SET pid = %s WHERE node_run_id = %s AND number = %s"
+        " AND status = %s",
+        [pid, node_run_id, attempt, NodeAttempt.Status.RUNNING],
+    )
 
 
 def attempt_is_running(node_run_id: int, attempt: int) -> bool:
@@ -614,9 +616,12 @@ def _success_batch(
         [node_run_id, NodeRun.Status.RUNNING, attempt],
     )
     batch = sql.Batch()
-    if lock_run:
-        batch.add(*_lock_run_statement(facts.run_id))
-    batch.add(f"SELECT id FROM {sql.table(NodeRun)} WHERE id = %s{sql.row_lock()}", [node_run_id])
+    if sql.has_row_locks():  # on SQLite the transaction holds the whole database already
+        if lock_run:
+            batch.add(*_lock_run_statement(facts.run_id))
+        batch.add(
+            f"SELECT id FROM {sql.table(NodeRun)} WHERE id = %s{sql.row_lock()}", [node_run_id]
+        )
     batch.add(
         *sql.insert_select(
             Checkpoint,
@@ -724,7 +729,8 @@ def _add_queue_released(batch: sql.Batch, downstream: Condition, current: Condit
             f" AND NOT EXISTS (SELECT 1 FROM {sql.table(NodeAttempt)} AS attempt"
             f" WHERE attempt.node_run_id = {noderun}.id AND attempt.number = {noderun}.attempt)",
             [*downstream.params, NodeRun.Status.QUEUED, *current.params],
-        )
+        ),
+        needs="queued",
     )
 
 
@@ -977,6 +983,11 @@ def _add_close_if_done(
     named = sql.joined("node_key || ' ' || status", "'; '")
     moving = _still_moving(run_id, excluding)
     batch.add(
+        f"SELECT 1 WHERE {guard.sql} AND NOT {moving.sql}",
+        [*guard.params, *moving.params],
+        name="nothing_moves",
+    )
+    batch.add(
         f"UPDATE {run} SET status = CASE WHEN EXISTS ({unfinished}) THEN %s ELSE %s END,"
         f" reason = CASE WHEN EXISTS ({unfinished}) THEN COALESCE((SELECT {named} FROM"
         f" ({unfinished} ORDER BY id LIMIT 5) AS first_unfinished WHERE status <> %s),"
@@ -989,6 +1000,7 @@ def _add_close_if_done(
             *(stamp, stamp, run_id, Run.Status.RUNNING, *guard.params, *moving.params),
         ],
         name="closed",
+        needs="nothing_moves",
     )
     batch.add(
         *sql.insert_select(
@@ -1015,7 +1027,8 @@ def _add_close_if_done(
             f"FROM {run} WHERE {run}.id = %s AND {run}.status IN (%s, %s)"
             f" AND {run}.finished_at = %s AND {guard.sql}",
             [run_id, Run.Status.SUCCEEDED, Run.Status.FAILED, stamp, *guard.params],
-        )
+        ),
+        needs="closed",
     )
 
 

@@ -84,25 +84,42 @@ class Batch:
 
     No statement can see what an earlier one returned, only what it changed: a
     statement that must happen only if an earlier one did says so in its WHERE clause.
+    It may also name that earlier statement (``needs``): where statements run one by one
+    it is then skipped when that one returned no row, as it would change nothing.
+    SQLite gains from it: a forking worker's connection is new at every node (closed
+    before each fork) and compiles every statement it runs afresh.
     """
 
     def __init__(self):
-        self._statements: list[tuple[str, list]] = []
+        self._statements: list[tuple[str, list, str | None]] = []
         self._names: dict[str, int] = {}
 
-    def add(self, statement: str, params, name: str | None = None) -> None:
+    def add(
+        self, statement: str, params, name: str | None = None, needs: str | None = None
+    ) -> None:
         if name is not None:
             self._names[name] = len(self._statements)
-        self._statements.append((statement, list(params)))
+        self._statements.append((statement, list(params), needs))
 
     def run(self) -> dict[str, list[tuple]]:
         """Run the statements; return the rows of each named one ([] if it has none)."""
         if connection.vendor == "postgresql":
             results = self._run_pipelined()
         else:
-            with transaction.atomic():
-                results = [fetch_all(statement, params) for statement, params in self._statements]
+            results = self._run_one_by_one()
         return {name: results[index] for name, index in self._names.items()}
+
+    def _run_one_by_one(self) -> list[list[tuple]]:
+        results: list[list[tuple]] = []
+        with transaction.atomic(), connection.cursor() as cursor:
+            for statement, params, needs in self._statements:
+                if needs is not None and not results[self._names[needs]]:
+                    results.append([])
+                    continue
+                cursor.execute(statement, params)
+                # Read every row: SQLite finishes a statement (and its RETURNING) only then.
+                results.append(cursor.fetchall())
+        return results
 
     def _run_pipelined(self) -> list[list[tuple]]:
         # Django's own cursors bind parameters client-side, which pipeline mode cannot
@@ -116,7 +133,7 @@ class Batch:
             session = db.connection
             cursors = []
             with session.pipeline():
-                for statement, params in self._statements:
+                for statement, params, _ in self._statements:
                     cursor = psycopg.Cursor(session)
                     cursor.execute(statement, params)
                     cursors.append(cursor)
@@ -124,7 +141,7 @@ class Batch:
         if db.queries_logged:  # DEBUG, or a test counting queries
             db.queries_log.append(
                 {
-                    "sql": ";\n".join(statement for statement, _ in self._statements),
+                    "sql": ";\n".join(statement for statement, *_ in self._statements),
                     "time": f"{time.monotonic() - started:.3f}",
                 }
             )
@@ -184,7 +201,12 @@ def commit_without_waiting_for_disk(batch: Batch) -> None:
 
 def row_lock() -> str:
     """The engine's row lock (see workflows/engine.py); SQLite locks the whole database."""
-    return " FOR NO KEY UPDATE" if connection.features.has_select_for_no_key_update else ""
+    return " FOR NO KEY UPDATE" if has_row_locks() else ""
+
+
+def has_row_locks() -> bool:
+    """False on SQLite, where a writing transaction holds the whole database instead."""
+    return connection.features.has_select_for_no_key_update
 
 
 def insert(objects: list[Model]) -> None:

@@ -96,3 +96,23 @@ def test_the_same_statements_run_again_once_prepared(start_run):
         with connection.cursor() as cursor:
             cursor.execute("SELECT count(*) FROM pg_prepared_statements")
             assert cursor.fetchone()[0] >= 2
+
+
+def test_a_statement_that_needs_an_empty_result_changes_nothing(start_run):
+    """``needs`` names the statement a later one depends on; the later one's own WHERE
+    says so too. Where statements run one by one (SQLite) it is not even run."""
+    run = start_run(ONE_NODE)
+    batch = sql.Batch()
+    batch.add(f"SELECT id FROM {sql.table(Run)} WHERE id = %s", [-1], name="missing")
+    batch.add(
+        f"UPDATE {sql.table(Run)} SET reason = %s WHERE id = %s"
+        f" AND EXISTS (SELECT 1 FROM {sql.table(Run)} WHERE id = %s) RETURNING id",
+        ["changed", run.pk, -1],
+        name="dependent",
+        needs="missing",
+    )
+    with CaptureQueriesContext(connection) as queries:
+        assert batch.run() == {"missing": [], "dependent": []}
+    assert Run.objects.get(pk=run.pk).reason == ""
+    if connection.vendor == "sqlite":
+        assert not any("SET reason" in query["sql"] for query in queries.captured_queries)
