@@ -342,8 +342,57 @@ def claim_attempt(
     """Compare-and-set ``queued`` → ``running`` for exactly this attempt.
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
-    very message was already delivered); that is recorded, and nothing runs. One batch
-    of statements: a single round trip on PostgreSQL (workflows/sql.py).
+    very message was already delivered); that is recorded, and nothing runs.
+    """
+    return send_claim(node_run_id, attempt, worker=worker, pid=pid, host=host).claim()
+
+
+class SentClaim:
+    """A claim on its way to the database (``send_claim``); ``claim()`` waits for it."""
+
+    def __init__(self, node_run_id: int, attempt: int, worker: str, sent: sql.Sent):
+        self.node_run_id = node_run_id
+        self.attempt = attempt
+        self._worker = worker
+        self._sent = sent
+        self._claim: Claim | bool | None = False  # False: not received yet
+
+    def claim(self) -> Claim | None:
+        """The claim, or None when the message was stale (recorded)."""
+        if self._claim is False:
+            self._claim = self._receive()
+        return self._claim
+
+    def _receive(self) -> Claim | None:
+        rows = self._sent.results()
+        claimed = rows["node"]
+        if not claimed:
+            _record_stale_message(self.node_run_id, self.attempt, self._worker, "claim")
+            return None
+        [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft, pools)] = (
+            claimed
+        )
+        return Claim(
+            node_run_id=self.node_run_id,
+            run_id=run_id,
+            attempt=self.attempt,
+            node_key=node_key,
+            node_type=node_type,
+            params=sql.from_db(NodeRun, "params", params),
+            upstream=sql.from_db(NodeRun, "upstream", upstream),
+            downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
+            run_pools=tuple(sql.from_db(Run, "pools", pools)),
+            timeout_seconds=timeout,
+            soft_timeout_seconds=soft,
+            attempt_id=rows["attempt"][0][0],
+        )
+
+
+def send_claim(node_run_id: int, attempt: int, *, worker: str, pid: int, host: str) -> SentClaim:
+    """Send ``claim_attempt``'s statements and return before the database answers.
+
+    One batch: a single round trip on PostgreSQL (workflows/sql.py), which a worker
+    overlaps with its own bookkeeping in Redis (workflows/worker.py).
 
     The claim does not wait for the disk (sql.commit_without_waiting_for_disk): it only
     says an attempt started, and waiting cost a quarter of a millisecond per node on
@@ -378,28 +427,7 @@ def claim_attempt(
         ],
         name="attempt",
     )
-    rows = batch.run()
-    claimed = rows["node"]
-    if not claimed:
-        _record_stale_message(node_run_id, attempt, worker, "claim")
-        return None
-    [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft_timeout, pools)] = (
-        claimed
-    )
-    return Claim(
-        node_run_id=node_run_id,
-        run_id=run_id,
-        attempt=attempt,
-        node_key=node_key,
-        node_type=node_type,
-        params=sql.from_db(NodeRun, "params", params),
-        upstream=sql.from_db(NodeRun, "upstream", upstream),
-        downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
-        run_pools=tuple(sql.from_db(Run, "pools", pools)),
-        timeout_seconds=timeout,
-        soft_timeout_seconds=soft_timeout,
-        attempt_id=rows["attempt"][0][0],
-    )
+    return SentClaim(node_run_id, attempt, worker, batch.send())
 
 
 def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
@@ -562,19 +590,47 @@ def complete_attempt(
     pools, where queueing counts free slots, the released nodes queue after the batch
     as slots allow, and the node's slot goes to a waiting node, in any run.
     """
-    facts = facts or node_facts(node_run_id)
-    now = timezone.now()
-    if not facts.run_pools:
-        rows = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True).run()
+    return send_success(node_run_id, attempt, output, actor=actor, facts=facts).applied()
+
+
+class SentSuccess:
+    """A success on its way to the database (``send_success``); ``applied()`` waits for it."""
+
+    def __init__(
+        self,
+        node_run_id: int,
+        attempt: int,
+        actor: str,
+        run_id: int,
+        *,
+        sent: sql.Sent | None = None,
+        applied: bool | None = None,
+    ):
+        self.node_run_id = node_run_id
+        self.attempt = attempt
+        self._actor = actor
+        self._run_id = run_id
+        self._sent = sent
+        self._applied = applied
+
+    def applied(self) -> bool:
+        """True if the success was applied, False if it was stale (then recorded as such).
+        The nodes it queued are enqueued once it is read (after the commit)."""
+        if self._applied is None:
+            self._applied = self._receive()
+        return self._applied
+
+    def _receive(self) -> bool:
+        rows = self._sent.results()
         if not rows["succeeded"]:
-            _record_stale_message(node_run_id, attempt, actor, "success")
+            _record_stale_message(self.node_run_id, self.attempt, self._actor, "success")
             return False
         dispatch.send_after_commit(
             [
                 dispatch.Dispatch.for_node(
                     NodeRun(
                         id=pk,
-                        run_id=facts.run_id,
+                        run_id=self._run_id,
                         node_key=key,
                         attempt=number,
                         queue=queue,
@@ -586,6 +642,27 @@ def complete_attempt(
         )
         return True
 
+
+def send_success(
+    node_run_id: int,
+    attempt: int,
+    output,
+    *,
+    actor: str = ENGINE,
+    facts: NodeFacts | None = None,
+) -> SentSuccess:
+    """``complete_attempt``, returning before the database answers in a run without
+    pools: a worker overlaps the round trip with its bookkeeping in Redis."""
+    facts = facts or node_facts(node_run_id)
+    now = timezone.now()
+    if facts.run_pools:
+        applied = _complete_in_pools(node_run_id, attempt, output, actor, facts, now)
+        return SentSuccess(node_run_id, attempt, actor, facts.run_id, applied=applied)
+    batch = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True)
+    return SentSuccess(node_run_id, attempt, actor, facts.run_id, sent=batch.send())
+
+
+def _complete_in_pools(node_run_id, attempt, output, actor, facts: NodeFacts, now) -> bool:
     with transaction.atomic():
         run = _lock_run(facts.run_id)
         lock_pools(run)  # also creates a pool deleted since the run started
@@ -982,10 +1059,10 @@ def _add_close_if_done(
     )
     named = sql.joined("node_key || ' ' || status", "'; '")
     moving = _still_moving(run_id, excluding)
-    batch.add(
+    batch.add_check(
+        "nothing_moves",
         f"SELECT 1 WHERE {guard.sql} AND NOT {moving.sql}",
         [*guard.params, *moving.params],
-        name="nothing_moves",
     )
     batch.add(
         f"UPDATE {run} SET status = CASE WHEN EXISTS ({unfinished}) THEN %s ELSE %s END,"

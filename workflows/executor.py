@@ -27,10 +27,20 @@ from workflows.context import NodeContext
 logger = logging.getLogger(__name__)
 
 
-# Claims a forking worker made in its own process just before forking the work horse
-# (workflows/worker.py), by (node-run, attempt); the horse inherits them. None: the
-# message was stale.
-claimed_before_fork: dict[tuple[int, int], engine.Claim | None] = {}
+@dataclass(frozen=True)
+class WorkerClaim:
+    """A claim the worker process sent for the job it is about to run (workflows/worker.py)."""
+
+    sent: engine.SentClaim
+    # A forking worker's: the work horse runs the node and the worker reports for it.
+    reported_by_worker: bool
+
+
+# By (node-run, attempt). A simple worker sends the claim before RQ's bookkeeping for
+# the job, a forking worker before it forks: the horse inherits the claim, read.
+worker_claims: dict[tuple[int, int], WorkerClaim] = {}
+# A simple worker's success as the job sent it, read after RQ's bookkeeping.
+sent_successes: dict[tuple[int, int], engine.SentSuccess] = {}
 
 
 @dataclass(frozen=True)
@@ -64,29 +74,37 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
 
     1. Claim: compare-and-set queued → running for this attempt; a stale message
        (already claimed, cancelled, superseded) returns without running anything.
-       A forking worker has claimed it already, in its own long-lived process with a
-       warm database connection (claim_before_fork).
+       A Keel worker has sent the claim already, before RQ's own bookkeeping for the
+       job, so the database answers while RQ talks to Redis (``worker_claims``).
     2. Have the process's heartbeat watch the attempt; run the node function with ``ctx``.
     3. Report success (output) or failure (error, traceback; timed out on RQ's hard
        timeout or the node's SoftTimeout) to the engine, which decides what is next.
        In a forking worker's horse the outcome is the job's result instead, and the
        worker reports it (report_after_horse): most horses never open a connection.
+       In a simple worker a success is sent, and read after RQ's bookkeeping
+       (finish_job).
     """
     started = time.monotonic()
     key = (node_run_id, attempt)
-    if key in claimed_before_fork:
-        claim = claimed_before_fork.pop(key)
-        if claim is None:
-            return {"stale": True}
-        return {"outcome": run_claimed(claim, started).as_json()}
-    check_connections()
-    claim = engine.claim_attempt(
-        node_run_id, attempt, worker=_worker_name(), pid=os.getpid(), host=socket.gethostname()
-    )
+    made = worker_claims.pop(key, None)
+    if made is None:
+        check_connections()
+        claim = engine.claim_attempt(
+            node_run_id, attempt, worker=_worker_name(), pid=os.getpid(), host=socket.gethostname()
+        )
+    else:
+        claim = made.sent.claim()
     if claim is None:
         return {"stale": True}
     outcome = run_claimed(claim, started)
-    report(claim, outcome, actor=_worker_name())
+    if made is not None and made.reported_by_worker:
+        return {"outcome": outcome.as_json()}
+    sent = send_report(claim, outcome, actor=_worker_name())
+    if sent is not None:
+        if made is not None:
+            sent_successes[key] = sent
+        else:
+            sent.applied()
     return outcome.summary()
 
 
@@ -145,56 +163,82 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
 
 
 def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
+    sent = send_report(claim, outcome, actor=actor)
+    if sent is not None:
+        sent.applied()
+
+
+def send_report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> engine.SentSuccess | None:
+    """Report an outcome; a success may still be on its way (``applied()`` reads it)."""
     if outcome.superseded:
-        return
+        return None
     if outcome.failure:
         engine.fail_attempt(
             claim.node_run_id, claim.attempt, outcome.failure, actor=actor, run_id=claim.run_id
         )
-    else:
-        engine.complete_attempt(
-            claim.node_run_id, claim.attempt, outcome.output, actor=actor, facts=claim.facts
-        )
+        return None
+    return engine.send_success(
+        claim.node_run_id, claim.attempt, outcome.output, actor=actor, facts=claim.facts
+    )
 
 
-# --- The forking worker's side (workflows/worker.py) ------------------------------------------
+# --- The Keel worker's side (workflows/worker.py) ----------------------------------------------
 
 
-def claim_before_fork(job, *, worker: str, host: str) -> tuple[int, int] | None:
-    """In a forking worker, before it forks: claim the attempt a Keel job carries.
+def send_claim(job, *, worker: str, host: str, reported_by_worker: bool) -> tuple[int, int] | None:
+    """In a Keel worker, before RQ's bookkeeping for a job: send the claim of the
+    attempt it carries, and return without waiting for the database.
 
-    Returns the (node-run, attempt) key to report on after the horse ends, or None for
-    a job that is not Keel's or a claim that could not be made (the horse then claims
-    for itself and meets the same error, which RQ records).
+    Returns the (node-run, attempt) key, or None for a job that is not Keel's or a
+    claim that could not be sent (the job then claims for itself and meets the same
+    error, which RQ records).
     """
     if job.func_name != dispatch.EXECUTOR_FUNC or len(job.args) != 2:
         return None
     key = (int(job.args[0]), int(job.args[1]))
     try:
         check_connections()
-        claimed_before_fork[key] = engine.claim_attempt(
-            *key, worker=worker, pid=os.getpid(), host=host
-        )
+        sent = engine.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
+    except DatabaseError:
+        logger.exception("Could not claim node-run %s attempt %s", *key)
+        return None
+    worker_claims[key] = WorkerClaim(sent, reported_by_worker)
+    return key
+
+
+def receive_claim(key: tuple[int, int]) -> None:
+    """Read the answer to a claim sent by ``send_claim``: a forking worker does before it
+    forks, so that no horse inherits a connection in the middle of a batch. On an error
+    the claim is forgotten and the horse claims for itself."""
+    made = worker_claims.get(key)
+    if made is None:
+        return
+    try:
+        made.sent.claim()
     except DatabaseError:
         logger.exception("Could not claim node-run %s attempt %s before forking", *key)
-        return None
-    return key
+        del worker_claims[key]
 
 
 def record_work_horse(key: tuple[int, int], pid: int) -> None:
     """The horse's pid on the attempt: diagnostics look at the process that runs the node."""
-    if claimed_before_fork.get(key) is not None:
+    made = worker_claims.get(key)
+    if made is not None and made.sent.claim() is not None:
         with contextlib.suppress(DatabaseError):
             engine.record_attempt_pid(*key, pid)
 
 
 def report_after_horse(job, key: tuple[int, int], *, worker: str) -> None:
     """After the horse has ended: report the outcome it returned, or, when it returned
-    none (killed at the hard timeout, stopped, crashed), a failure saying so."""
-    claim = claimed_before_fork.pop(key, None)
-    if claim is None:
+    none (killed at the hard timeout, stopped, crashed, never started), a failure
+    saying so."""
+    made = worker_claims.pop(key, None)
+    if made is None:
         return
     try:
+        claim = made.sent.claim()
+        if claim is None:
+            return
         result = job.latest_result()
         returned = result.return_value if result is not None else None
         if isinstance(returned, dict) and returned.get("outcome"):
@@ -204,6 +248,32 @@ def report_after_horse(job, key: tuple[int, int], *, worker: str) -> None:
     except (DatabaseError, redis.RedisError):
         # The attempt stays running; the watchdog finds the job ended without a report.
         logger.exception("Could not report node-run %s attempt %s", *key)
+
+
+def finish_job(key: tuple[int, int], *, worker: str) -> None:
+    """After RQ's bookkeeping for a simple worker's job: read the success the job sent;
+    if RQ never called the job (it failed before), report the claimed attempt failed."""
+    sent = sent_successes.pop(key, None)
+    made = worker_claims.pop(key, None)
+    try:
+        if sent is not None:
+            sent.applied()
+        claim = made.sent.claim() if made is not None else None
+        if claim is not None:
+            report(claim, Outcome(failure=_not_started_failure()), actor=worker)
+    except (DatabaseError, redis.RedisError):
+        # The attempt stays running; the watchdog finds the job ended without a report.
+        logger.exception("Could not report node-run %s attempt %s", *key)
+
+
+def _not_started_failure() -> engine.Failure:
+    return engine.Failure(
+        error_type="JobNotStarted",
+        message="the worker claimed the attempt, but RQ failed before running the job (see "
+        "the worker's log)",
+        names=("JobNotStarted",),
+        ignore_retry_on=True,
+    )
 
 
 def _horse_failure(claim: engine.Claim, result) -> engine.Failure:

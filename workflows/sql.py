@@ -10,6 +10,8 @@ alike. Values go through the model fields' own conversions, so rows are stored a
 read exactly as the ORM stores and reads them.
 """
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -101,13 +103,29 @@ class Batch:
             self._names[name] = len(self._statements)
         self._statements.append((statement, list(params), needs))
 
+    def add_check(self, name: str, statement: str, params) -> None:
+        """A query that later statements name in ``needs``, and nothing reads: where
+        statements run one by one (SQLite) they are skipped when it finds no row; in a
+        pipeline (PostgreSQL), where skipping would save nothing, it is not sent at all."""
+        if connection.vendor != "postgresql":
+            self.add(statement, params, name=name)
+
     def run(self) -> dict[str, list[tuple]]:
         """Run the statements; return the rows of each named one ([] if it has none)."""
+        return self.send().results()
+
+    def send(self) -> "Sent":
+        """Send the statements; ``results()`` on what this returns waits for their rows.
+
+        On PostgreSQL it returns once the statements, and the Sync that ends the batch
+        (and outside ``atomic()`` commits it), are on their way: the batch runs on the
+        server while this process goes on, with a worker's bookkeeping in Redis for
+        one (workflows/worker.py). The connection is the batch's until ``results()``.
+        SQLite runs the batch before returning.
+        """
         if connection.vendor == "postgresql":
-            results = self._run_pipelined()
-        else:
-            results = self._run_one_by_one()
-        return {name: results[index] for name, index in self._names.items()}
+            return _Pipelined(self)
+        return Sent(self, self._run_one_by_one())
 
     def _run_one_by_one(self) -> list[list[tuple]]:
         results: list[list[tuple]] = []
@@ -121,31 +139,87 @@ class Batch:
                 results.append(cursor.fetchall())
         return results
 
-    def _run_pipelined(self) -> list[list[tuple]]:
+
+class Sent:
+    """A batch sent to the database (``Batch.send``)."""
+
+    def __init__(self, batch: Batch, rows: list[list[tuple]] | None = None):
+        self._batch = batch
+        self._rows = rows
+
+    def results(self) -> dict[str, list[tuple]]:
+        """The rows of each named statement ([] if it has none), read once."""
+        if self._rows is None:
+            self._rows = self._receive()
+        return {name: self._rows[index] for name, index in self._batch._names.items()}
+
+    def _receive(self) -> list[list[tuple]]:
+        raise NotImplementedError
+
+
+class _Pipelined(Sent):
+    """PostgreSQL: the statements go out in pipeline mode, each bound server-side and
+    prepared; their answers are read when the results are asked for."""
+
+    def __init__(self, batch: Batch):
+        super().__init__(batch)
         # Django's own cursors bind parameters client-side, which pipeline mode cannot
         # use; these cursors bind them server-side, on Django's connection and inside
         # its transaction if there is one.
-        db = connections[DEFAULT_DB_ALIAS]  # once: each look-up through the proxy costs
+        self._db = db = connections[DEFAULT_DB_ALIAS]  # once: each look-up through the proxy costs
         db.ensure_connection()
         db.validate_no_broken_transaction()
-        started = time.monotonic()
-        with db.wrap_database_errors:
+        self._started = time.monotonic()
+        self._cursors = []
+        self._pipeline = contextlib.ExitStack()
+        with db.wrap_database_errors, _closed_on_error(self._pipeline):
             session = db.connection
-            cursors = []
-            with session.pipeline():
-                for statement, params, _ in self._statements:
-                    cursor = psycopg.Cursor(session)
-                    cursor.execute(statement, params)
-                    cursors.append(cursor)
-            results = [cursor.fetchall() if cursor.description else [] for cursor in cursors]
+            pipeline = self._pipeline.enter_context(session.pipeline())
+            for statement, params, _ in batch._statements:
+                cursor = psycopg.Cursor(session)
+                cursor.execute(statement, params)
+                self._cursors.append(cursor)
+            _send_sync(session, pipeline)
+
+    def _receive(self) -> list[list[tuple]]:
+        db = self._db
+        with db.wrap_database_errors:
+            self._pipeline.close()  # leaves pipeline mode once every answer is in
+            rows = [cursor.fetchall() if cursor.description else [] for cursor in self._cursors]
         if db.queries_logged:  # DEBUG, or a test counting queries
             db.queries_log.append(
                 {
-                    "sql": ";\n".join(statement for statement, *_ in self._statements),
-                    "time": f"{time.monotonic() - started:.3f}",
+                    "sql": ";\n".join(statement for statement, *_ in self._batch._statements),
+                    "time": f"{time.monotonic() - self._started:.3f}",
                 }
             )
-        return results
+        return rows
+
+
+@contextlib.contextmanager
+def _closed_on_error(stack: contextlib.ExitStack):
+    try:
+        yield
+    except BaseException:
+        stack.__exit__(*sys.exc_info())
+        raise
+
+
+def _send_sync(session: psycopg.Connection, pipeline: psycopg.Pipeline) -> None:
+    """Send a pipeline's Sync (which ends its statements' transaction) without waiting
+    for the answers, which ``Pipeline.sync()`` also reads.
+
+    That takes psycopg's private API (pinned in requirements.lock; tests/engine/
+    test_sql.py checks the batch commits before its results are read). Should a newer
+    psycopg lack it, this waits, as ``sync()`` does: slower, never different.
+    """
+    enqueue = getattr(pipeline, "_enqueue_sync", None)
+    communicate = getattr(pipeline, "_communicate_gen", None)
+    if enqueue is None or communicate is None:
+        pipeline.sync()
+        return
+    enqueue()
+    session.wait(communicate())
 
 
 @dataclass(frozen=True)

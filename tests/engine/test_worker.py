@@ -1,0 +1,54 @@
+"""workflows/worker.py in this process: what a Keel worker does around RQ's own steps."""
+
+import pytest
+import redis
+
+from workflows import dispatch
+from workflows.models import NodeAttempt, NodeRun, RunEvent
+from workflows.worker import KeelSimpleWorker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class LosesRedisBeforeTheJob(KeelSimpleWorker):
+    """RQ's bookkeeping before a job fails, as when Redis goes away at that moment."""
+
+    def prepare_job_execution(self, job, remove_from_intermediate_queue=False):
+        raise redis.exceptions.ConnectionError("Connection refused (Redis went away)")
+
+
+def test_a_claimed_attempt_whose_job_rq_never_ran_is_failed_and_retried(start_run, clean_redis):
+    """A simple worker claims before RQ's bookkeeping for the job. When that bookkeeping
+    fails and RQ never calls the job, the attempt is reported as failed at once (and
+    retried, whatever ``retry_on`` lists), not left running until the watchdog notices."""
+    run = start_run(
+        {
+            "name": "Never started",
+            "nodes": {
+                "n": {
+                    "type": "keel.noop",
+                    "retries": {"max_attempts": 2, "backoff": 0, "retry_on": ["ValueError"]},
+                }
+            },
+        }
+    )
+    worker = LosesRedisBeforeTheJob(
+        [dispatch.get_queue("default")], connection=clean_redis, name="never-started"
+    )
+    worker.register_birth()  # as RQ's work loop does first
+    job, queue = worker.dequeue_job_and_maintain_ttl(timeout=1)
+
+    try:
+        worker.execute_job(job, queue)
+    finally:
+        worker.register_death()
+
+    first = NodeAttempt.objects.get(node_run__run=run, number=1)
+    assert first.status == NodeAttempt.Status.FAILED
+    assert first.error_type == "JobNotStarted"
+    assert "RQ failed before running the job" in first.error_message
+    assert first.worker == "never-started"
+    node = NodeRun.objects.get(run=run)
+    assert node.attempt == 2
+    assert node.status in (NodeRun.Status.QUEUED, NodeRun.Status.RETRY_WAIT)
+    assert RunEvent.objects.filter(run=run, kind=RunEvent.Kind.RETRY).exists()
