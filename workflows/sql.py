@@ -35,20 +35,27 @@ def _field(model: type[Model], field_name: str):
     return model._meta.get_field(field_name)
 
 
+def _db():
+    """This thread's default connection itself. ``django.db.connection`` is a proxy that
+    looks it up again at every attribute; these functions run for every node, where
+    those look-ups cost a quarter of the time spent building a success's statements."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
 def to_db(model: type[Model], field_name: str, value):
     """A value as the ORM would send it for that field (JSON encoded, datetimes adapted)."""
-    return _field(model, field_name).get_db_prep_value(value, connection, prepared=False)
+    return _field(model, field_name).get_db_prep_value(value, _db(), prepared=False)
 
 
 def from_db(model: type[Model], field_name: str, value):
     """A JSON column's value as the ORM would load it (both backends return JSON as text)."""
-    return _field(model, field_name).from_db_value(value, None, connection)
+    return _field(model, field_name).from_db_value(value, None, _db())
 
 
 def joined(expression: str, separator: str) -> str:
     """An aggregate joining ``expression`` over rows with ``separator`` (SQL literals), in
     the order the rows come (select them from an ordered subquery)."""
-    function = "string_agg" if connection.vendor == "postgresql" else "group_concat"
+    function = "string_agg" if _db().vendor == "postgresql" else "group_concat"
     return f"{function}({expression}, {separator})"
 
 
@@ -107,7 +114,7 @@ class Batch:
         """A query that later statements name in ``needs``, and nothing reads: where
         statements run one by one (SQLite) they are skipped when it finds no row; in a
         pipeline (PostgreSQL), where skipping would save nothing, it is not sent at all."""
-        if connection.vendor != "postgresql":
+        if _db().vendor != "postgresql":
             self.add(statement, params, name=name)
 
     def run(self) -> dict[str, list[tuple]]:
@@ -123,7 +130,7 @@ class Batch:
         one (workflows/worker.py). The connection is the batch's until ``results()``.
         SQLite runs the batch before returning.
         """
-        if connection.vendor == "postgresql":
+        if _db().vendor == "postgresql":
             return _Pipelined(self)
         return Sent(self, self._run_one_by_one())
 
@@ -238,6 +245,7 @@ def insert_select(model: type[Model], values: dict, rest: str, rest_params) -> t
     ``Raw`` expressions over the rows ``rest`` selects. A field left out gets its
     default as the ORM would give it; a nullable one without a default is NULL.
     """
+    db = _db()
     columns, expressions, params = [], [], []
     for field in _insert_shape(model)[0]:
         if field.name in values:
@@ -246,13 +254,13 @@ def insert_select(model: type[Model], values: dict, rest: str, rest_params) -> t
             continue
         else:
             value = field.get_default()  # "" for a text field without a default, as the ORM
-        columns.append(connection.ops.quote_name(field.column))
+        columns.append(db.ops.quote_name(field.column))
         if isinstance(value, Raw):
             expressions.append(value.expression)
             params.extend(value.params)
         else:
             expressions.append("%s")
-            params.append(field.get_db_prep_save(value, connection))
+            params.append(field.get_db_prep_save(value, db))
     statement = (
         f"INSERT INTO {table(model)} ({', '.join(columns)}) SELECT {', '.join(expressions)} {rest}"
     )
@@ -269,7 +277,7 @@ def commit_without_waiting_for_disk(batch: Batch) -> None:
     does wait makes every earlier one durable. SQLite (WAL, synchronous=NORMAL) never
     waits at commit anyway.
     """
-    if connection.vendor == "postgresql":
+    if _db().vendor == "postgresql":
         batch.add("SET LOCAL synchronous_commit TO OFF", [])
 
 
@@ -280,7 +288,7 @@ def row_lock() -> str:
 
 def has_row_locks() -> bool:
     """False on SQLite, where a writing transaction holds the whole database instead."""
-    return connection.features.has_select_for_no_key_update
+    return _db().features.has_select_for_no_key_update
 
 
 def insert(objects: list[Model]) -> None:
@@ -291,12 +299,13 @@ def insert(objects: list[Model]) -> None:
     """
     if not objects:
         return
+    db = _db()
     fields, statement_start, row = _insert_shape(type(objects[0]))
     per_statement = max(1, MAX_PARAMS // len(fields))
     for start in range(0, len(objects), per_statement):
         chunk = objects[start : start + per_statement]
         params = [
-            field.get_db_prep_save(field.pre_save(obj, add=True), connection)
+            field.get_db_prep_save(field.pre_save(obj, add=True), db)
             for obj in chunk
             for field in fields
         ]
