@@ -159,7 +159,6 @@ class CheckpointInline(ReadOnlyInline):
     model = Checkpoint
     fields = ["sequence", "kind", "attempt", "created_at", "state"]
     readonly_fields = fields
-    show_change_link = False
 
 
 class NodeEventInline(RunEventInline):
@@ -200,6 +199,25 @@ class LogLineInline(ReadOnlyInline):
     fields = ["seq", "at", "level", "message"]
     readonly_fields = fields
     show_change_link = False
+
+
+@admin.register(Checkpoint)
+class CheckpointAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+    """Checkpoints, to roll a run back to one (the run page offers the same)."""
+
+    actions = [admin_actions.rollback_to_checkpoint]
+    list_display = ["id", "run", "node_run", "kind", "sequence", "attempt", "created_at"]
+    list_filter = ["kind", "run__workflow"]
+    list_select_related = ["run", "run__workflow", "node_run", "node_run__run"]
+    search_fields = ["=run__id", "node_run__node_key"]
+    ordering = ["-run_id", "node_run_id", "sequence"]
+    readonly_fields = [f.name for f in Checkpoint._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 @admin.register(NodeAttempt)

@@ -182,3 +182,41 @@ def rollback_to_node(modeladmin, request, queryset):
             t.run_id, actor=actor, reason=reason, to_node=t.options["to_node"], request_key=key
         ),
     )
+
+
+@admin.action(permissions=["operate"], description="Roll back its run to the selected checkpoint…")
+def rollback_to_checkpoint(modeladmin, request, queryset):
+    checkpoints = list(queryset.select_related("node_run").order_by("run_id", "pk"))
+    runs = [checkpoint.run_id for checkpoint in checkpoints]
+    if len(set(runs)) != len(runs):
+        modeladmin.message_user(
+            request,
+            "Select one checkpoint per run: a run is rolled back to one checkpoint.",
+            messages.ERROR,
+        )
+        return None
+    targets = [
+        Target(
+            f"run {checkpoint.run_id} checkpoint {checkpoint.pk} ("
+            + (f"node {checkpoint.node_run.node_key}, " if checkpoint.node_run else "")
+            + f"{checkpoint.kind} #{checkpoint.sequence})",
+            checkpoint.run_id,
+            {"to_checkpoint": checkpoint.pk},
+        )
+        for checkpoint in checkpoints
+    ]
+    return operate(
+        modeladmin,
+        request,
+        queryset,
+        action="rollback",
+        title="Roll back runs to checkpoints",
+        targets=targets,
+        perform=lambda t, actor, reason, key: operations.rollback_run(
+            t.run_id,
+            actor=actor,
+            reason=reason,
+            to_checkpoint=t.options["to_checkpoint"],
+            request_key=key,
+        ),
+    )

@@ -4,7 +4,8 @@ import pytest
 from django.contrib.auth.models import Permission
 
 from tests.operations.test_operations import CHAIN, nodes, work
-from workflows.models import NodeRun, Run, RunEvent
+from tests.testapp.models import Execution
+from workflows.models import Checkpoint, NodeRun, Run, RunEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,10 +19,20 @@ def failed_run(start_run):
 
 
 @pytest.fixture
+def succeeded_run(start_run):
+    run = start_run(CHAIN)
+    for key in "abc":
+        work(run, key, output={"from": key})
+    return run
+
+
+@pytest.fixture
 def operator(client, django_user_model):
     user = django_user_model.objects.create_user("op", password="pw", is_staff=True)
     user.user_permissions.add(
-        *Permission.objects.filter(codename__in=["view_run", "view_noderun", "operate_run"])
+        *Permission.objects.filter(
+            codename__in=["view_run", "view_noderun", "view_checkpoint", "operate_run"]
+        )
     )
     client.force_login(user)
     return client
@@ -101,3 +112,48 @@ def test_actions_are_hidden_from_staff_without_the_operate_permission(
     failed_run.refresh_from_db()
     assert failed_run.status == Run.Status.FAILED
     assert response.status_code in (200, 302)
+
+
+def test_rollback_to_a_checkpoint_action_previews_then_rolls_back(operator, succeeded_run):
+    run = succeeded_run
+    a_done = Checkpoint.objects.get(node_run__run=run, node_run__node_key="a", kind="node_done")
+    listing = operator.get("/admin/workflows/checkpoint/", {"run__id": run.pk})
+    assert listing.status_code == 200 and "rollback_to_checkpoint" in listing.content.decode()
+
+    data = {"action": "rollback_to_checkpoint", "_selected_action": [a_done.pk]}
+    page = operator.post("/admin/workflows/checkpoint/", data)
+    html = page.content.decode()
+    assert f"run {run.pk} checkpoint {a_done.pk} (node a, node_done #1)" in html
+    assert "compensate hook runs, then it runs again" in html
+    assert Run.objects.get(pk=run.pk).status == Run.Status.SUCCEEDED, "only a preview so far"
+
+    key = page.context["form"]["request_key"].value()
+    confirm = {**data, "apply": "Confirm", "reason": "bad load after a", "request_key": key}
+    response = operator.post("/admin/workflows/checkpoint/", confirm, follow=True)
+
+    assert (
+        f"Run {run.pk} rolled back: 2 compensated, 2 reset; resumed." in response.content.decode()
+    )
+    after = nodes(run)
+    assert after["a"].status == NodeRun.Status.SUCCEEDED
+    assert after["b"].status == NodeRun.Status.QUEUED
+    assert list(
+        Execution.objects.filter(node_key__startswith="undo:").values_list("node_key", flat=True)
+    ) == ["undo:c", "undo:b"]
+    event = RunEvent.objects.get(run=run, kind=RunEvent.Kind.OPERATOR)
+    assert (event.actor, event.reason) == ("op", "bad load after a")
+
+
+def test_rollback_to_two_checkpoints_of_one_run_is_refused(operator, succeeded_run):
+    done = Checkpoint.objects.filter(node_run__run=succeeded_run).values_list("pk", flat=True)
+    data = {
+        "action": "rollback_to_checkpoint",
+        "_selected_action": list(done),
+        "apply": "Confirm",
+        "reason": "which one?",
+        "request_key": "k2",
+    }
+    response = operator.post("/admin/workflows/checkpoint/", data, follow=True)
+    assert "Select one checkpoint per run" in response.content.decode()
+    assert Run.objects.get(pk=succeeded_run.pk).status == Run.Status.SUCCEEDED
+    assert not RunEvent.objects.filter(run=succeeded_run, kind=RunEvent.Kind.OPERATOR).exists()
