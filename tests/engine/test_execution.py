@@ -628,7 +628,7 @@ def test_a_killed_work_horse_is_reported_by_its_worker_and_retried(start_worker,
         }
     )
     # The worker claims (its own pid), forks, and notes the horse's pid once the horse
-    # has run for a moment.
+    # has run for half a heartbeat interval.
     horse = wait_for(
         lambda: (pid := attempts(run, "slow")[0].pid) not in (None, worker.pid) and pid,
         message="the horse's pid on the attempt",
@@ -643,3 +643,15 @@ def test_a_killed_work_horse_is_reported_by_its_worker_and_retried(start_worker,
     assert (first.status, first.error_type) == (NodeAttempt.Status.FAILED, "WorkHorseEnded")
     assert "signal 9" in first.error_message
     assert second.status == NodeAttempt.Status.SUCCEEDED and second.pid != horse
+
+
+def test_a_node_quicker_than_half_a_heartbeat_keeps_the_pid_of_its_worker(start_worker, start_run):
+    """A forking worker notes its horse's pid only once the horse has run for half a
+    heartbeat interval (before its first beat): a quicker node costs no such write, and
+    its attempt keeps the pid of the worker that claimed it and reported it."""
+    worker = start_worker("forking")
+    run = finished(start_run({"name": "Quick", "nodes": {"quick": {"type": "keel.noop"}}}))
+
+    assert run.status == Run.Status.SUCCEEDED
+    [attempt] = attempts(run, "quick")
+    assert (attempt.status, attempt.pid) == (NodeAttempt.Status.SUCCEEDED, worker.pid)
