@@ -1,11 +1,15 @@
 """workflows/worker.py in this process: what a Keel worker does around RQ's own steps."""
 
+import subprocess
+import sys
+import time
+
 import pytest
 import redis
 
 from workflows import dispatch
 from workflows.models import NodeAttempt, NodeRun, RunEvent
-from workflows.worker import KeelSimpleWorker
+from workflows.worker import KeelSimpleWorker, _ends_within
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -52,3 +56,19 @@ def test_a_claimed_attempt_whose_job_rq_never_ran_is_failed_and_retried(start_ru
     assert node.attempt == 2
     assert node.status in (NodeRun.Status.QUEUED, NodeRun.Status.RETRY_WAIT)
     assert RunEvent.objects.filter(run=run, kind=RunEvent.Kind.RETRY).exists()
+
+
+def test_ends_within_tells_a_quick_child_from_a_slow_one():
+    """The forking worker's timed wait for its horse (``_ends_within``), on real children;
+    it never reaps them (RQ does)."""
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _ends_within(quick.pid, 10.0)
+        started = time.monotonic()
+        assert not _ends_within(slow.pid, 0.2)
+        assert time.monotonic() - started >= 0.2
+        assert quick.poll() == 0 and slow.poll() is None  # both reaped here, not by the wait
+    finally:
+        slow.kill()
+        slow.wait()
