@@ -108,11 +108,10 @@ class KeelWorker(RegistersAgain, Worker):
             executor.receive_claim(key)
             connections.close_all()
         self._claim_key = key
-        self._horse_pid_noted = False
         try:
             super().execute_job(job, queue)
         finally:
-            self._claim_key = None
+            self._claim_key = self._note_horse_pid_at = None
             if key is not None:
                 executor.report_after_horse(job, key, worker=self.name)
 
@@ -125,21 +124,21 @@ class KeelWorker(RegistersAgain, Worker):
             # across a fork (sqlite.org/howtocorrupt.html), not even an idle one.
             connections.close_all()
         super().fork_work_horse(job, queue)  # the horse never returns from it: os._exit
-        self._note_horse_pid_at = time.monotonic() + settings.KEEL_HEARTBEAT_SECONDS / 2
+        if key is not None:
+            self._note_horse_pid_at = time.monotonic() + settings.KEEL_HEARTBEAT_SECONDS / 2
 
     def wait_for_horse(self):
         """Note the horse's pid on the attempt once it has run for half a heartbeat
         interval, before its first beat: diagnostics look at the process that runs the
         node. A node that ends sooner never costs the write, which on SQLite means a
         reconnect while the horse starts up (0.7 to 1.5 ms per node in bench/engine.py)."""
-        key = getattr(self, "_claim_key", None)
-        if key is not None and not self._horse_pid_noted:
+        note_at = getattr(self, "_note_horse_pid_at", None)  # None: noted, or nothing to note
+        if note_at is not None:
             # RQ's own monitoring alarm may interrupt this wait; the next call waits for
             # what is left of it.
-            left = max(0.0, self._note_horse_pid_at - time.monotonic())
-            if not _ends_within(self.horse_pid, left):
-                executor.record_work_horse(key, self.horse_pid)
-            self._horse_pid_noted = True
+            if not _ends_within(self.horse_pid, max(0.0, note_at - time.monotonic())):
+                executor.record_work_horse(self._claim_key, self.horse_pid)
+            self._note_horse_pid_at = None
         return super().wait_for_horse()
 
     def main_work_horse(self, job, queue):
