@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import connection
 
 from workflows import dispatch, engine, versioning
+from workflows.companion import PROCESS_NAME as COMPANION_NAME
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WORKER_CLASSES = {
@@ -76,20 +77,28 @@ class WorkerProcess:
         return self.process.pid
 
     def horse_pids(self) -> list[int]:
+        return [child.pid for child in self._children() if child.name() != COMPANION_NAME]
+
+    def companion_pid(self) -> int | None:
+        """The forking worker's database companion (workflows/companion.py), once started."""
+        named = [child.pid for child in self._children() if child.name() == COMPANION_NAME]
+        return named[0] if named else None
+
+    def _children(self) -> list:
         try:
-            return [child.pid for child in psutil.Process(self.pid).children(recursive=True)]
+            return psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
 
     def kill_hard(self) -> None:
         """SIGKILL the worker and its work horse: no RQ callback, no cleanup."""
-        horses = self.horse_pids()
+        horses = [child.pid for child in self._children()]
         self.process.kill()
         _kill_all(horses)
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        horses = self.horse_pids()
+        horses = [child.pid for child in self._children()]
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

@@ -18,7 +18,7 @@ status. Every transition runs in ``transaction.atomic()``:
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 
 from django.db import connection, transaction
@@ -94,6 +94,19 @@ class Claim:
     @property
     def facts(self) -> NodeFacts:
         return NodeFacts(self.run_id, self.downstream, self.run_pools)
+
+    def as_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Claim":
+        return cls(
+            **{
+                **data,
+                "downstream": tuple(data["downstream"]),
+                "run_pools": tuple(data["run_pools"]),
+            }
+        )
 
 
 # --- Starting a run ---------------------------------------------------------------------------

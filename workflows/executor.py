@@ -3,7 +3,6 @@
 The job is a thin wrapper (claim, run, report): every state change is the engine's.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import threading
 import time
 import traceback as traceback_module
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
@@ -24,6 +23,10 @@ from rq.timeouts import JobTimeoutException
 from workflows import dispatch, engine, heartbeat, registry
 from workflows.context import NodeContext
 
+if TYPE_CHECKING:
+    from workflows.companion import Companion
+    from workflows.companion import SentClaim as CompanionClaim
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +34,7 @@ logger = logging.getLogger(__name__)
 class WorkerClaim:
     """A claim the worker process sent for the job it is about to run (workflows/worker.py)."""
 
-    sent: engine.SentClaim
+    sent: "engine.SentClaim | CompanionClaim"
     # A forking worker's: the work horse runs the node and the worker reports for it.
     reported_by_worker: bool
 
@@ -185,20 +188,31 @@ def send_report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> engine.
 # --- The Keel worker's side (workflows/worker.py) ----------------------------------------------
 
 
-def send_claim(job, *, worker: str, host: str, reported_by_worker: bool) -> tuple[int, int] | None:
+def send_claim(
+    job,
+    *,
+    worker: str,
+    host: str,
+    reported_by_worker: bool,
+    companion: "Companion | None" = None,
+) -> tuple[int, int] | None:
     """In a Keel worker, before RQ's bookkeeping for a job: send the claim of the
     attempt it carries, and return without waiting for the database.
 
-    Returns the (node-run, attempt) key, or None for a job that is not Keel's or a
-    claim that could not be sent (the job then claims for itself and meets the same
-    error, which RQ records).
+    A forking worker has its companion make the claim (workflows/companion.py); a simple
+    worker makes it on its own connection. Returns the (node-run, attempt) key, or None
+    for a job that is not Keel's or a claim that could not be sent (the job then claims
+    for itself and meets the same error, which RQ records).
     """
     if job.func_name != dispatch.EXECUTOR_FUNC or len(job.args) != 2:
         return None
     key = (int(job.args[0]), int(job.args[1]))
     try:
-        check_connections()
-        sent = engine.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
+        if companion is not None:
+            sent = companion.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
+        else:
+            check_connections()
+            sent = engine.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
     except DatabaseError:
         logger.exception("Could not claim node-run %s attempt %s", *key)
         return None
@@ -208,8 +222,8 @@ def send_claim(job, *, worker: str, host: str, reported_by_worker: bool) -> tupl
 
 def receive_claim(key: tuple[int, int]) -> None:
     """Read the answer to a claim sent by ``send_claim``: a forking worker does before it
-    forks, so that no horse inherits a connection in the middle of a batch. On an error
-    the claim is forgotten and the horse claims for itself."""
+    forks, so that the horse inherits the claim itself. On an error the claim is
+    forgotten and the horse claims for itself."""
     made = worker_claims.get(key)
     if made is None:
         return
@@ -220,18 +234,21 @@ def receive_claim(key: tuple[int, int]) -> None:
         del worker_claims[key]
 
 
-def record_work_horse(key: tuple[int, int], pid: int) -> None:
+def record_work_horse(key: tuple[int, int], pid: int, companion: "Companion") -> None:
     """The horse's pid on the attempt: diagnostics look at the process that runs the node."""
     made = worker_claims.get(key)
     if made is not None and made.sent.claim() is not None:
-        with contextlib.suppress(DatabaseError):
-            engine.record_attempt_pid(*key, pid)
+        try:
+            companion.note_pid(*key, pid)
+        except DatabaseError:
+            logger.exception("Could not note the work horse of node-run %s attempt %s", *key)
 
 
-def report_after_horse(job, key: tuple[int, int], *, worker: str) -> None:
+def report_after_horse(job, key: tuple[int, int], *, worker: str, companion: "Companion") -> None:
     """After the horse has ended: report the outcome it returned, or, when it returned
     none (killed at the hard timeout, stopped, crashed, never started), a failure
-    saying so."""
+    saying so. The companion makes the report (``report_ended_job``) while the worker
+    goes on to its next job."""
     made = worker_claims.pop(key, None)
     if made is None:
         return
@@ -242,12 +259,24 @@ def report_after_horse(job, key: tuple[int, int], *, worker: str) -> None:
         result = job.latest_result()
         returned = result.return_value if result is not None else None
         if isinstance(returned, dict) and returned.get("outcome"):
-            report(claim, Outcome.from_json(returned["outcome"]), actor=worker)
-        elif engine.attempt_is_running(*key):
-            report(claim, Outcome(failure=_horse_failure(claim, result)), actor=worker)
+            outcome, only_if_running = Outcome.from_json(returned["outcome"]), False
+        else:
+            outcome, only_if_running = Outcome(failure=_horse_failure(claim, result)), True
+        companion.report(claim, outcome, actor=worker, only_if_running=only_if_running)
     except (DatabaseError, redis.RedisError):
         # The attempt stays running; the watchdog finds the job ended without a report.
         logger.exception("Could not report node-run %s attempt %s", *key)
+
+
+def report_ended_job(
+    claim: engine.Claim, outcome: Outcome, *, actor: str, only_if_running: bool
+) -> None:
+    """Report the outcome of a job that has ended; ``only_if_running``: unless the
+    attempt has ended meanwhile (a horse that returned nothing may have been stopped by
+    the engine, which has closed the attempt already)."""
+    if only_if_running and not engine.attempt_is_running(claim.node_run_id, claim.attempt):
+        return
+    report(claim, outcome, actor=actor)
 
 
 def finish_job(key: tuple[int, int], *, worker: str) -> None:

@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from rq.worker import SimpleWorker, Worker
 
 from workflows import executor, sql
+from workflows.companion import Companion
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
 
 
@@ -40,11 +41,6 @@ def warm_up() -> None:
         NodeAttempt.objects.filter(node_run_id=-1, number=0).update(updated_at=now)
         NodeRun.objects.filter(pk=-1).values("run_id", "status", "attempt").first()
     connections.close_all()
-
-
-# A work horse's copies of its parent's database connections: referenced until the
-# horse exits so that nothing ever finalizes (and so closes) them.
-_inherited_connections: list = []
 
 
 class RegistersAgain:
@@ -86,43 +82,47 @@ class KeelWorker(RegistersAgain, Worker):
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
         warm_up()
+        self._companion = Companion()
 
     def execute_job(self, job, queue):
-        """Claim in this process, run the node in the work horse, report here.
+        """Claim before the fork, run the node in the work horse, report after it.
 
-        This process lives for days and keeps a warm database connection; a horse lives
-        for one job and would have to open its own (on PostgreSQL a new server process
-        with cold caches). So the claim and the report are made here, and a horse
-        opens a connection only if its node asks for something (inputs, checkpoints,
-        logs, a heartbeat). The claim is sent before RQ's bookkeeping for the job and
-        read just before the fork.
+        The claim and the report are made by the worker's database companion
+        (workflows/companion.py), a process that lives as long as the worker and keeps a
+        warm connection; the worker holds none when it forks, and a horse opens one only
+        if its node asks for something (inputs, checkpoints, logs, a heartbeat). The
+        claim is sent before RQ's bookkeeping for the job and read just before the fork.
         """
         key = executor.send_claim(
-            job, worker=self.name, host=self.hostname, reported_by_worker=True
+            job,
+            worker=self.name,
+            host=self.hostname,
+            reported_by_worker=True,
+            companion=self._companion,
         )
-        if key is not None and connections["default"].vendor == "sqlite":
-            # The fork may not carry this connection (fork_work_horse). Closed now, not
-            # just before the fork: the memory it frees is then reused by RQ's own work
-            # for the job rather than by the horse, which copies every page it writes
-            # (about 500 fewer page faults per horse, measured with bench/engine.py).
-            executor.receive_claim(key)
-            connections.close_all()
         self._claim_key = key
         try:
             super().execute_job(job, queue)
         finally:
             self._claim_key = self._note_horse_pid_at = None
             if key is not None:
-                executor.report_after_horse(job, key, worker=self.name)
+                executor.report_after_horse(job, key, worker=self.name, companion=self._companion)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        if timeout is None:
+            # A burst worker stops at the first empty look at its queues: let the
+            # companion finish the last report first, which may queue the next nodes.
+            # (A worker that blocks on its queues gets those nodes when they come.)
+            self._companion.settle()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
     def fork_work_horse(self, job, queue):
         key = getattr(self, "_claim_key", None)
         if key is not None:
             executor.receive_claim(key)
-        if connections["default"].vendor == "sqlite":
-            # SQLite keeps lock state per process: a connection must never be carried
-            # across a fork (sqlite.org/howtocorrupt.html), not even an idle one.
-            connections.close_all()
+        # No connection crosses a fork (a SQLite one must not); the companion has the
+        # worker's, so this closes only what something else may have opened.
+        connections.close_all()
         super().fork_work_horse(job, queue)  # the horse never returns from it: os._exit
         if key is not None:
             self._note_horse_pid_at = time.monotonic() + settings.KEEL_HEARTBEAT_SECONDS / 2
@@ -130,25 +130,18 @@ class KeelWorker(RegistersAgain, Worker):
     def wait_for_horse(self):
         """Note the horse's pid on the attempt once it has run for half a heartbeat
         interval, before its first beat: diagnostics look at the process that runs the
-        node. A node that ends sooner never costs the write, which on SQLite means a
-        reconnect while the horse starts up (0.7 to 1.5 ms per node in bench/engine.py)."""
+        node. A node that ends sooner never costs the write."""
         note_at = getattr(self, "_note_horse_pid_at", None)  # None: noted, or nothing to note
         if note_at is not None:
             # RQ's own monitoring alarm may interrupt this wait; the next call waits for
             # what is left of it.
             if not _ends_within(self.horse_pid, max(0.0, note_at - time.monotonic())):
-                executor.record_work_horse(self._claim_key, self.horse_pid)
+                executor.record_work_horse(self._claim_key, self.horse_pid, self._companion)
             self._note_horse_pid_at = None
         return super().wait_for_horse()
 
     def main_work_horse(self, job, queue):
-        # The parent's PostgreSQL connections are the parent's: the horse must neither
-        # use nor close them (closing would end the parent's session on the server). Drop
-        # them unclosed and kept referenced; Django opens new ones if the node needs any.
-        for connection in connections.all(initialized_only=True):
-            if connection.connection is not None:
-                _inherited_connections.append(connection.connection)
-                connection.connection = None
+        self._companion.abandon_in_child()
         super().main_work_horse(job, queue)
 
     def perform_job(self, job, queue):
@@ -158,6 +151,11 @@ class KeelWorker(RegistersAgain, Worker):
             if self._is_horse:
                 # The horse leaves through os._exit(); say goodbye to the database first.
                 connections.close_all()
+
+    def teardown(self):
+        super().teardown()
+        if not self._is_horse:
+            self._companion.close()
 
 
 def _ends_within(pid: int, seconds: float) -> bool:
