@@ -77,21 +77,11 @@ class Companion:
         """Sent, not waited for (as ``report``)."""
         self._send({"op": "note_pid", "node_run_id": node_run_id, "attempt": attempt, "pid": pid})
 
-    def report(
-        self, claim: engine.Claim, outcome: executor.Outcome, *, actor: str, only_if_running: bool
-    ) -> None:
+    def report(self, claim: engine.Claim, job_id: str, *, actor: str) -> None:
         """``executor.report_ended_job``, made by the companion while the worker goes on to
         its next job. Not waited for: a failure there is logged there, and leaves the
         attempt running for the watchdog, as a worker that died would."""
-        self._send(
-            {
-                "op": "report",
-                "claim": claim.as_json(),
-                "outcome": outcome.as_json(),
-                "actor": actor,
-                "only_if_running": only_if_running,
-            }
-        )
+        self._send({"op": "report", "claim": claim.as_json(), "job_id": job_id, "actor": actor})
 
     def settle(self) -> None:
         """Wait until the companion has done everything sent to it so far."""
@@ -262,10 +252,7 @@ def _do(request: dict):
         return None
     if op == "report":
         executor.report_ended_job(
-            engine.Claim.from_json(request["claim"]),
-            executor.Outcome.from_json(request["outcome"]),
-            actor=request["actor"],
-            only_if_running=request["only_if_running"],
+            engine.Claim.from_json(request["claim"]), request["job_id"], actor=request["actor"]
         )
         return None
     raise ValueError(f"unknown request {op!r}")

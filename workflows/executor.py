@@ -18,6 +18,8 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
 from rq import get_current_job
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
 from workflows import dispatch, engine, heartbeat, registry
@@ -245,38 +247,31 @@ def record_work_horse(key: tuple[int, int], pid: int, companion: "Companion") ->
 
 
 def report_after_horse(job, key: tuple[int, int], *, worker: str, companion: "Companion") -> None:
-    """After the horse has ended: report the outcome it returned, or, when it returned
-    none (killed at the hard timeout, stopped, crashed, never started), a failure
-    saying so. The companion makes the report (``report_ended_job``) while the worker
-    goes on to its next job."""
+    """After the horse has ended: have the companion report it (``report_ended_job``)
+    while the worker goes on to its next job."""
     made = worker_claims.pop(key, None)
     if made is None:
         return
     try:
         claim = made.sent.claim()
-        if claim is None:
-            return
-        result = job.latest_result()
-        returned = result.return_value if result is not None else None
-        if isinstance(returned, dict) and returned.get("outcome"):
-            outcome, only_if_running = Outcome.from_json(returned["outcome"]), False
-        else:
-            outcome, only_if_running = Outcome(failure=_horse_failure(claim, result)), True
-        companion.report(claim, outcome, actor=worker, only_if_running=only_if_running)
-    except (DatabaseError, redis.RedisError):
+        if claim is not None:
+            companion.report(claim, job.id, actor=worker)
+    except DatabaseError:
         # The attempt stays running; the watchdog finds the job ended without a report.
         logger.exception("Could not report node-run %s attempt %s", *key)
 
 
-def report_ended_job(
-    claim: engine.Claim, outcome: Outcome, *, actor: str, only_if_running: bool
-) -> None:
-    """Report the outcome of a job that has ended; ``only_if_running``: unless the
-    attempt has ended meanwhile (a horse that returned nothing may have been stopped by
-    the engine, which has closed the attempt already)."""
-    if only_if_running and not engine.attempt_is_running(claim.node_run_id, claim.attempt):
-        return
-    report(claim, outcome, actor=actor)
+def report_ended_job(claim: engine.Claim, job_id: str, *, actor: str) -> None:
+    """Report the outcome a work horse returned as its job's result or, when it returned
+    none (killed at the hard timeout, stopped, crashed, never started), a failure
+    saying so, unless the attempt has ended meanwhile (stopped by the engine)."""
+    job = Job(id=job_id, connection=dispatch.redis_connection(), serializer=JSONSerializer)
+    result = job.latest_result()
+    returned = result.return_value if result is not None else None
+    if isinstance(returned, dict) and returned.get("outcome"):
+        report(claim, Outcome.from_json(returned["outcome"]), actor=actor)
+    elif engine.attempt_is_running(claim.node_run_id, claim.attempt):
+        report(claim, Outcome(failure=_horse_failure(claim, result)), actor=actor)
 
 
 def finish_job(key: tuple[int, int], *, worker: str) -> None:
