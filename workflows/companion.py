@@ -1,4 +1,4 @@
-"""The forking worker's database companion: the process that claims and reports for it.
+"""A Keel worker's database companion: the process that claims and reports for it.
 
 A forking worker must not carry a database connection into the work horses it forks
 (on SQLite a connection may not cross a fork at all). Were the claim and the report made
@@ -9,7 +9,8 @@ On either database, the worker's pages are shared with the horse after each fork
 every page the claim and the report touch is faulted in again.
 
 So the worker forks this companion once, while it holds no connection, and has it claim
-and report over a socket pair. The companion keeps one warm connection and never forks;
+and report over a socket pair (the simple worker too: its reports then cost it nothing
+but the request). The companion keeps one warm connection and never forks;
 the worker holds no connection when it forks a horse, and the horse opens its own only if
 its node asks for one. Requests run one at a time, in order. An answer can be read later
 than its request is sent: the claim is made while RQ does its bookkeeping in Redis.
@@ -77,11 +78,21 @@ class Companion:
         """Sent, not waited for (as ``report``)."""
         self._send({"op": "note_pid", "node_run_id": node_run_id, "attempt": attempt, "pid": pid})
 
-    def report(self, claim: engine.Claim, job_id: str, *, actor: str) -> None:
+    def report(
+        self, claim: engine.Claim, *, actor: str, outcome: "executor.Outcome | None", job_id: str
+    ) -> None:
         """``executor.report_ended_job``, made by the companion while the worker goes on to
         its next job. Not waited for: a failure there is logged there, and leaves the
         attempt running for the watchdog, as a worker that died would."""
-        self._send({"op": "report", "claim": claim.as_json(), "job_id": job_id, "actor": actor})
+        self._send(
+            {
+                "op": "report",
+                "claim": claim.as_json(),
+                "actor": actor,
+                "outcome": outcome.as_json() if outcome is not None else None,
+                "job_id": job_id,
+            }
+        )
 
     def settle(self) -> None:
         """Wait until the companion has done everything sent to it so far."""
@@ -251,8 +262,12 @@ def _do(request: dict):
         engine.record_attempt_pid(request["node_run_id"], request["attempt"], request["pid"])
         return None
     if op == "report":
+        outcome = request["outcome"]
         executor.report_ended_job(
-            engine.Claim.from_json(request["claim"]), request["job_id"], actor=request["actor"]
+            engine.Claim.from_json(request["claim"]),
+            actor=request["actor"],
+            outcome=executor.Outcome.from_json(outcome) if outcome is not None else None,
+            job_id=request["job_id"],
         )
         return None
     raise ValueError(f"unknown request {op!r}")

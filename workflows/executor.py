@@ -14,7 +14,6 @@ import traceback as traceback_module
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connections
 from rq import get_current_job
@@ -32,20 +31,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerClaim:
-    """A claim the worker process sent for the job it is about to run (workflows/worker.py)."""
-
-    sent: "engine.SentClaim | CompanionClaim"
-    # A forking worker's: the work horse runs the node and the worker reports for it.
-    reported_by_worker: bool
-
-
-# By (node-run, attempt). A simple worker sends the claim before RQ's bookkeeping for
-# the job, a forking worker before it forks: the horse inherits the claim, read.
-worker_claims: dict[tuple[int, int], WorkerClaim] = {}
-# A simple worker's success as the job sent it, read after RQ's bookkeeping.
-sent_successes: dict[tuple[int, int], engine.SentSuccess] = {}
+# By (node-run, attempt): the claims a Keel worker's companion made (workflows/
+# companion.py) for the jobs it runs, sent before RQ's bookkeeping for the job. A forking
+# worker reads the answer before it forks: the horse inherits the claim, read.
+worker_claims: dict[tuple[int, int], "CompanionClaim"] = {}
+# A simple worker's jobs that were started (None) or ran (their outcome), by the same
+# key: the worker reports them once RQ is done with the job (finish_job).
+ran_outcomes: dict[tuple[int, int], "Outcome | None"] = {}
 
 
 @dataclass(frozen=True)
@@ -79,37 +71,33 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
 
     1. Claim: compare-and-set queued → running for this attempt; a stale message
        (already claimed, cancelled, superseded) returns without running anything.
-       A Keel worker has sent the claim already, before RQ's own bookkeeping for the
-       job, so the database answers while RQ talks to Redis (``worker_claims``).
+       A Keel worker's companion has made the claim already, while RQ did its own
+       bookkeeping for the job in Redis (``worker_claims``).
     2. Have the process's heartbeat watch the attempt; run the node function with ``ctx``.
     3. Report success (output) or failure (error, traceback; timed out on RQ's hard
        timeout or the node's SoftTimeout) to the engine, which decides what is next.
-       In a forking worker's horse the outcome is the job's result instead, and the
-       worker reports it (report_after_horse): most horses never open a connection.
-       In a simple worker a success is sent, and read after RQ's bookkeeping
-       (finish_job).
+       In a Keel worker the outcome is the job's result instead, and the worker's
+       companion reports it while the worker goes on to its next job (finish_job): a
+       forking worker's horse never opens a connection for that.
     """
     started = time.monotonic()
     key = (node_run_id, attempt)
-    made = worker_claims.pop(key, None)
+    made = worker_claims.get(key)
     if made is None:
         check_connections()
         claim = engine.claim_attempt(
             node_run_id, attempt, worker=_worker_name(), pid=os.getpid(), host=socket.gethostname()
         )
     else:
-        claim = made.sent.claim()
+        ran_outcomes[key] = None
+        claim = made.claim()
     if claim is None:
         return {"stale": True}
     outcome = run_claimed(claim, started)
-    if made is not None and made.reported_by_worker:
+    if made is not None:
+        ran_outcomes[key] = outcome
         return {"outcome": outcome.as_json()}
-    sent = send_report(claim, outcome, actor=_worker_name())
-    if sent is not None:
-        if made is not None:
-            sent_successes[key] = sent
-        else:
-            sent.applied()
+    report(claim, outcome, actor=_worker_name())
     return outcome.summary()
 
 
@@ -190,35 +178,22 @@ def send_report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> engine.
 # --- The Keel worker's side (workflows/worker.py) ----------------------------------------------
 
 
-def send_claim(
-    job,
-    *,
-    worker: str,
-    host: str,
-    reported_by_worker: bool,
-    companion: "Companion | None" = None,
-) -> tuple[int, int] | None:
-    """In a Keel worker, before RQ's bookkeeping for a job: send the claim of the
-    attempt it carries, and return without waiting for the database.
+def send_claim(job, *, worker: str, host: str, companion: "Companion") -> tuple[int, int] | None:
+    """In a Keel worker, before RQ's bookkeeping for a job: have the companion claim the
+    attempt it carries, and return without waiting for the answer.
 
-    A forking worker has its companion make the claim (workflows/companion.py); a simple
-    worker makes it on its own connection. Returns the (node-run, attempt) key, or None
-    for a job that is not Keel's or a claim that could not be sent (the job then claims
-    for itself and meets the same error, which RQ records).
+    Returns the (node-run, attempt) key, or None for a job that is not Keel's or a claim
+    that could not be sent (the job then claims for itself and meets the same error,
+    which RQ records).
     """
     if job.func_name != dispatch.EXECUTOR_FUNC or len(job.args) != 2:
         return None
     key = (int(job.args[0]), int(job.args[1]))
     try:
-        if companion is not None:
-            sent = companion.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
-        else:
-            check_connections()
-            sent = engine.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
+        worker_claims[key] = companion.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
     except DatabaseError:
         logger.exception("Could not claim node-run %s attempt %s", *key)
         return None
-    worker_claims[key] = WorkerClaim(sent, reported_by_worker)
     return key
 
 
@@ -230,7 +205,7 @@ def receive_claim(key: tuple[int, int]) -> None:
     if made is None:
         return
     try:
-        made.sent.claim()
+        made.claim()
     except DatabaseError:
         logger.exception("Could not claim node-run %s attempt %s before forking", *key)
         del worker_claims[key]
@@ -239,55 +214,58 @@ def receive_claim(key: tuple[int, int]) -> None:
 def record_work_horse(key: tuple[int, int], pid: int, companion: "Companion") -> None:
     """The horse's pid on the attempt: diagnostics look at the process that runs the node."""
     made = worker_claims.get(key)
-    if made is not None and made.sent.claim() is not None:
+    if made is not None and made.claim() is not None:
         try:
             companion.note_pid(*key, pid)
         except DatabaseError:
             logger.exception("Could not note the work horse of node-run %s attempt %s", *key)
 
 
-def report_after_horse(job, key: tuple[int, int], *, worker: str, companion: "Companion") -> None:
-    """After the horse has ended: have the companion report it (``report_ended_job``)
-    while the worker goes on to its next job."""
+def finish_job(
+    job, key: tuple[int, int], *, worker: str, companion: "Companion", forked: bool
+) -> None:
+    """Once RQ is done with a job whose attempt the worker's companion claimed: have the
+    companion report its outcome (``report_ended_job``) while the worker goes on.
+
+    A simple worker hands over the outcome the job left in ``ran_outcomes``, or, if RQ
+    never called the job (it failed before), a failure saying so. A forking worker's
+    horse returned its outcome as the job's result, which the companion reads.
+    """
     made = worker_claims.pop(key, None)
+    started = key in ran_outcomes
+    outcome = ran_outcomes.pop(key, None)
     if made is None:
         return
     try:
-        claim = made.sent.claim()
-        if claim is not None:
-            companion.report(claim, job.id, actor=worker)
+        claim = made.claim()
+        if claim is None:
+            return
+        if outcome is None and not forked and not started:
+            outcome = Outcome(failure=_not_started_failure())
+        companion.report(claim, actor=worker, outcome=outcome, job_id=job.id)
     except DatabaseError:
         # The attempt stays running; the watchdog finds the job ended without a report.
         logger.exception("Could not report node-run %s attempt %s", *key)
 
 
-def report_ended_job(claim: engine.Claim, job_id: str, *, actor: str) -> None:
-    """Report the outcome a work horse returned as its job's result or, when it returned
-    none (killed at the hard timeout, stopped, crashed, never started), a failure
-    saying so, unless the attempt has ended meanwhile (stopped by the engine)."""
-    job = Job(id=job_id, connection=dispatch.redis_connection(), serializer=JSONSerializer)
-    result = job.latest_result()
-    returned = result.return_value if result is not None else None
-    if isinstance(returned, dict) and returned.get("outcome"):
-        report(claim, Outcome.from_json(returned["outcome"]), actor=actor)
-    elif engine.attempt_is_running(claim.node_run_id, claim.attempt):
-        report(claim, Outcome(failure=_horse_failure(claim, result)), actor=actor)
-
-
-def finish_job(key: tuple[int, int], *, worker: str) -> None:
-    """After RQ's bookkeeping for a simple worker's job: read the success the job sent;
-    if RQ never called the job (it failed before), report the claimed attempt failed."""
-    sent = sent_successes.pop(key, None)
-    made = worker_claims.pop(key, None)
-    try:
-        if sent is not None:
-            sent.applied()
-        claim = made.sent.claim() if made is not None else None
-        if claim is not None:
-            report(claim, Outcome(failure=_not_started_failure()), actor=worker)
-    except (DatabaseError, redis.RedisError):
-        # The attempt stays running; the watchdog finds the job ended without a report.
-        logger.exception("Could not report node-run %s attempt %s", *key)
+def report_ended_job(
+    claim: engine.Claim, *, actor: str, outcome: Outcome | None, job_id: str
+) -> None:
+    """Report an ended job's ``outcome`` or, when there is none, the one it returned as
+    its result; when it returned none (a horse killed at the hard timeout, stopped,
+    crashed), a failure saying so, unless the attempt has ended meanwhile (stopped by
+    the engine)."""
+    if outcome is None:
+        job = Job(id=job_id, connection=dispatch.redis_connection(), serializer=JSONSerializer)
+        result = job.latest_result()
+        returned = result.return_value if result is not None else None
+        if isinstance(returned, dict) and returned.get("outcome"):
+            outcome = Outcome.from_json(returned["outcome"])
+        elif engine.attempt_is_running(claim.node_run_id, claim.attempt):
+            outcome = Outcome(failure=_horse_failure(claim, result))
+        else:
+            return
+    report(claim, outcome, actor=actor)
 
 
 def _not_started_failure() -> engine.Failure:

@@ -74,39 +74,38 @@ class RegistersAgain:
         super().heartbeat(timeout, pipeline)
 
 
-class KeelWorker(RegistersAgain, Worker):
-    """The forking worker: each job runs in a fresh work horse, killable on timeout."""
+class HasCompanion:
+    """A Keel worker's database companion (workflows/companion.py) claims and reports the
+    attempts of the jobs the worker runs, over one warm connection of its own: the claim
+    while RQ does its bookkeeping for the job in Redis, the report while the worker goes
+    on to its next job."""
+
+    # Whether jobs run in a work horse, which returns the outcome as the job's result.
+    forks = False
 
     def __init__(self, *args, **kwargs):
         # Whatever --serializer says: Keel's messages are JSON, never pickle.
         kwargs["serializer"] = JSONSerializer
         super().__init__(*args, **kwargs)
-        warm_up()
         self._companion = Companion()
 
     def execute_job(self, job, queue):
-        """Claim before the fork, run the node in the work horse, report after it.
-
-        The claim and the report are made by the worker's database companion
-        (workflows/companion.py), a process that lives as long as the worker and keeps a
-        warm connection; the worker holds none when it forks, and a horse opens one only
-        if its node asks for something (inputs, checkpoints, logs, a heartbeat). The
-        claim is sent before RQ's bookkeeping for the job and read just before the fork.
-        """
         key = executor.send_claim(
-            job,
-            worker=self.name,
-            host=self.hostname,
-            reported_by_worker=True,
-            companion=self._companion,
+            job, worker=self.name, host=self.hostname, companion=self._companion
         )
         self._claim_key = key
         try:
             super().execute_job(job, queue)
         finally:
-            self._claim_key = self._note_horse_pid_at = None
+            self._claim_key = None
             if key is not None:
-                executor.report_after_horse(job, key, worker=self.name, companion=self._companion)
+                executor.finish_job(
+                    job,
+                    key,
+                    worker=self.name,
+                    companion=self._companion,
+                    forked=self.forks,
+                )
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         if timeout is None:
@@ -115,6 +114,27 @@ class KeelWorker(RegistersAgain, Worker):
             # (A worker that blocks on its queues gets those nodes when they come.)
             self._companion.settle()
         return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def teardown(self):
+        super().teardown()
+        if not self._is_horse:
+            self._companion.close()
+
+
+class KeelWorker(HasCompanion, RegistersAgain, Worker):
+    """The forking worker: each job runs in a fresh work horse, killable on timeout.
+
+    The horse runs the node and returns its outcome as the job's result; the worker holds
+    no database connection when it forks (its companion has it), and a horse opens one
+    only if its node asks for something (inputs, checkpoints, logs, a heartbeat). The
+    claim is read just before the fork.
+    """
+
+    forks = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        warm_up()
 
     def fork_work_horse(self, job, queue):
         key = getattr(self, "_claim_key", None)
@@ -140,6 +160,12 @@ class KeelWorker(RegistersAgain, Worker):
             self._note_horse_pid_at = None
         return super().wait_for_horse()
 
+    def execute_job(self, job, queue):
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._note_horse_pid_at = None
+
     def main_work_horse(self, job, queue):
         self._companion.abandon_in_child()
         super().main_work_horse(job, queue)
@@ -151,11 +177,6 @@ class KeelWorker(RegistersAgain, Worker):
             if self._is_horse:
                 # The horse leaves through os._exit(); say goodbye to the database first.
                 connections.close_all()
-
-    def teardown(self):
-        super().teardown()
-        if not self._is_horse:
-            self._companion.close()
 
 
 def _ends_within(pid: int, seconds: float) -> bool:
@@ -171,22 +192,10 @@ def _ends_within(pid: int, seconds: float) -> bool:
         os.close(handle)
 
 
-class KeelSimpleWorker(RegistersAgain, SimpleWorker):
-    """The non-forking worker: faster per job; a hard timeout still interrupts the job."""
+class KeelSimpleWorker(HasCompanion, RegistersAgain, SimpleWorker):
+    """The non-forking worker: faster per job; a hard timeout still interrupts the job.
 
-    def __init__(self, *args, **kwargs):
-        kwargs["serializer"] = JSONSerializer
-        super().__init__(*args, **kwargs)
-
-    def execute_job(self, job, queue):
-        """Send the claim before RQ's bookkeeping for the job, and read the success the
-        job sent after it: each database round trip overlaps RQ's with Redis (0.2 ms of
-        the 1.3 ms Keel added to a no-op node on PostgreSQL, bench/engine.py)."""
-        key = executor.send_claim(
-            job, worker=self.name, host=self.hostname, reported_by_worker=False
-        )
-        try:
-            super().execute_job(job, queue)
-        finally:
-            if key is not None:
-                executor.finish_job(key, worker=self.name)
+    The node runs in the worker process, on that process's own connection if it asks for
+    something (inputs, checkpoints, logs, a heartbeat); its outcome is left for the worker,
+    whose companion reports it.
+    """

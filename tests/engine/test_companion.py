@@ -1,4 +1,4 @@
-"""The forking worker's database companion (workflows/companion.py), in real worker processes."""
+"""A Keel worker's database companion (workflows/companion.py), in real worker processes."""
 
 import os
 import signal
@@ -36,10 +36,11 @@ def holds_the_database(pid: int) -> bool:
     )
 
 
+@pytest.mark.parametrize("kind", ["forking", "simple"])
 def test_the_companion_claims_and_reports_while_the_worker_holds_no_connection(
-    start_worker, start_run
+    kind, start_worker, start_run
 ):
-    worker = start_worker("forking")
+    worker = start_worker(kind)
 
     run = finished(start_run(CHAIN))
 
@@ -47,7 +48,8 @@ def test_the_companion_claims_and_reports_while_the_worker_holds_no_connection(
     companion = worker.companion_pid()
     assert companion is not None
     assert psutil.Process(companion).ppid() == worker.pid
-    # The worker forks its horses with no connection; the companion keeps one, warm.
+    # The worker forks its horses with no connection; the companion keeps one, warm. (A
+    # simple worker opens one of its own only for a node that asks for it.)
     assert not holds_the_database(worker.pid)
     assert holds_the_database(companion)
     # The claims name the worker (the process that asked for them), not the companion.
@@ -56,8 +58,9 @@ def test_the_companion_claims_and_reports_while_the_worker_holds_no_connection(
     }
 
 
-def test_a_companion_that_died_is_replaced_at_the_next_node(start_worker, start_run):
-    worker = start_worker("forking")
+@pytest.mark.parametrize("kind", ["forking", "simple"])
+def test_a_companion_that_died_is_replaced_at_the_next_node(kind, start_worker, start_run):
+    worker = start_worker(kind)
     assert finished(start_run(CHAIN)).status == Run.Status.SUCCEEDED
     first = worker.companion_pid()
 
@@ -70,11 +73,14 @@ def test_a_companion_that_died_is_replaced_at_the_next_node(start_worker, start_
     assert f"Database companion (pid {first}): it had ended" in worker.log()
 
 
-def test_ctrl_c_lets_the_companion_report_the_node_the_worker_finishes(start_worker, start_run):
+@pytest.mark.parametrize("kind", ["forking", "simple"])
+def test_ctrl_c_lets_the_companion_report_the_node_the_worker_finishes(
+    kind, start_worker, start_run
+):
     """At Ctrl-C the terminal signals the worker's whole process group, the companion
     too. The worker finishes its node (RQ's warm shutdown); the companion, which
     ignores the signal, is still there to report it, and ends with the worker."""
-    worker = start_worker("forking")
+    worker = start_worker(kind)
     run = start_run(
         {
             "name": "Ctrl-C",
@@ -99,8 +105,9 @@ def test_ctrl_c_lets_the_companion_report_the_node_the_worker_finishes(start_wor
     assert not psutil.pid_exists(companion)
 
 
+@pytest.mark.parametrize("kind", ["forking", "simple"])
 def test_a_burst_worker_waits_for_the_report_that_queues_the_next_node(
-    clean_redis, start_run, tmp_path
+    kind, clean_redis, start_run, tmp_path
 ):
     """The companion reports while the worker moves on; a burst worker, which stops at
     its first look at empty queues, looks only once the last report (which queued the
@@ -128,7 +135,7 @@ def test_a_burst_worker_waits_for_the_report_that_queues_the_next_node(
             "low",
             "--burst",
             "--worker-class",
-            WORKER_CLASSES["forking"],
+            WORKER_CLASSES[kind],
         ],
         cwd=BASE_DIR,
         env=subprocess_env(),

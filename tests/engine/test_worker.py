@@ -45,7 +45,7 @@ def test_a_claimed_attempt_whose_job_rq_never_ran_is_failed_and_retried(start_ru
     try:
         worker.execute_job(job, queue)
     finally:
-        worker.register_death()
+        worker.teardown()  # as RQ's work loop does last: also lets the companion finish
 
     first = NodeAttempt.objects.get(node_run__run=run, number=1)
     assert first.status == NodeAttempt.Status.FAILED
