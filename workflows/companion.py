@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 
 from django.db import DatabaseError, connections
 
-from workflows import engine, executor
+from workflows import engine, executor, heartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Companion:
     # --- Requests -----------------------------------------------------------------------------
 
     def send_claim(self, node_run_id: int, attempt: int, *, worker: str, pid: int, host: str):
-        """``engine.send_claim`` made by the companion; ``claim()`` on the result reads it."""
+        """``engine.claim_attempt`` made by the companion; ``claim()`` on the result reads it."""
         number = self._send(
             {
                 "op": "claim",
@@ -94,9 +94,14 @@ class Companion:
             }
         )
 
+    @property
+    def busy(self) -> bool:
+        """Whether something sent to the companion may not be done yet."""
+        return self._answered < self._sent
+
     def settle(self) -> None:
         """Wait until the companion has done everything sent to it so far."""
-        if self._answered < self._sent:
+        if self.busy:
             with contextlib.suppress(CompanionError):  # each failure was logged where it happened
                 self._receive(self._sent)
 
@@ -145,11 +150,13 @@ class Companion:
         return False
 
     def _start(self) -> None:
-        # Nothing to carry into it; the worker should hold no connection anyway.
+        # No connection crosses the fork: this thread's are closed, and a simple worker's
+        # heartbeat thread holds one only while it writes a beat.
         connections.close_all()
         ours, theirs = socket.socketpair()
         try:
-            pid = os.fork()
+            with heartbeat.between_beats():
+                pid = os.fork()
         except OSError as error:
             ours.close()
             theirs.close()
@@ -199,7 +206,7 @@ class Companion:
 
 
 class SentClaim:
-    """A claim the companion is making; ``claim()`` waits for it (as ``engine.SentClaim``)."""
+    """A claim the companion is making; ``claim()`` waits for it."""
 
     def __init__(self, companion: Companion, number: int):
         self._companion = companion

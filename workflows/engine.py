@@ -356,64 +356,15 @@ def claim_attempt(
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
     very message was already delivered); that is recorded, and nothing runs.
-    """
-    return send_claim(node_run_id, attempt, worker=worker, pid=pid, host=host).claim()
 
-
-class SentClaim:
-    """A claim on its way to the database (``send_claim``); ``claim()`` waits for it."""
-
-    def __init__(self, node_run_id: int, attempt: int, worker: str, sent: sql.Sent):
-        self.node_run_id = node_run_id
-        self.attempt = attempt
-        self._worker = worker
-        self._sent = sent
-        self._claim: Claim | bool | None = False  # False: not received yet
-
-    def claim(self) -> Claim | None:
-        """The claim, or None when the message was stale (recorded)."""
-        if self._claim is False:
-            self._claim = self._receive()
-        return self._claim
-
-    def _receive(self) -> Claim | None:
-        rows = self._sent.results()
-        claimed = rows["node"]
-        if not claimed:
-            _record_stale_message(self.node_run_id, self.attempt, self._worker, "claim")
-            return None
-        [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft, pools)] = (
-            claimed
-        )
-        return Claim(
-            node_run_id=self.node_run_id,
-            run_id=run_id,
-            attempt=self.attempt,
-            node_key=node_key,
-            node_type=node_type,
-            params=sql.from_db(NodeRun, "params", params),
-            upstream=sql.from_db(NodeRun, "upstream", upstream),
-            downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
-            run_pools=tuple(sql.from_db(Run, "pools", pools)),
-            timeout_seconds=timeout,
-            soft_timeout_seconds=soft,
-            attempt_id=rows["attempt"][0][0],
-        )
-
-
-def send_claim(node_run_id: int, attempt: int, *, worker: str, pid: int, host: str) -> SentClaim:
-    """Send ``claim_attempt``'s statements and return before the database answers.
-
-    One batch: a single round trip on PostgreSQL (workflows/sql.py), which a worker
-    overlaps with its own bookkeeping in Redis (workflows/worker.py).
-
-    The claim does not wait for the disk (sql.commit_without_waiting_for_disk): it only
-    says an attempt started, and waiting cost a quarter of a millisecond per node on
-    this kind of machine. Should a crash of PostgreSQL undo it, the node is queued again
-    while its attempt runs: the attempt is told to stop at its next beat, its result is
-    rejected as stale, and the watchdog sends the node again once RQ has ended the job.
-    A re-run, as when a worker dies; never a result lost or applied twice. Outcomes
-    and every other transition wait for the disk.
+    One batch: a single round trip on PostgreSQL (workflows/sql.py). The claim does not
+    wait for the disk (sql.commit_without_waiting_for_disk): it only says an attempt
+    started, and waiting cost a quarter of a millisecond per node on this kind of
+    machine. Should a crash of PostgreSQL undo it, the node is queued again while its
+    attempt runs: the attempt is told to stop at its next beat, its result is rejected
+    as stale, and the watchdog sends the node again once RQ has ended the job. A
+    re-run, as when a worker dies; never a result lost or applied twice. Outcomes and
+    every other transition wait for the disk.
     """
     now = sql.to_db(NodeRun, "started_at", timezone.now())
     batch = sql.Batch()
@@ -440,7 +391,26 @@ def send_claim(node_run_id: int, attempt: int, *, worker: str, pid: int, host: s
         ],
         name="attempt",
     )
-    return SentClaim(node_run_id, attempt, worker, batch.send())
+    rows = batch.run()
+    claimed = rows["node"]
+    if not claimed:
+        _record_stale_message(node_run_id, attempt, worker, "claim")
+        return None
+    [(run_id, node_key, node_type, params, upstream, downstream, timeout, soft, pools)] = claimed
+    return Claim(
+        node_run_id=node_run_id,
+        run_id=run_id,
+        attempt=attempt,
+        node_key=node_key,
+        node_type=node_type,
+        params=sql.from_db(NodeRun, "params", params),
+        upstream=sql.from_db(NodeRun, "upstream", upstream),
+        downstream=tuple(sql.from_db(NodeRun, "downstream", downstream)),
+        run_pools=tuple(sql.from_db(Run, "pools", pools)),
+        timeout_seconds=timeout,
+        soft_timeout_seconds=soft,
+        attempt_id=rows["attempt"][0][0],
+    )
 
 
 def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
@@ -603,76 +573,30 @@ def complete_attempt(
     pools, where queueing counts free slots, the released nodes queue after the batch
     as slots allow, and the node's slot goes to a waiting node, in any run.
     """
-    return send_success(node_run_id, attempt, output, actor=actor, facts=facts).applied()
-
-
-class SentSuccess:
-    """A success on its way to the database (``send_success``); ``applied()`` waits for it."""
-
-    def __init__(
-        self,
-        node_run_id: int,
-        attempt: int,
-        actor: str,
-        run_id: int,
-        *,
-        sent: sql.Sent | None = None,
-        applied: bool | None = None,
-    ):
-        self.node_run_id = node_run_id
-        self.attempt = attempt
-        self._actor = actor
-        self._run_id = run_id
-        self._sent = sent
-        self._applied = applied
-
-    def applied(self) -> bool:
-        """True if the success was applied, False if it was stale (then recorded as such).
-        The nodes it queued are enqueued once it is read (after the commit)."""
-        if self._applied is None:
-            self._applied = self._receive()
-        return self._applied
-
-    def _receive(self) -> bool:
-        rows = self._sent.results()
-        if not rows["succeeded"]:
-            _record_stale_message(self.node_run_id, self.attempt, self._actor, "success")
-            return False
-        dispatch.send_after_commit(
-            [
-                dispatch.Dispatch.for_node(
-                    NodeRun(
-                        id=pk,
-                        run_id=self._run_id,
-                        node_key=key,
-                        attempt=number,
-                        queue=queue,
-                        timeout_seconds=timeout,
-                    )
-                )
-                for pk, number, key, queue, timeout in sorted(rows.get("queued", []))
-            ]
-        )
-        return True
-
-
-def send_success(
-    node_run_id: int,
-    attempt: int,
-    output,
-    *,
-    actor: str = ENGINE,
-    facts: NodeFacts | None = None,
-) -> SentSuccess:
-    """``complete_attempt``, returning before the database answers in a run without
-    pools: a worker overlaps the round trip with its bookkeeping in Redis."""
     facts = facts or node_facts(node_run_id)
     now = timezone.now()
     if facts.run_pools:
-        applied = _complete_in_pools(node_run_id, attempt, output, actor, facts, now)
-        return SentSuccess(node_run_id, attempt, actor, facts.run_id, applied=applied)
-    batch = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True)
-    return SentSuccess(node_run_id, attempt, actor, facts.run_id, sent=batch.send())
+        return _complete_in_pools(node_run_id, attempt, output, actor, facts, now)
+    rows = _success_batch(node_run_id, attempt, output, facts, now, lock_run=True).run()
+    if not rows["succeeded"]:
+        _record_stale_message(node_run_id, attempt, actor, "success")
+        return False
+    dispatch.send_after_commit(
+        [
+            dispatch.Dispatch.for_node(
+                NodeRun(
+                    id=pk,
+                    run_id=facts.run_id,
+                    node_key=key,
+                    attempt=number,
+                    queue=queue,
+                    timeout_seconds=timeout,
+                )
+            )
+            for pk, number, key, queue, timeout in sorted(rows.get("queued", []))
+        ]
+    )
+    return True
 
 
 def _complete_in_pools(node_run_id, attempt, output, actor, facts: NodeFacts, now) -> bool:

@@ -156,21 +156,15 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
 
 
 def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
-    sent = send_report(claim, outcome, actor=actor)
-    if sent is not None:
-        sent.applied()
-
-
-def send_report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> engine.SentSuccess | None:
-    """Report an outcome; a success may still be on its way (``applied()`` reads it)."""
+    """Report an outcome to the engine (a superseded attempt has nothing to report)."""
     if outcome.superseded:
-        return None
+        return
     if outcome.failure:
         engine.fail_attempt(
             claim.node_run_id, claim.attempt, outcome.failure, actor=actor, run_id=claim.run_id
         )
-        return None
-    return engine.send_success(
+        return
+    engine.complete_attempt(
         claim.node_run_id, claim.attempt, outcome.output, actor=actor, facts=claim.facts
     )
 

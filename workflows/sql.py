@@ -10,8 +10,6 @@ alike. Values go through the model fields' own conversions, so rows are stored a
 read exactly as the ORM stores and reads them.
 """
 
-import contextlib
-import sys
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -95,8 +93,6 @@ class Batch:
     statement that must happen only if an earlier one did says so in its WHERE clause.
     It may also name that earlier statement (``needs``): where statements run one by one
     it is then skipped when that one returned no row, as it would change nothing.
-    SQLite gains from it: a forking worker's connection is new at every node (closed
-    before each fork) and compiles every statement it runs afresh.
     """
 
     def __init__(self):
@@ -119,114 +115,47 @@ class Batch:
 
     def run(self) -> dict[str, list[tuple]]:
         """Run the statements; return the rows of each named one ([] if it has none)."""
-        return self.send().results()
-
-    def send(self) -> "Sent":
-        """Send the statements; ``results()`` on what this returns waits for their rows.
-
-        On PostgreSQL it returns once the statements, and the Sync that ends the batch
-        (and outside ``atomic()`` commits it), are on their way: the batch runs on the
-        server while this process goes on, with a worker's bookkeeping in Redis for
-        one (workflows/worker.py). The connection is the batch's until ``results()``.
-        SQLite runs the batch before returning.
-        """
-        if _db().vendor == "postgresql":
-            return _Pipelined(self)
-        return Sent(self, self._run_one_by_one())
+        pipelined = _db().vendor == "postgresql"
+        rows = self._run_pipelined() if pipelined else self._run_one_by_one()
+        return {name: rows[index] for name, index in self._names.items()}
 
     def _run_one_by_one(self) -> list[list[tuple]]:
-        results: list[list[tuple]] = []
+        rows: list[list[tuple]] = []
         with transaction.atomic(), connection.cursor() as cursor:
             for statement, params, needs in self._statements:
-                if needs is not None and not results[self._names[needs]]:
-                    results.append([])
+                if needs is not None and not rows[self._names[needs]]:
+                    rows.append([])
                     continue
                 cursor.execute(statement, params)
                 # Read every row: SQLite finishes a statement (and its RETURNING) only then.
-                results.append(cursor.fetchall())
-        return results
+                rows.append(cursor.fetchall())
+        return rows
 
-
-class Sent:
-    """A batch sent to the database (``Batch.send``)."""
-
-    def __init__(self, batch: Batch, rows: list[list[tuple]] | None = None):
-        self._batch = batch
-        self._rows = rows
-
-    def results(self) -> dict[str, list[tuple]]:
-        """The rows of each named statement ([] if it has none), read once."""
-        if self._rows is None:
-            self._rows = self._receive()
-        return {name: self._rows[index] for name, index in self._batch._names.items()}
-
-    def _receive(self) -> list[list[tuple]]:
-        raise NotImplementedError
-
-
-class _Pipelined(Sent):
-    """PostgreSQL: the statements go out in pipeline mode, each bound server-side and
-    prepared; their answers are read when the results are asked for."""
-
-    def __init__(self, batch: Batch):
-        super().__init__(batch)
+    def _run_pipelined(self) -> list[list[tuple]]:
         # Django's own cursors bind parameters client-side, which pipeline mode cannot
         # use; these cursors bind them server-side, on Django's connection and inside
         # its transaction if there is one.
-        self._db = db = connections[DEFAULT_DB_ALIAS]  # once: each look-up through the proxy costs
+        db = _db()
         db.ensure_connection()
         db.validate_no_broken_transaction()
-        self._started = time.monotonic()
-        self._cursors = []
-        self._pipeline = contextlib.ExitStack()
-        with db.wrap_database_errors, _closed_on_error(self._pipeline):
-            session = db.connection
-            pipeline = self._pipeline.enter_context(session.pipeline())
-            for statement, params, _ in batch._statements:
-                cursor = psycopg.Cursor(session)
-                cursor.execute(statement, params)
-                self._cursors.append(cursor)
-            _send_sync(session, pipeline)
-
-    def _receive(self) -> list[list[tuple]]:
-        db = self._db
+        started = time.monotonic()
         with db.wrap_database_errors:
-            self._pipeline.close()  # leaves pipeline mode once every answer is in
-            rows = [cursor.fetchall() if cursor.description else [] for cursor in self._cursors]
+            session = db.connection
+            cursors = []
+            with session.pipeline():  # leaving it sends the Sync and reads every answer
+                for statement, params, _ in self._statements:
+                    cursor = psycopg.Cursor(session)
+                    cursor.execute(statement, params)
+                    cursors.append(cursor)
+            rows = [cursor.fetchall() if cursor.description else [] for cursor in cursors]
         if db.queries_logged:  # DEBUG, or a test counting queries
             db.queries_log.append(
                 {
-                    "sql": ";\n".join(statement for statement, *_ in self._batch._statements),
-                    "time": f"{time.monotonic() - self._started:.3f}",
+                    "sql": ";\n".join(statement for statement, *_ in self._statements),
+                    "time": f"{time.monotonic() - started:.3f}",
                 }
             )
         return rows
-
-
-@contextlib.contextmanager
-def _closed_on_error(stack: contextlib.ExitStack):
-    try:
-        yield
-    except BaseException:
-        stack.__exit__(*sys.exc_info())
-        raise
-
-
-def _send_sync(session: psycopg.Connection, pipeline: psycopg.Pipeline) -> None:
-    """Send a pipeline's Sync (which ends its statements' transaction) without waiting
-    for the answers, which ``Pipeline.sync()`` also reads.
-
-    That takes psycopg's private API (pinned in requirements.lock; tests/engine/
-    test_sql.py checks the batch commits before its results are read). Should a newer
-    psycopg lack it, this waits, as ``sync()`` does: slower, never different.
-    """
-    enqueue = getattr(pipeline, "_enqueue_sync", None)
-    communicate = getattr(pipeline, "_communicate_gen", None)
-    if enqueue is None or communicate is None:
-        pipeline.sync()
-        return
-    enqueue()
-    session.wait(communicate())
 
 
 @dataclass(frozen=True)

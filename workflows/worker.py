@@ -108,12 +108,14 @@ class HasCompanion:
                 )
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        if timeout is None:
-            # A burst worker stops at the first empty look at its queues: let the
-            # companion finish the last report first, which may queue the next nodes.
+        found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if found is None and timeout is None and self._companion.busy:
+            # A burst worker stops at its first empty look at the queues: the companion's
+            # last report may still queue the next nodes, so wait for it and look again.
             # (A worker that blocks on its queues gets those nodes when they come.)
             self._companion.settle()
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            found = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        return found
 
     def teardown(self):
         super().teardown()

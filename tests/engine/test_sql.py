@@ -2,10 +2,9 @@
 trip in pipeline mode. These run on both backends: SQLite takes the one-by-one path."""
 
 import pytest
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
+from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from tests.conftest import wait_for
 from workflows import sql
 from workflows.models import NodeRun, Run
 
@@ -140,28 +139,3 @@ def test_a_check_runs_only_where_statements_run_one_by_one(start_run):
         assert ("SELECT id FROM" in sent) is (connection.vendor == "sqlite")
         assert rows["dependent"] == ([] if run_id == -1 else [(run.pk,)])
     assert Run.objects.get(pk=run.pk).reason == "changed"
-
-
-def test_a_sent_batch_commits_before_its_results_are_read(start_run):
-    """``send`` returns before the database answers; the batch commits meanwhile (on
-    PostgreSQL the Sync went with it; SQLite ran it in ``send``). Another connection
-    sees it before this one reads a row, and the connection works normally after."""
-    run = start_run(ONE_NODE)
-    batch = sql.Batch()
-    set_reason(batch, run, "sent")
-    batch.add(f"SELECT reason FROM {sql.table(Run)} WHERE id = %s", [run.pk], name="now")
-    other = connections.create_connection(DEFAULT_DB_ALIAS)
-    try:
-        sent = batch.send()
-
-        def seen_elsewhere():
-            with other.cursor() as cursor:
-                cursor.execute(f"SELECT reason FROM {sql.table(Run)} WHERE id = %s", [run.pk])
-                return cursor.fetchone()[0] == "sent"
-
-        wait_for(seen_elsewhere, timeout=10, interval=0.01, message="the commit")
-    finally:
-        other.close()
-    assert sent.results() == {"now": [("sent",)]}
-    assert sent.results() == {"now": [("sent",)]}  # read once, kept
-    assert Run.objects.get(pk=run.pk).reason == "sent"

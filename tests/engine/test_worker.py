@@ -2,12 +2,13 @@
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import redis
 
-from workflows import dispatch
+from workflows import dispatch, heartbeat
 from workflows.models import NodeAttempt, NodeRun, RunEvent
 from workflows.worker import KeelSimpleWorker, _ends_within
 
@@ -72,3 +73,25 @@ def test_ends_within_tells_a_quick_child_from_a_slow_one():
     finally:
         slow.kill()
         slow.wait()
+
+
+def test_a_companion_is_forked_only_between_heartbeat_beats():
+    """A simple worker's heartbeat thread holds a database connection while it writes a
+    beat; a companion started then (after the last one died) must wait for the beat to
+    end, so that no connection (above all a SQLite one) crosses the fork."""
+    beating = heartbeat.for_this_process()
+    released_at = []
+
+    def write_a_slow_beat():
+        with beating._beating:
+            time.sleep(0.3)
+            released_at.append(time.monotonic())
+
+    writer = threading.Thread(target=write_a_slow_beat)
+    writer.start()
+    time.sleep(0.05)  # the beat has begun
+    with heartbeat.between_beats():
+        entered_at = time.monotonic()
+    writer.join()
+
+    assert entered_at >= released_at[0]
