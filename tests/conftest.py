@@ -77,28 +77,36 @@ class WorkerProcess:
         return self.process.pid
 
     def horse_pids(self) -> list[int]:
-        return [child.pid for child in self._children() if child.name() != COMPANION_NAME]
+        return [pid for pid, name in self._children() if name != COMPANION_NAME]
 
     def companion_pid(self) -> int | None:
-        """The forking worker's database companion (workflows/companion.py), once started."""
-        named = [child.pid for child in self._children() if child.name() == COMPANION_NAME]
+        """The worker's database companion (workflows/companion.py), once started."""
+        named = [pid for pid, name in self._children() if name == COMPANION_NAME]
         return named[0] if named else None
 
-    def _children(self) -> list:
+    def _children(self) -> list[tuple[int, str | None]]:
+        """(pid, name) of the worker's descendants; a horse may end while being listed."""
         try:
-            return psutil.Process(self.pid).children(recursive=True)
+            children = psutil.Process(self.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        found = []
+        for child in children:
+            try:
+                found.append((child.pid, child.name()))
+            except psutil.NoSuchProcess:
+                found.append((child.pid, None))
+        return found
 
     def kill_hard(self) -> None:
         """SIGKILL the worker and its work horse: no RQ callback, no cleanup."""
-        horses = [child.pid for child in self._children()]
+        horses = [pid for pid, _ in self._children()]
         self.process.kill()
         _kill_all(horses)
         self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        horses = [child.pid for child in self._children()]
+        horses = [pid for pid, _ in self._children()]
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

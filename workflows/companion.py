@@ -54,10 +54,6 @@ class Companion:
         self._sent = 0  # requests sent, numbered from 1
         self._answered = 0  # answers read (or given up on)
 
-    @property
-    def pid(self) -> int | None:
-        return self._pid
-
     # --- Requests -----------------------------------------------------------------------------
 
     def send_claim(self, node_run_id: int, attempt: int, *, worker: str, pid: int, host: str):
