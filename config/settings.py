@@ -163,6 +163,12 @@ if KEEL_DEFAULT_TIMEOUT > KEEL_MAX_TIMEOUT:
     raise ImproperlyConfigured(
         f"KEEL_DEFAULT_TIMEOUT={KEEL_DEFAULT_TIMEOUT} is above KEEL_MAX_TIMEOUT={KEEL_MAX_TIMEOUT}."
     )
+# Hard timeouts are Keel's: at a node's timeout its process is asked to stop (SIGTERM), and
+# killed (SIGKILL) this many seconds later if it has not; a superseded attempt likewise.
+KEEL_KILL_GRACE_SECONDS = env_int("KEEL_KILL_GRACE_SECONDS", 5, minimum=1, maximum=300)
+# How long the process that ran a node keeps trying to commit its outcome while the
+# database is unreachable, before it gives up and leaves the attempt to the watchdog.
+KEEL_REPORT_RETRY_SECONDS = env_int("KEEL_REPORT_RETRY_SECONDS", 600, minimum=1, maximum=86400)
 KEEL_WATCHDOG_SECONDS = env_int("KEEL_WATCHDOG_SECONDS", 2, minimum=1, maximum=300)
 KEEL_MAX_OUTPUT_BYTES = env_int("KEEL_MAX_OUTPUT_BYTES", 64 * 1024, minimum=1024)
 KEEL_MAX_LOG_LINES = env_int("KEEL_MAX_LOG_LINES", 1000, minimum=10)
