@@ -4,11 +4,18 @@
 2. Migrate, load the demo definitions, create or reset the superuser ``admin``.
 3. Spawn an RQ worker, the watchdog and gunicorn, each in its own process group.
 4. Wait until the web server answers, start one run of each demo workflow, print how to log in.
-5. Wait. Ctrl-C or SIGTERM stops everything it started; a child that dies stops everything too.
+5. Supervise. A child that exits, for whatever reason, is restarted on its own after a backoff
+   (1 s, doubling up to 30 s; 1 s again once it has stayed up 60 s), with one line saying why;
+   the others stay up. What the dead child left behind (a work horse, the companion, gunicorn's
+   workers) is stopped first, as systemd does with a unit's processes. The record of it is
+   ``var/supervisor.json``, which the system report shows. If the embedded Redis dies, devstack
+   stops everything: what the queues held is gone, so start again.
+6. Ctrl-C or SIGTERM stops everything it started, running or waiting to restart, and exits 0.
 """
 
 import contextlib
 import http.client
+import json
 import os
 import secrets
 import shlex
@@ -16,9 +23,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -37,12 +46,39 @@ ADMIN_USERNAME = "admin"
 DEMO_DIR = Path(settings.BASE_DIR) / "workflows" / "demo_definitions"
 WEB_READY_SECONDS = 60
 STOP_GRACE_SECONDS = 10
+FIRST_BACKOFF_SECONDS = 1
+MAX_BACKOFF_SECONDS = 30
+# A child that stayed up this long was healthy: its next restart waits the first backoff again.
+STEADY_SECONDS = 60
+# diagnostics.system_report reads this file; devstack must not import diagnostics.
+SUPERVISOR_FILE = "supervisor.json"
+# Every process devstack starts inherits this variable (the value names devstack and the
+# spawn), so what a child leaves behind is found even after it was re-parented.
+SPAWN_VARIABLE = "KEEL_DEVSTACK_SPAWN"
 
 
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
-        return f"was killed by {signal.Signals(-returncode).name}"
-    return f"exited unexpectedly with code {returncode}"
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class StopRequested(Exception):
@@ -54,24 +90,62 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen | None = None
-    reader: threading.Thread | None = field(default=None, repr=False)
+    spawn: str = ""  # this start's value of SPAWN_VARIABLE
+    started_at: datetime | None = None
+    up_since: float = 0.0  # time.monotonic() at the start
+    restarts: int = 0
+    backoff: float = 0.0  # the last delay before a restart
+    restart_at: float | None = None  # time.monotonic() of the next start, while waiting
+    last_exit: str = ""
+    last_exit_at: datetime | None = None
+    last_pid: int | None = None
+    readers: list[threading.Thread] = field(default_factory=list, repr=False)
 
     @property
     def command(self) -> str:
         return " ".join(self.argv[1:]).removeprefix("-m ")
 
     @property
-    def exited(self) -> bool:
-        return self.process is not None and self.process.poll() is not None
+    def running(self) -> bool:
+        """Started and not yet seen to exit (a waiting child has no process)."""
+        return self.process is not None and self.restart_at is None
 
-    def signal_group(self, signum: int) -> None:
+    @property
+    def exited(self) -> bool:
+        return self.running and self.process.poll() is not None
+
+    def next_backoff(self) -> float:
+        if not self.backoff or time.monotonic() - self.up_since >= STEADY_SECONDS:
+            return FIRST_BACKOFF_SECONDS
+        return min(self.backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def record(self) -> dict:
+        """This child as the system report shows it (see SUPERVISOR_FILE)."""
+        waiting = self.restart_at is not None
+        return {
+            "name": self.name,
+            "command": self.command,
+            "state": "restarting" if waiting else "running",
+            "pid": None if waiting or self.process is None else self.process.pid,
+            "started_at": None if waiting else _iso(self.started_at),
+            "restarts": self.restarts,
+            "restart_in_seconds": self.backoff if waiting else None,
+            "last_exit": self.last_exit,
+            "last_exit_at": _iso(self.last_exit_at),
+            "last_exit_pid": self.last_pid,
+        }
+
+    def signal_group(self, signum: int) -> set[int]:
+        """Signal the group and every descendant; return the pids signalled by name."""
         # The group, not just the leader: gunicorn's workers too. RQ puts each work horse in
         # a process group of its own (os.setpgrp), so descendants are signalled one by one.
-        for pid in self._descendants():
+        descendants = self._descendants()
+        for pid in descendants:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)
+        return {self.process.pid, *descendants}
 
     def _descendants(self) -> list[int]:
         try:
@@ -93,7 +167,8 @@ class Child:
 class Command(BaseCommand):
     help = (
         "Run Keel on this machine: embedded Redis, migrations, demo workflows, an admin user, "
-        "an RQ worker, the watchdog and the web server. Ctrl-C stops everything."
+        "an RQ worker, the watchdog and the web server; restarts a worker, watchdog or web "
+        "server that dies. Ctrl-C stops everything."
     )
 
     def add_arguments(self, parser):
@@ -118,6 +193,8 @@ class Command(BaseCommand):
         self.redis_process = None
         self.output_lock = threading.Lock()
         self.stopping = self.hurry = False
+        self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.started_at = _now()
         self._check_port_free()
         self._install_signal_handlers()
         try:
@@ -129,7 +206,7 @@ class Command(BaseCommand):
             self._wait_for_web()
             run_ids = [] if options["no_demo_runs"] else self._start_demo_runs(slugs)
             self._print_welcome(password, run_ids)
-            self._wait_until_something_stops()
+            self._supervise()
         except StopRequested as stop:
             self._say(f"\n{stop}: stopping everything (a second Ctrl-C kills at once)…")
         finally:
@@ -231,33 +308,48 @@ class Command(BaseCommand):
             Child("watchdog", [sys.executable, "manage.py", "watchdog"]),
             Child("web", [sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py"]),
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "KEEL_BIND": f"{HOST}:{self.port}"}
         for child in self.children:
-            child.process = subprocess.Popen(
-                child.argv,
-                cwd=settings.BASE_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                # Own session and process group: Ctrl-C in the terminal reaches only us, so
-                # nothing half-stops on its own, and killpg reaches the child's own children.
-                start_new_session=True,
-            )
-            child.reader = threading.Thread(target=self._relay_output, args=(child,), daemon=True)
-            child.reader.start()
-            self._say(f"Started {child.name} (pid {child.process.pid}): {child.command}")
+            self._spawn(child)
 
-    def _relay_output(self, child: Child) -> None:
+    def _spawn(self, child: Child) -> None:
+        child.spawn = f"{self.tag}/{child.name}/{child.restarts}"
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "KEEL_BIND": f"{HOST}:{self.port}",
+            SPAWN_VARIABLE: child.spawn,
+        }
+        child.process = subprocess.Popen(
+            child.argv,
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Own session and process group: Ctrl-C in the terminal reaches only us, so
+            # nothing half-stops on its own, and killpg reaches the child's own children.
+            start_new_session=True,
+        )
+        child.started_at, child.up_since, child.restart_at = _now(), time.monotonic(), None
+        reader = threading.Thread(
+            target=self._relay_output, args=(child.name, child.process), daemon=True
+        )
+        reader.start()
+        child.readers = [*filter(threading.Thread.is_alive, child.readers), reader]
+        self._say(f"Started {child.name} (pid {child.process.pid}): {child.command}")
+        self._write_supervision_record()
+
+    def _relay_output(self, name: str, process: subprocess.Popen) -> None:
         """Copy a child's output to ours, each line prefixed with the child's name."""
-        for raw in child.process.stdout:
-            line = raw.decode("utf-8", errors="replace").rstrip("\n")
-            self._say(f"{child.name:>8} | {line}")
+        with process.stdout:
+            for raw in process.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                self._say(f"{name:>8} | {line}")
 
     def _wait_for_web(self) -> None:
         deadline = time.monotonic() + WEB_READY_SECONDS
         while not self._web_answers():
-            self._check_children()
+            self._supervise_once()
             if time.monotonic() > deadline:
                 raise CommandError(
                     f"The web server did not answer on {self.base_url} within "
@@ -303,7 +395,7 @@ class Command(BaseCommand):
             f'  {manage} cancel_run {run_id} --reason "just trying"',
             f"  {manage} load_workflow workflows/demo_definitions/*.yaml",
             "",
-            "Ctrl-C stops everything.",
+            "A worker, watchdog or web server that dies is restarted. Ctrl-C stops everything.",
             "",
         ]
         self._say("\n".join(lines))
@@ -321,42 +413,123 @@ class Command(BaseCommand):
         ]
         return " ".join([*shared, str(python), "manage.py"])
 
-    # --- Running and stopping ----------------------------------------------------------------
+    # --- Supervising -------------------------------------------------------------------------
 
-    def _wait_until_something_stops(self) -> None:
+    def _supervise(self) -> None:
         while True:
-            self._check_children()
-            time.sleep(0.5)
+            self._supervise_once()
+            time.sleep(0.2)
 
-    def _check_children(self) -> None:
+    def _supervise_once(self) -> None:
         for child in self.children:
             if child.exited:
-                raise CommandError(
-                    f"The {child.name} ({child.command}) {describe_exit(child.process.returncode)}"
-                    f"; stopped everything. Its output is above, prefixed '{child.name} |'."
-                )
+                self._schedule_restart(child)
+            elif child.restart_at is not None and time.monotonic() >= child.restart_at:
+                self._spawn(child)
         if self.redis_process is not None and self.redis_process.poll() is not None:
             raise CommandError(
                 f"The embedded Redis {describe_exit(self.redis_process.returncode)}; stopped "
                 f"everything. See its log next to {settings.KEEL_EMBEDDED_REDIS_SOCKET}."
             )
 
-    def _stop_everything(self) -> None:
-        """Stop the children (terminate, wait, kill), then the embedded Redis they used."""
-        started = [child for child in self.children if child.process is not None]
-        for child in started:
-            child.signal_group(signal.SIGTERM)
+    def _schedule_restart(self, child: Child) -> None:
+        """1. Say why it stopped. 2. Stop what it left behind. 3. Restart it after a backoff."""
+        child.backoff = child.next_backoff()
+        child.restarts += 1
+        child.last_pid = child.process.pid
+        child.last_exit = describe_exit(child.process.returncode)
+        child.last_exit_at = _now()
+        child.restart_at = time.monotonic() + child.backoff
+        self._say(
+            self.style.WARNING(
+                f"devstack: {child.name} (pid {child.last_pid}) {child.last_exit}; restarting "
+                f"it in {child.backoff:g}s (restart #{child.restarts})"
+            )
+        )
+        self._write_supervision_record()
+        self._stop_processes(self._spawned_processes(child.spawn), [])
+
+    def _spawned_processes(self, spawn: str | None = None) -> list[psutil.Process]:
+        """Live processes started by this devstack (or by one spawn), wherever they are now.
+
+        Found by their environment: a work horse has a process group of its own, and what a
+        dead child leaves behind is re-parented away from us.
+        """
+        found = []
+        for process in psutil.process_iter():
+            try:
+                value = process.environ().get(SPAWN_VARIABLE, "")
+            except psutil.Error:  # gone, a zombie, or not ours to read
+                continue
+            if value == spawn if spawn else value.startswith(f"{self.tag}/"):
+                found.append(process)
+        return found
+
+    def _stop_processes(self, processes: list[psutil.Process], children: list[Child]) -> None:
+        """SIGTERM the processes and the children's groups; SIGKILL what is left after a grace."""
+        signalled = set()
+        for child in children:
+            signalled |= child.signal_group(signal.SIGTERM)
+        for process in processes:
+            # Once only: a second SIGTERM makes an RQ worker kill its work horse at once.
+            if process.pid not in signalled:
+                with contextlib.suppress(psutil.Error):
+                    process.send_signal(signal.SIGTERM)
+
+        def left() -> bool:
+            return any(child.group_alive() for child in children) or any(map(_alive, processes))
+
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while any(child.group_alive() for child in started):
-            if self.hurry or time.monotonic() > deadline:
-                break
+        while left() and not self.hurry and time.monotonic() < deadline:
             time.sleep(0.1)
-        for child in started:
+        for child in children:
             if child.group_alive():
                 self._say(f"The {child.name} did not stop in time; killing it.")
                 child.signal_group(signal.SIGKILL)
                 child.process.wait()
-            if child.reader is not None:
-                child.reader.join(timeout=2)
+        for process in filter(_alive, processes):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+
+    def _write_supervision_record(self) -> None:
+        """Write SUPERVISOR_FILE atomically: a reader sees the old record or the new one."""
+        record = {
+            "supervisor": "devstack",
+            "pid": os.getpid(),
+            "pid_started": psutil.Process().create_time(),
+            "host": socket.gethostname(),
+            "started_at": _iso(self.started_at),
+            "updated_at": _iso(_now()),
+            "processes": [child.record() for child in self.children if child.process],
+        }
+        path = self._supervision_path()
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                json.dump(record, file, indent=2)
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+
+    def _supervision_path(self) -> Path:
+        return Path(settings.VAR_DIR) / SUPERVISOR_FILE
+
+    # --- Stopping ----------------------------------------------------------------------------
+
+    def _stop_everything(self) -> None:
+        """Stop the children and all they started (terminate, wait, kill), then the Redis."""
+        running = [child for child in self.children if child.running]
+        # Also what a dead child left behind, if its clean-up was interrupted by this stop.
+        self._stop_processes(self._spawned_processes(), running)
+        for child in self.children:
+            for reader in child.readers:
+                reader.join(timeout=2)
         if self.redis_process is not None:
             embedded_redis.stop(self.redis_process)
+        # Nothing is supervised any more: the system report must not say otherwise.
+        path = self._supervision_path()
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():  # not another devstack's
+                path.unlink()
