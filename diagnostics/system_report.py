@@ -304,6 +304,74 @@ def read_queues(
     return queues
 
 
+# --- Supervised processes ---------------------------------------------------------------------
+
+# Written by ``manage.py devstack`` (workflows/management/commands/devstack.py); read only here.
+SUPERVISOR_FILE = "supervisor.json"
+
+
+def _supervisor_alive(record: dict) -> bool:
+    """Whether the devstack that wrote the record still runs (elsewhere: assume it does)."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        process = psutil.Process(int(record["pid"]))
+        started = float(record.get("pid_started") or 0)
+        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - started) < 1
+    except (psutil.NoSuchProcess, KeyError, TypeError, ValueError):
+        return False
+    except psutil.Error:
+        return True
+
+
+def _when_written(value) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if value else None
+    except (TypeError, ValueError):
+        return None
+
+
+def supervision() -> dict:
+    """Devstack's record of the processes it restarts (``var/supervisor.json``), if any.
+
+    No file: nothing here supervises by devstack (systemd or another runner may). A record
+    whose devstack is gone is stale; an unreadable one is an error, never a failed report.
+    """
+    path = Path(settings.VAR_DIR) / SUPERVISOR_FILE
+    state = {"path": str(path), "supervised": False, "stale": False, "error": "", "processes": []}
+    try:
+        record = json.loads(path.read_text())
+        rows = [row for row in record["processes"] if isinstance(row, dict)]
+    except FileNotFoundError:
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return {**state, "error": f"{path} could not be read: {error}"}
+    processes = [
+        {
+            "name": str(row.get("name", "?")),
+            "command": str(row.get("command", "")),
+            "state": str(row.get("state", "?")),
+            "pid": row.get("pid") if isinstance(row.get("pid"), int) else None,
+            "started_at": _when_written(row.get("started_at")),
+            "restarts": row.get("restarts") if isinstance(row.get("restarts"), int) else 0,
+            "restart_in_seconds": row.get("restart_in_seconds"),
+            "last_exit": str(row.get("last_exit") or ""),
+            "last_exit_at": _when_written(row.get("last_exit_at")),
+            "last_exit_pid": row.get("last_exit_pid"),
+        }
+        for row in rows
+    ]
+    return {
+        **state,
+        "supervised": True,
+        "stale": not _supervisor_alive(record),
+        "supervisor": str(record.get("supervisor", "devstack")),
+        "supervisor_pid": record.get("pid"),
+        "updated_at": _when_written(record.get("updated_at")),
+        "processes": processes,
+    }
+
+
 # --- Findings -----------------------------------------------------------------------------------
 
 
@@ -476,7 +544,7 @@ def doctor_checks(client: redis.Redis | None = None, **limits) -> list[health.Ch
 
 
 def build_report(client: redis.Redis | None = None, *, findings_limit: int = 100) -> dict:
-    """Versions, settings (masked), health, queues, workers, registries, open findings."""
+    """Versions, settings (masked), health, queues, workers, supervision, registries, findings."""
     client = client or health.probe_client()
     measured = measure(client)
     queues, queues_error = [], measured["workers_error"]
@@ -505,6 +573,7 @@ def build_report(client: redis.Redis | None = None, *, findings_limit: int = 100
         "queues": queues,
         "queues_error": queues_error,
         "workers": measured["workers"] or [],
+        "supervision": supervision(),
         "findings": findings,
         "queue_actions": audit,
     }
