@@ -16,7 +16,6 @@ from django.conf import settings
 from django.db import connection
 
 from workflows import dispatch, engine, versioning
-from workflows.companion import PROCESS_NAME as COMPANION_NAME
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WORKER_CLASSES = {
@@ -77,12 +76,8 @@ class WorkerProcess:
         return self.process.pid
 
     def horse_pids(self) -> list[int]:
-        return [pid for pid, name in self._children() if name != COMPANION_NAME]
-
-    def companion_pid(self) -> int | None:
-        """The worker's database companion (workflows/companion.py), once started."""
-        named = [pid for pid, name in self._children() if name == COMPANION_NAME]
-        return named[0] if named else None
+        """The worker's work horses (a forking worker has one while it runs a node)."""
+        return [pid for pid, _ in self._children()]
 
     def _children(self) -> list[tuple[int, str | None]]:
         """(pid, name) of the worker's descendants; a horse may end while being listed."""

@@ -1,6 +1,7 @@
 """Node types used by the tests. Workers import them through KEEL_NODE_MODULES."""
 
 import os
+import signal
 import time
 
 from django.db import transaction
@@ -49,6 +50,21 @@ def sleep_first(ctx):
     _record(ctx)
     if ctx.attempt < ctx.params["until_attempt"]:
         time.sleep(ctx.params["seconds"])
+    return {"attempt": ctx.attempt}
+
+
+@node_type("test.hang_masked", params={"seconds": float, "until_attempt": Param(int, default=2)})
+def hang_masked(ctx):
+    """On early attempts, hangs with the stop signals blocked, as a node stuck in C code
+    that never returns to Python: only a kill ends it."""
+    _record(ctx)
+    if ctx.attempt < ctx.params["until_attempt"]:
+        stops = {signal.SIGTERM, signal.SIGINT, signal.SIGALRM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            time.sleep(ctx.params["seconds"])
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     return {"attempt": ctx.attempt}
 
 

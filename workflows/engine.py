@@ -413,12 +413,19 @@ def claim_attempt(
     )
 
 
-def record_attempt_pid(node_run_id: int, attempt: int, pid: int) -> None:
-    """Note which process runs a claimed attempt (a forking worker claims, then forks)."""
-    sql.execute(
-        f"UPDATE {sql.table(NodeAttempt)} SET pid = %s WHERE node_run_id = %s AND number = %s"
-        " AND status = %s",
-        [pid, node_run_id, attempt, NodeAttempt.Status.RUNNING],
+def note_delayed_report(node_run_id: int, attempt: int, waited: str, *, actor: str) -> None:
+    """Say in the run's history that an attempt's outcome waited for the database (an
+    outage): the attempt looked silent meanwhile, though its process was alive."""
+    run_id = NodeRun.objects.filter(pk=node_run_id).values_list("run_id", flat=True).first()
+    if run_id is None:
+        return
+    RunEvent.objects.create(
+        run_id=run_id,
+        node_run_id=node_run_id,
+        kind=RunEvent.Kind.TRANSITION,
+        actor=actor,
+        reason=f"the outcome of attempt {attempt} {waited}; it was committed once the database answered",
+        before={"attempt": attempt},
     )
 
 

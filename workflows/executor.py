@@ -1,8 +1,12 @@
-"""The RQ entry point: run one attempt of one node-run.
+"""The RQ entry point: run one attempt of one node-run, and commit its outcome.
 
-The job is a thin wrapper (claim, run, report): every state change is the engine's.
+The job is a thin wrapper (claim, run, report): every state change is the engine's. It
+runs in the process that runs the node — a forking worker's work horse, or a simple
+worker itself — and that process commits the outcome to the database before it ends.
+Nothing about an outcome travels through Redis: RQ keeps only a small summary.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -11,33 +15,47 @@ import socket
 import threading
 import time
 import traceback as traceback_module
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, connections
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.db import connections as db_connections
 from rq import get_current_job
-from rq.job import Job
-from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from workflows import dispatch, engine, heartbeat, registry
+from workflows import engine, heartbeat, registry
 from workflows.context import NodeContext
-
-if TYPE_CHECKING:
-    from workflows.companion import Companion
-    from workflows.companion import SentClaim as CompanionClaim
 
 logger = logging.getLogger(__name__)
 
 
-# By (node-run, attempt): the claims a Keel worker's companion made (workflows/
-# companion.py) for the jobs it runs, sent before RQ's bookkeeping for the job. A forking
-# worker reads the answer before it forks: the horse inherits the claim, read.
-worker_claims: dict[tuple[int, int], "CompanionClaim"] = {}
-# A simple worker's jobs that were started (None) or ran (their outcome), by the same
-# key: the worker reports them once RQ is done with the job (finish_job).
-ran_outcomes: dict[tuple[int, int], "Outcome | None"] = {}
+class HardTimeout(BaseException):
+    """Raised in a forking worker's horse when the worker asks its node to stop at the hard
+    timeout (SIGTERM). A BaseException, so that a node's ``except Exception`` lets it pass."""
+
+
+class Phase:
+    """Where the process running a node is, for the forking worker that watches it.
+
+    The worker keeps one shared page (``workflows.worker.SharedPhase``); elsewhere (a
+    simple worker, a test) this plain object stands in. ``stop_reason`` is what the
+    watcher asks for when it sends SIGTERM.
+    """
+
+    CLAIMING, RUNNING, REPORTING, DONE = 0, 1, 2, 3
+    TIMEOUT, SUPERSEDED = 1, 2
+
+    def __init__(self):
+        self.value = self.CLAIMING
+        self.stop_reason = 0
+
+    def set(self, value: int) -> None:
+        self.value = value
+
+
+# Replaced by a page shared with the worker in a forking worker's horse.
+phase: Phase = Phase()
 
 
 @dataclass(frozen=True)
@@ -48,17 +66,8 @@ class Outcome:
     failure: engine.Failure | None = None
     superseded: bool = False
 
-    def as_json(self) -> dict:
-        return {**asdict(self), "failure": asdict(self.failure) if self.failure else None}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "Outcome":
-        failure = data.get("failure")
-        if failure:
-            failure = engine.Failure(**{**failure, "names": tuple(failure["names"])})
-        return cls(**{**data, "failure": failure})
-
     def summary(self) -> dict:
+        """What RQ keeps as the job's result: small, and never the outcome itself."""
         if self.superseded:
             return {"superseded": True}
         if self.failure:
@@ -67,38 +76,88 @@ class Outcome:
 
 
 def run_attempt(node_run_id: int, attempt: int) -> dict:
-    """The RQ job: claim the attempt, run the node with a heartbeat beside it, report.
+    """The RQ job: claim the attempt, run the node with a heartbeat beside it, commit.
 
     1. Claim: compare-and-set queued → running for this attempt; a stale message
        (already claimed, cancelled, superseded) returns without running anything.
-       A Keel worker's companion has made the claim already, while RQ did its own
-       bookkeeping for the job in Redis (``worker_claims``).
     2. Have the process's heartbeat watch the attempt; run the node function with ``ctx``.
-    3. Report success (output) or failure (error, traceback; timed out on RQ's hard
-       timeout or the node's SoftTimeout) to the engine, which decides what is next.
-       In a Keel worker the outcome is the job's result instead, and the worker's
-       companion reports it while the worker goes on to its next job (finish_job): a
-       forking worker's horse never opens a connection for that.
+    3. Commit the outcome — success (output) or failure (error, traceback; timed out at
+       the hard or soft timeout) — to the engine, which decides what comes next. While
+       the database is unreachable, claim and report are retried with backoff
+       (KEEL_REPORT_RETRY_SECONDS): a finished node is never run again for an outage.
     """
     started = time.monotonic()
-    key = (node_run_id, attempt)
-    made = worker_claims.get(key)
-    if made is None:
-        check_connections()
-        claim = engine.claim_attempt(
-            node_run_id, attempt, worker=_worker_name(), pid=os.getpid(), host=socket.gethostname()
-        )
-    else:
-        ran_outcomes[key] = None
-        claim = made.claim()
+    actor = _worker_name()
+    phase.set(Phase.CLAIMING)
+    check_connections()
+    claim, _ = persist(
+        lambda: engine.claim_attempt(
+            node_run_id, attempt, worker=actor, pid=os.getpid(), host=socket.gethostname()
+        ),
+        what=f"claim node-run {node_run_id} attempt {attempt}",
+    )
     if claim is None:
+        phase.set(Phase.DONE)
         return {"stale": True}
     outcome = run_claimed(claim, started)
-    if made is not None:
-        ran_outcomes[key] = outcome
-        return {"outcome": outcome.as_json()}
-    report(claim, outcome, actor=_worker_name())
+    phase.set(Phase.REPORTING)
+    _, waited = persist(
+        lambda: report(claim, outcome, actor=actor),
+        what=f"report node-run {node_run_id} attempt {attempt}",
+    )
+    if waited:
+        persist(
+            lambda: engine.note_delayed_report(node_run_id, attempt, waited, actor=actor),
+            what=f"note the delayed report of node-run {node_run_id} attempt {attempt}",
+        )
+    phase.set(Phase.DONE)
     return outcome.summary()
+
+
+# What a database outage looks like from here: the server is gone or restarting.
+OUTAGE_ERRORS = (OperationalError, InterfaceError)
+
+
+def persist(action, *, what: str):
+    """``action()``, retried with backoff while the database is unreachable.
+
+    Returns (its result, a description of the wait or "" when none was needed). Gives up
+    (raises) after KEEL_REPORT_RETRY_SECONDS: the attempt then stays running and the
+    watchdog finds it. Only connection errors are retried; a retried commit that did land
+    the first time is rejected by the engine's compare-and-set, never applied twice.
+    """
+    deadline = time.monotonic() + settings.KEEL_REPORT_RETRY_SECONDS
+    first_error: str = ""
+    started = time.monotonic()
+    delay = 0.25
+    while True:
+        try:
+            result = action()
+        except OUTAGE_ERRORS as error:
+            drop_broken_connections()
+            if not first_error:
+                first_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                logger.warning(
+                    "Could not %s, the database is unreachable (%s); retrying.", what, first_error
+                )
+            if time.monotonic() + delay > deadline:
+                logger.error("Gave up trying to %s after %.0fs.", what, time.monotonic() - started)
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if not first_error:
+            return result, ""
+        waited = time.monotonic() - started
+        logger.warning("Could %s after waiting %.1fs for the database.", what, waited)
+        return result, f"waited {waited:.0f}s for the database ({first_error})"
+
+
+def drop_broken_connections() -> None:
+    """Close this thread's connections after an outage error: the next query reconnects."""
+    for connection in db_connections.all(initialized_only=True):
+        with contextlib.suppress(DatabaseError):
+            connection.close()
 
 
 CONNECTION_CHECK_SECONDS = 1.0
@@ -110,12 +169,11 @@ def check_connections() -> None:
     that outlived KEEL_DB_CONN_MAX_AGE.
 
     After an error at once, otherwise at most every CONNECTION_CHECK_SECONDS: on
-    PostgreSQL a check costs a round trip (CONN_HEALTH_CHECKS), and paying it before
-    every job of a busy worker cost more than a node's claim.
+    PostgreSQL a check costs a round trip (CONN_HEALTH_CHECKS).
     """
     global _connections_checked_at
     now = time.monotonic()
-    errors = any(db.errors_occurred for db in connections.all(initialized_only=True))
+    errors = any(db.errors_occurred for db in db_connections.all(initialized_only=True))
     if errors or now - _connections_checked_at >= CONNECTION_CHECK_SECONDS:
         close_old_connections()
         _connections_checked_at = now
@@ -127,36 +185,36 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
     beside = heartbeat.for_this_process()
     beside.watch(ctx, claim.node_run_id, claim.attempt)
     try:
-        output = registry.get(claim.node_type)(ctx)
-        _cancel_hard_timeout()
+        phase.set(Phase.RUNNING)
+        try:
+            output = registry.get(claim.node_type)(ctx)
+        finally:
+            phase.set(Phase.REPORTING)  # from here on, a stop request waits for the report
+            _cancel_hard_timeout()
         outcome = Outcome(output=_checked_output(output))
     except engine.AttemptSuperseded:
-        _cancel_hard_timeout()
         logger.info(
             "Node-run %s attempt %s stopped: no longer current.", claim.node_run_id, claim.attempt
         )
         outcome = Outcome(superseded=True)
-    except JobTimeoutException as error:
-        outcome = Outcome(
-            failure=engine.Failure(
-                error_type="HardTimeout",
-                message=f"killed after the hard timeout of {claim.timeout_seconds}s ({error})",
-                traceback=traceback_module.format_exc(),
-                timed_out=True,
-                names=("HardTimeout", "TimeoutError"),
-            )
-        )
+    except HardTimeout:
+        outcome = Outcome(failure=timeout_failure(claim.timeout_seconds, stopped=True))
+    except JobTimeoutException:
+        # A simple worker's hard timeout: RQ's alarm interrupted the node.
+        outcome = Outcome(failure=timeout_failure(claim.timeout_seconds, stopped=True))
     except Exception as error:
-        _cancel_hard_timeout()
         outcome = Outcome(failure=_failure_from(error, claim))
     finally:
         beside.unwatch()
-    ctx.flush_logs(final=True)
+    try:
+        ctx.flush_logs(final=True)
+    except DatabaseError:
+        logger.exception("Could not store the last log lines of node-run %s", claim.node_run_id)
     return outcome
 
 
 def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
-    """Report an outcome to the engine (a superseded attempt has nothing to report)."""
+    """Commit an outcome through the engine (a superseded attempt has nothing to report)."""
     if outcome.superseded:
         return
     if outcome.failure:
@@ -169,124 +227,29 @@ def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
     )
 
 
-# --- The Keel worker's side (workflows/worker.py) ----------------------------------------------
-
-
-def send_claim(job, *, worker: str, host: str, companion: "Companion") -> tuple[int, int] | None:
-    """In a Keel worker, before RQ's bookkeeping for a job: have the companion claim the
-    attempt it carries, and return without waiting for the answer.
-
-    Returns the (node-run, attempt) key, or None for a job that is not Keel's or a claim
-    that could not be sent (the job then claims for itself and meets the same error,
-    which RQ records).
-    """
-    if job.func_name != dispatch.EXECUTOR_FUNC or len(job.args) != 2:
-        return None
-    key = (int(job.args[0]), int(job.args[1]))
-    try:
-        worker_claims[key] = companion.send_claim(*key, worker=worker, pid=os.getpid(), host=host)
-    except DatabaseError:
-        logger.exception("Could not claim node-run %s attempt %s", *key)
-        return None
-    return key
-
-
-def receive_claim(key: tuple[int, int]) -> None:
-    """Read the answer to a claim sent by ``send_claim``: a forking worker does before it
-    forks, so that the horse inherits the claim itself. On an error the claim is
-    forgotten and the horse claims for itself."""
-    made = worker_claims.get(key)
-    if made is None:
-        return
-    try:
-        made.claim()
-    except DatabaseError:
-        logger.exception("Could not claim node-run %s attempt %s before forking", *key)
-        del worker_claims[key]
-
-
-def record_work_horse(key: tuple[int, int], pid: int, companion: "Companion") -> None:
-    """The horse's pid on the attempt: diagnostics look at the process that runs the node."""
-    made = worker_claims.get(key)
-    if made is not None and made.claim() is not None:
-        try:
-            companion.note_pid(*key, pid)
-        except DatabaseError:
-            logger.exception("Could not note the work horse of node-run %s attempt %s", *key)
-
-
-def finish_job(
-    job, key: tuple[int, int], *, worker: str, companion: "Companion", forked: bool
-) -> None:
-    """Once RQ is done with a job whose attempt the worker's companion claimed: have the
-    companion report its outcome (``report_ended_job``) while the worker goes on.
-
-    A simple worker hands over the outcome the job left in ``ran_outcomes``, or, if RQ
-    never called the job (it failed before), a failure saying so. A forking worker's
-    horse returned its outcome as the job's result, which the companion reads.
-    """
-    made = worker_claims.pop(key, None)
-    started = key in ran_outcomes
-    outcome = ran_outcomes.pop(key, None)
-    if made is None:
-        return
-    try:
-        claim = made.claim()
-        if claim is None:
-            return
-        if outcome is None and not forked and not started:
-            outcome = Outcome(failure=_not_started_failure())
-        companion.report(claim, actor=worker, outcome=outcome, job_id=job.id)
-    except DatabaseError:
-        # The attempt stays running; the watchdog finds the job ended without a report.
-        logger.exception("Could not report node-run %s attempt %s", *key)
-
-
-def report_ended_job(
-    claim: engine.Claim, *, actor: str, outcome: Outcome | None, job_id: str
-) -> None:
-    """Report an ended job's ``outcome`` or, when there is none, the one it returned as
-    its result; when it returned none (a horse killed at the hard timeout, stopped,
-    crashed), a failure saying so, unless the attempt has ended meanwhile (stopped by
-    the engine)."""
-    if outcome is None:
-        job = Job(id=job_id, connection=dispatch.redis_connection(), serializer=JSONSerializer)
-        result = job.latest_result()
-        returned = result.return_value if result is not None else None
-        if isinstance(returned, dict) and returned.get("outcome"):
-            outcome = Outcome.from_json(returned["outcome"])
-        elif engine.attempt_is_running(claim.node_run_id, claim.attempt):
-            outcome = Outcome(failure=_horse_failure(claim, result))
-        else:
-            return
-    report(claim, outcome, actor=actor)
-
-
-def _not_started_failure() -> engine.Failure:
+def timeout_failure(timeout: int, *, stopped: bool, grace: int = 0) -> engine.Failure:
+    """A timed-out attempt, saying whether the node stopped when asked or was killed."""
+    message = (
+        f"stopped at its {timeout} s timeout (asked to stop, and it did)"
+        if stopped
+        else f"killed {grace} s after its {timeout} s timeout: it ignored the stop request"
+    )
     return engine.Failure(
-        error_type="JobNotStarted",
-        message="the worker claimed the attempt, but RQ failed before running the job (see "
-        "the worker's log)",
-        names=("JobNotStarted",),
-        ignore_retry_on=True,
+        error_type="HardTimeout",
+        message=message,
+        traceback="" if not stopped else traceback_module.format_exc(limit=20),
+        timed_out=True,
+        names=("HardTimeout", "TimeoutError"),
     )
 
 
-def _horse_failure(claim: engine.Claim, result) -> engine.Failure:
-    detail = (getattr(result, "exc_string", "") or "").strip()
-    timed_out = "HardTimeout" in detail or "JobTimeoutException" in detail
+def ended_without_report(description: str) -> engine.Failure:
+    """An attempt whose process ended (killed, crashed) without committing an outcome."""
     return engine.Failure(
-        error_type="HardTimeout" if timed_out else "WorkHorseEnded",
-        message=(
-            f"the work horse ended without reporting (killed after the hard timeout of "
-            f"{claim.timeout_seconds}s)"
-            if timed_out
-            else "the work horse ended without reporting: "
-            + (detail.splitlines()[-1] if detail else "killed or crashed")
-        ),
-        traceback=detail[-50_000:],
-        timed_out=timed_out,
-        names=("HardTimeout", "TimeoutError") if timed_out else ("WorkHorseEnded",),
+        error_type="WorkHorseEnded",
+        message=f"the process running the node ended without reporting: {description}",
+        names=("WorkHorseEnded",),
+        ignore_retry_on=True,
     )
 
 
@@ -328,8 +291,8 @@ def _checked_output(output):
 
 
 def _cancel_hard_timeout() -> None:
-    # RQ's hard timeout is a SIGALRM around the whole job; once the node has returned,
-    # reporting its outcome must not be cut short by it.
+    # A simple worker's hard timeout is a SIGALRM around the whole job; once the node has
+    # returned, committing its outcome must not be cut short by it.
     if threading.current_thread() is threading.main_thread():
         signal.alarm(0)
 

@@ -11,7 +11,6 @@ nodes one after another, and starting and joining a thread for each cost about 0
 a tenth of what Keel adds to a no-op node. A forking worker's horse starts its own.
 """
 
-import contextlib
 import logging
 import os
 import threading
@@ -149,16 +148,3 @@ def for_this_process() -> Heartbeat:
         _heartbeats.clear()
         _heartbeats[pid] = Heartbeat()
     return _heartbeats[pid]
-
-
-@contextlib.contextmanager
-def between_beats():
-    """While no beat of this process is being written. A beat's thread holds a database
-    connection only while it writes (it closes it after each beat), so a process forked
-    meanwhile inherits none of its connections: a SQLite one must never cross a fork."""
-    beating = _heartbeats.get(os.getpid())
-    if beating is None:
-        yield
-        return
-    with beating._beating:
-        yield
