@@ -194,6 +194,7 @@ def _new_node_run(run, key, node, downstream, run_priority, now) -> NodeRun:
         timeout_seconds=node["timeout"],
         soft_timeout_seconds=node.get("soft_timeout"),
         expected_seconds=node.get("expected_duration"),
+        stall_after_seconds=node.get("stall_after"),
         params=registry.get(node["type"]).resolve_params(node["params"]),
         upstream=list(node["after"]),
         downstream=downstream,

@@ -161,6 +161,11 @@ class NodeRun(models.Model):
     timeout_seconds = models.PositiveIntegerField()
     soft_timeout_seconds = models.PositiveIntegerField(null=True, blank=True)
     expected_seconds = models.PositiveIntegerField(null=True, blank=True)
+    stall_after_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="How long the node may go without progress (its definition's stall_after).",
+    )
     # Copied from the pinned version when the run starts, so a worker never has to read
     # the whole definition to run or advance one node (that would cost O(N) per node).
     params = models.JSONField(default=dict, blank=True)

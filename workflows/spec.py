@@ -28,6 +28,7 @@ NODE_FIELDS = {
     "timeout",
     "soft_timeout",
     "expected_duration",
+    "stall_after",
     "retries",
     "pool",
     "priority",
@@ -322,6 +323,15 @@ def _validate_node(key: str, raw, pools: dict) -> tuple[dict | None, list[tuple[
             (f"{path}.expected_duration", f"must be whole seconds between 1 and {max_timeout}")
         )
 
+    stall_after = raw.get("stall_after")
+    if stall_after is not None and not _is_int_between(stall_after, 1, max_timeout):
+        problems.append(
+            (
+                f"{path}.stall_after",
+                f"must be whole seconds between 1 and {max_timeout} (got {stall_after!r})",
+            )
+        )
+
     retries, retry_problems = _validate_retries(path, raw.get("retries", {}))
     problems.extend(retry_problems)
 
@@ -354,6 +364,10 @@ def _validate_node(key: str, raw, pools: dict) -> tuple[dict | None, list[tuple[
         "priority": priority,
         "description": description,
     }
+    # Only when declared: the checksum of a definition that does not use it stays the same,
+    # so loading it again makes no new version.
+    if stall_after is not None:
+        node["stall_after"] = stall_after
     return node, problems
 
 

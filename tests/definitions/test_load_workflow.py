@@ -377,3 +377,20 @@ def test_run_stays_pinned_to_its_version_after_v2_is_loaded(write):
         "load",
     }
     assert Run.objects.get(pk=run.pk).version_id == v1.pk
+
+
+def test_a_run_copies_each_node_s_stall_after(write):
+    load(
+        write(
+            "stall.yaml",
+            "name: Stall\nnodes:\n"
+            "  slow: {type: keel.noop, timeout: 120, stall_after: 60}\n"
+            "  plain: {type: keel.noop}\n",
+        )
+    )
+    run = engine.start_run(WorkflowVersion.objects.get(), params={}, trigger="t")
+
+    stall_after = dict(
+        NodeRun.objects.filter(run=run).values_list("node_key", "stall_after_seconds")
+    )
+    assert stall_after == {"slow": 60, "plain": None}

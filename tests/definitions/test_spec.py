@@ -302,6 +302,35 @@ def test_expected_duration_out_of_bounds_is_rejected(expected):
     assert list(problems) == ["nodes.load.expected_duration"]
 
 
+def test_stall_after_is_kept_in_the_spec():
+    parsed = parse(one_node(timeout=120, stall_after=60))
+
+    assert parsed.spec["nodes"]["load"]["stall_after"] == 60
+
+
+def test_a_node_without_stall_after_keeps_its_checksum():
+    # Definitions written before stall_after existed make no new version when loaded again.
+    parsed = parse(one_node(timeout=120))
+
+    assert "stall_after" not in parsed.spec["nodes"]["load"]
+
+
+@pytest.mark.parametrize("stall_after", [0, -5, 3601, 1.5, "60", True])
+def test_stall_after_that_is_not_whole_seconds_in_bounds_names_node_and_field(stall_after):
+    problems = problems_of(one_node(stall_after=stall_after))
+
+    assert problems == {
+        "nodes.load.stall_after": f"must be whole seconds between 1 and 3600 (got {stall_after!r})"
+    }
+
+
+def test_stall_after_maximum_follows_the_setting(settings):
+    settings.KEEL_MAX_TIMEOUT = 7200
+
+    assert parse(one_node(stall_after=7200)).spec["nodes"]["load"]["stall_after"] == 7200
+    assert list(problems_of(one_node(stall_after=7201))) == ["nodes.load.stall_after"]
+
+
 @pytest.mark.parametrize("timeout", [0, 7 * 24 * 3600 + 1, "1h", True])
 def test_run_timeout_out_of_bounds_is_rejected(timeout):
     source = yaml.safe_dump(
