@@ -23,6 +23,7 @@ from urllib.parse import urlencode
 import psutil
 import pytest
 
+from diagnostics import system_report
 from tests.conftest import wait_for
 
 BASE_DIR = Path(__file__).resolve().parents[2]
@@ -233,6 +234,8 @@ def assert_stops_cleanly(devstack: Devstack) -> None:
     assert devstack.leftovers() == [], devstack.log()
     assert devstack.record() == {}
     assert devstack.log().rstrip().endswith("Stopped.")
+    report = json.loads(devstack.manage("system_report", "--json"))
+    assert report["supervision"]["supervised"] is False
 
 
 def test_a_killed_worker_is_restarted_and_the_system_report_shows_it(devstack):
@@ -338,3 +341,35 @@ def test_a_stopped_then_killed_watchdog_is_restarted_with_a_longer_backoff(devst
     )
 
     assert_stops_cleanly(devstack)
+
+
+def test_the_report_survives_a_corrupt_or_stale_record(settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    record = tmp_path / "supervisor.json"
+    assert system_report.supervision()["supervised"] is False  # no file: not devstack's
+
+    record.write_text('{"processes": [')  # cut short
+    state = system_report.supervision()
+    assert state["supervised"] is False and "could not be read" in state["error"]
+
+    # Written by a devstack that was killed (kill -9 leaves its record behind).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    record.write_text(
+        json.dumps(
+            {
+                "pid": gone.pid,
+                "host": socket.gethostname(),
+                "processes": [{"name": "worker", "pid": "?", "restarts": 2, "started_at": "?"}],
+            }
+        )
+    )
+    state = system_report.supervision()
+    assert state["supervised"] is True and state["stale"] is True
+    (row,) = state["processes"]
+    assert (row["name"], row["pid"], row["restarts"], row["started_at"]) == (
+        "worker",
+        None,
+        2,
+        None,
+    )
