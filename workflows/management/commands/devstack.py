@@ -503,15 +503,18 @@ class Command(BaseCommand):
             "processes": [child.record() for child in self.children if child.process],
         }
         path = self._supervision_path()
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
-            with os.fdopen(descriptor, "w") as file:
-                json.dump(record, file, indent=2)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+            descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            try:
+                with os.fdopen(descriptor, "w") as file:
+                    json.dump(record, file, indent=2)
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError as error:  # the report goes without it; the processes must not
+            self._say(self.style.ERROR(f"devstack: could not write {path}: {error}"))
 
     def _supervision_path(self) -> Path:
         return Path(settings.VAR_DIR) / SUPERVISOR_FILE
