@@ -296,6 +296,9 @@ def test_a_killed_worker_is_restarted_and_the_system_report_shows_it(devstack):
     page = devstack.system_page()
     assert "Supervised processes" in page
     assert f"pid {worker['pid']} was killed by SIGKILL" in page
+    text = devstack.manage("system_report")
+    supervised = text.split("Supervised processes", 1)[1].split("Open findings", 1)[0]
+    assert "worker" in supervised and "was killed by SIGKILL at" in supervised
 
     assert_stops_cleanly(devstack)
 

@@ -124,6 +124,34 @@ def render(report: dict, *, markdown: bool) -> str:
         ],
         markdown,
     )
+    section("Supervised processes")
+    supervised = report["supervision"]
+    if supervised["error"]:
+        out.append(supervised["error"])
+    elif not supervised["supervised"]:
+        out.append(
+            "Not supervised by devstack (under systemd: systemctl status 'keel-worker@*' "
+            "keel-watchdog keel-web)."
+        )
+    else:
+        if supervised["stale"]:
+            out.append(f"The devstack that wrote {supervised['path']} is gone; this is old.")
+        out += _table(
+            ["process", "pid", "state", "restarts", "last exit"],
+            [
+                [
+                    row["name"],
+                    row["pid"] or "",
+                    row["state"],
+                    row["restarts"],
+                    f"{row['last_exit']} at {_when(row['last_exit_at'])}"
+                    if row["last_exit"]
+                    else "—",
+                ]
+                for row in supervised["processes"]
+            ],
+            markdown,
+        )
     section("Open findings")
     findings = report["findings"]
     if findings.get("error"):
