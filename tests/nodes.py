@@ -68,6 +68,12 @@ def hang_masked(ctx):
     return {"attempt": ctx.attempt}
 
 
+@node_type("test.huge_error", params={"megabytes": Param(int, default=10)})
+def huge_error(ctx):
+    """Fails with an error message of many megabytes."""
+    raise PermanentError("x" * (ctx.params["megabytes"] * 1024 * 1024))
+
+
 @node_type(
     "test.batches",
     params={"rows": int, "batch": int, "pause": Param(float, default=0.0)},

@@ -266,8 +266,9 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
         super().fork_work_horse(job, queue)
 
     def main_work_horse(self, job, queue):
-        executor.phase = self._phase
-        self.death_penalty_class = NoDeathPenalty
+        if keel_attempt(job) is not None:
+            executor.phase = self._phase
+            self.death_penalty_class = NoDeathPenalty
         super().main_work_horse(job, queue)
 
     def setup_work_horse_signals(self):
