@@ -345,8 +345,10 @@ def test_retrying_a_frozen_node_frees_its_worker_within_seconds(start_worker, st
     )
     frozen = node(run, "frozen")
     horse = wait_for(
-        lambda: NodeRun.objects.get(pk=frozen.pk).status == NodeRun.Status.RUNNING
-        and attempts(run, "frozen")[0].pid,
+        lambda: (
+            NodeRun.objects.get(pk=frozen.pk).status == NodeRun.Status.RUNNING
+            and attempts(run, "frozen")[0].pid
+        ),
         message="the frozen node running",
     )
 
@@ -357,6 +359,7 @@ def test_retrying_a_frozen_node_frees_its_worker_within_seconds(start_worker, st
 
     assert run.status == Run.Status.SUCCEEDED
     first, second = attempts(run, "frozen")
+    assert first.status == NodeAttempt.Status.ABANDONED  # ended by the retry, not reported
     assert second.worker == worker.name and second.status == NodeAttempt.Status.SUCCEEDED
     assert "ignored the stop request for 2s; killing it" in worker.log()
 
@@ -757,7 +760,9 @@ def test_an_outcome_never_travels_through_redis(start_worker, start_run, clean_r
     """A 10 MB error is stored (bounded) in the database by the process that ran the node;
     RQ keeps only a few bytes about the job."""
     start_worker(kind)
-    run = finished(start_run({"name": "Huge error", "nodes": {"huge": {"type": "test.huge_error"}}}))
+    run = finished(
+        start_run({"name": "Huge error", "nodes": {"huge": {"type": "test.huge_error"}}})
+    )
 
     [attempt] = attempts(run, "huge")
     assert (attempt.status, attempt.error_type) == (NodeAttempt.Status.FAILED, "PermanentError")
