@@ -473,21 +473,30 @@ class KeelSimpleWorker(OutlivesOutages, RegistersAgain, SimpleWorker):
 
     The node runs in the worker process, which commits its outcome; the hard timeout is
     RQ's alarm (it interrupts Python code, not a node hung in C), and a stop request is
-    seen by the node through ``ctx.should_stop()``. A thread keeps the worker's Redis
-    heartbeat going while a node runs.
+    seen by the node through ``ctx.should_stop()``. A thread, started once, keeps the
+    worker's Redis heartbeat going while a node runs.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._busy = threading.Event()
+        self._beating: threading.Thread | None = None
+
     def execute_job(self, job, queue):
-        stop = threading.Event()
-
-        def beat():
-            while not stop.wait(settings.KEEL_HEARTBEAT_SECONDS):
-                self.heartbeat()
-
-        beating = threading.Thread(target=beat, name="keel-rq-heartbeat", daemon=True)
-        beating.start()
+        if self._beating is None:
+            self._beating = threading.Thread(
+                target=self._beat_while_busy, name="keel-rq-heartbeat", daemon=True
+            )
+            self._beating.start()
+        self._busy.set()
         try:
             super().execute_job(job, queue)
         finally:
-            stop.set()
-            beating.join()
+            self._busy.clear()
+
+    def _beat_while_busy(self) -> None:
+        while True:
+            self._busy.wait()
+            time.sleep(settings.KEEL_HEARTBEAT_SECONDS)
+            if self._busy.is_set():
+                self.heartbeat()

@@ -772,3 +772,21 @@ def test_an_outcome_never_travels_through_redis(start_worker, start_run, clean_r
         for key in clean_redis.scan_iter(f"rq:*{attempt.rq_job_id}*")
     )
     assert stored < 20_000, stored
+
+
+@pytest.mark.parametrize("kind", ["forking", "simple"])
+def test_a_busy_worker_keeps_its_rq_heartbeat_fresh(start_worker, start_run, clean_redis, kind):
+    """A frozen worker shows as a stale RQ heartbeat, so a busy one must not look stale:
+    it beats every KEEL_HEARTBEAT_SECONDS while its node runs."""
+    worker = start_worker(kind, KEEL_HEARTBEAT_SECONDS=1)
+    run = start_run(
+        {"name": "Busy", "nodes": {"busy": {"type": "test.record", "params": {"sleep": 8}}}}
+    )
+    wait_for(lambda: node(run, "busy").status == NodeRun.Status.RUNNING, message="the node running")
+
+    def last_beat():
+        return clean_redis.hget(f"rq:worker:{worker.name}", "last_heartbeat")
+
+    seen = {last_beat()}
+    wait_for(lambda: seen.add(last_beat()) or len(seen) >= 3, timeout=6, message="two beats")
+    assert node(run, "busy").status == NodeRun.Status.RUNNING  # beats came during the node
