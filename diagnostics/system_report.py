@@ -79,14 +79,15 @@ REGISTRIES = {
 WORKER_KEY_PREFIX = Worker.redis_worker_namespace_prefix
 QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix
 SEVERITY_RANK = {FindingSeverity.CRITICAL: 0, FindingSeverity.WARNING: 1, FindingSeverity.INFO: 2}
-# Actions that workflows/operations.py performs from the run page.
+# Actions that workflows/operations.py performs, and the slug of their preview page (the
+# operator confirms there, with a reason; workflows/action_views.py).
 RUN_PAGE_ACTIONS = {
-    "retry_node",
-    "resume_run",
-    "retry_run",
-    "cancel_run",
-    "rollback_run",
-    "skip_node",
+    "retry_node": "retry",
+    "resume_run": "resume",
+    "retry_run": "resume",
+    "cancel_run": "cancel",
+    "rollback_run": "rollback",
+    "skip_node": "skip",
 }
 
 
@@ -407,10 +408,11 @@ def describe_action(action: dict, run_id: int | None) -> dict | None:
     run_id = action.get("run") or action.get("run_id") or run_id
     if kind in RUN_PAGE_ACTIONS and str(run_id).isdigit():
         node = action.get("node")
+        url = reverse(f"workflows:run-{RUN_PAGE_ACTIONS[kind]}-preview", args=[int(run_id)])
         return {
             "kind": kind,
-            "label": f"{label} ({node})" if node else label,
-            "url": reverse("workflows:run-detail", args=[int(run_id)]),
+            "label": f"{label} ({node})…" if node else f"{label}…",
+            "url": f"{url}?{urlencode({'node': node})}" if node else url,
         }
     if action.get("command"):
         return {"kind": kind or "command", "label": label, "command": str(action["command"])}

@@ -84,9 +84,9 @@ def test_findings_page_groups_open_findings_by_cause_with_their_actions(staff_cl
         ("no_worker", 1),
     ]
     assert "Resolved long ago" not in page
-    # Run actions link to the run page, where workflows' operations do them.
-    assert f'href="/runs/{run.pk}/"' in page
-    assert "Retry node (a)" in page
+    # Run actions lead to the action's preview, where the operator confirms with a reason.
+    assert f'href="/runs/{run.pk}/retry/preview/?node=a"' in page
+    assert "Retry node (a)…" in page
     assert '<code class="command">manage.py rqworker low</code>' in page
     assert "Start a worker for queue low." in page
     assert "batch 3 of 9" in page and "last_log_lines" in page
