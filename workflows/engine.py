@@ -414,9 +414,9 @@ def claim_attempt(
     )
 
 
-def note_delayed_report(node_run_id: int, attempt: int, waited: str, *, actor: str) -> None:
-    """Say in the run's history that an attempt's outcome waited for the database (an
-    outage): the attempt looked silent meanwhile, though its process was alive."""
+def note_attempt(node_run_id: int, attempt: int, note: str, *, actor: str) -> None:
+    """Say in the run's history what happened to an attempt's process that is not a
+    transition: its outcome waited for the database, or it was stopped once superseded."""
     run_id = NodeRun.objects.filter(pk=node_run_id).values_list("run_id", flat=True).first()
     if run_id is None:
         return
@@ -425,7 +425,7 @@ def note_delayed_report(node_run_id: int, attempt: int, waited: str, *, actor: s
         node_run_id=node_run_id,
         kind=RunEvent.Kind.TRANSITION,
         actor=actor,
-        reason=f"the outcome of attempt {attempt} {waited}; it was committed once the database answered",
+        reason=note[:2000],
         before={"attempt": attempt},
     )
 

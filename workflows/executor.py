@@ -106,8 +106,9 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
         what=f"report node-run {node_run_id} attempt {attempt}",
     )
     if waited:
+        note = f"the outcome of attempt {attempt} {waited}; committed once the database answered"
         persist(
-            lambda: engine.note_delayed_report(node_run_id, attempt, waited, actor=actor),
+            lambda: engine.note_attempt(node_run_id, attempt, note, actor=actor),
             what=f"note the delayed report of node-run {node_run_id} attempt {attempt}",
         )
     phase.set(Phase.DONE)

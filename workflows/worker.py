@@ -292,7 +292,8 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
            A horse still claiming or already committing its outcome is left to finish.
         3. Heartbeat to Redis every KEEL_HEARTBEAT_SECONDS; a Redis outage changes nothing.
         4. Once it ended: if it committed no outcome, commit one for it (timed out, or
-           ended without reporting), unless the engine had ended the attempt already.
+           ended without reporting), unless the engine had ended the attempt already; a
+           superseded attempt's stop is noted in the run's history.
         """
         attempt = keel_attempt(job)
         if attempt is None:
@@ -332,8 +333,8 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
                     next_beat = now + settings.KEEL_HEARTBEAT_SECONDS
                     self._beat_while_busy(job, now - started)
         status = horse.status
-        self._horse_pid = 0
-        if self._phase.value != Phase.DONE:
+        self._last_horse_pid, self._horse_pid = self._horse_pid, 0
+        if self._phase.value != Phase.DONE or self._phase.stop_reason == Phase.SUPERSEDED:
             self._report_for_horse(job, attempt, self._phase.stop_reason, killed, status)
         connections.close_all()
         with contextlib.suppress(redis.RedisError):
@@ -364,25 +365,29 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
 
     def _report_for_horse(self, job, attempt, reason: int, killed: bool, status: int | None):
         node_run_id, number = attempt
-        if reason == Phase.SUPERSEDED:
-            return  # the engine ended the attempt; nothing of it is applied
         timeout = job.timeout or settings.KEEL_DEFAULT_TIMEOUT
-        if reason == Phase.TIMEOUT:
-            failure = executor.timeout_failure(
-                timeout, stopped=not killed, grace=settings.KEEL_KILL_GRACE_SECONDS
+        grace = settings.KEEL_KILL_GRACE_SECONDS
+        if reason == Phase.SUPERSEDED:
+            # The engine ended the attempt and applies nothing of it; say that its
+            # process is gone, and how, so the history shows the worker was freed.
+            how = f"killed {grace} s after it ignored the request" if killed else "it stopped"
+            note = (
+                f"attempt {number} was superseded: worker {self.name} asked its process "
+                f"(pid {self._last_horse_pid}) to stop, and {how}"
             )
+            act = lambda: engine.note_attempt(node_run_id, number, note, actor=self.name)  # noqa: E731
         else:
-            failure = executor.ended_without_report(describe_status(status))
+            if reason == Phase.TIMEOUT:
+                failure = executor.timeout_failure(timeout, stopped=not killed, grace=grace)
+            else:
+                failure = executor.ended_without_report(describe_status(status))
 
-        def fail_if_still_running():
-            if engine.attempt_is_running(node_run_id, number):
-                engine.fail_attempt(node_run_id, number, failure, actor=self.name)
+            def act():
+                if engine.attempt_is_running(node_run_id, number):
+                    engine.fail_attempt(node_run_id, number, failure, actor=self.name)
 
         try:
-            executor.persist(
-                fail_if_still_running,
-                what=f"report the ended horse of node-run {node_run_id} attempt {number}",
-            )
+            executor.persist(act, what=f"report the ended horse of node-run {node_run_id}")
         except DatabaseError:
             self.log.exception("Worker %s: could not report job %s", self.name, job.id)
 

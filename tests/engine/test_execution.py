@@ -362,6 +362,9 @@ def test_retrying_a_frozen_node_frees_its_worker_within_seconds(start_worker, st
     assert first.status == NodeAttempt.Status.ABANDONED  # ended by the retry, not reported
     assert second.worker == worker.name and second.status == NodeAttempt.Status.SUCCEEDED
     assert "ignored the stop request for 2s; killing it" in worker.log()
+    note = RunEvent.objects.get(run=run, reason__contains="was superseded")
+    assert note.actor == worker.name
+    assert f"(pid {horse}) to stop, and killed 2 s after it ignored the request" in note.reason
 
 
 def test_late_result_of_a_superseded_attempt_is_rejected(start_worker, start_run):
