@@ -38,7 +38,24 @@ MEANING = {
     ),
     "stalled": (
         "The node's process is alive and heartbeating, but the progress it reports has "
-        "stopped moving. Slow nodes keep moving; this one does not."
+        "stopped moving (or it never reported any, though its definition promised to within "
+        "stall_after seconds). Slow nodes keep moving; this one does not."
+    ),
+    "timeout_exceeded": (
+        "The node has run longer than its hard timeout. Its worker should ask it to stop "
+        "and kill it a few seconds later; if it is still running after that, the worker is "
+        "frozen or cannot kill it (a simple worker cannot stop a node hung in C code)."
+    ),
+    "worker_unresponsive": (
+        "A worker stopped sending its heartbeat to Redis, though Keel workers send one every "
+        "few seconds whether busy or idle. It is frozen (stopped with SIGSTOP, held by a "
+        "debugger, starved on a swapping machine) and takes no work, or its process ended "
+        "without RQ being told."
+    ),
+    "zombie_attempt": (
+        "A worker is still busy with an attempt that is over: it was retried, cancelled or "
+        "rolled back, or it ended. The worker should have stopped that process; until it "
+        "is restarted it takes no other work. Nothing the old attempt does is applied."
     ),
     "resource_pressure": (
         "The node's process is short of CPU, waits on the disk, or is close to its memory "
@@ -77,6 +94,8 @@ MEANING = {
 # Evidence keys worth showing a person, in this order, with their labels.
 EVIDENCE_LABELS = [
     ("why_lost", "why lost"),
+    ("why_not_stopped", "why not stopped"),
+    ("how_it_ended", "how it ended"),
     ("why", "why"),
     ("problems", "problems"),
     ("node", "node"),
@@ -84,7 +103,14 @@ EVIDENCE_LABELS = [
     ("worker", "worker"),
     ("host", "host"),
     ("pid", "pid"),
+    ("worker_pid", "worker pid"),
+    ("process", "process"),
     ("queue", "queue"),
+    ("queues", "queues"),
+    ("current_job", "current job"),
+    ("rq_last_heartbeat", "last RQ heartbeat"),
+    ("rq_heartbeat_age_seconds", "since RQ heartbeat"),
+    ("rq_key_exists", "listed by RQ"),
     ("rq_job_id", "RQ job"),
     ("rq_job_status", "RQ job status"),
     ("started_at", "started"),
@@ -92,13 +118,25 @@ EVIDENCE_LABELS = [
     ("heartbeat_at", "last heartbeat"),
     ("seconds_since_heartbeat", "since heartbeat"),
     ("never_sent_heartbeat", "never sent a heartbeat"),
-    ("process", "process"),
+    ("heartbeat_age_counted_from", "heartbeat age counted from"),
+    ("alive_because", "alive because"),
     ("progress", "progress"),
     ("unchanged_for_seconds", "progress unchanged for"),
+    ("never_reported_progress", "never reported progress"),
+    ("threshold", "stalled after"),
     ("expected_seconds", "expected duration"),
     ("history_p95_seconds", "p95 of history"),
     ("limit_seconds", "limit"),
     ("timeout_seconds", "timeout"),
+    ("past_timeout_seconds", "past the timeout by"),
+    ("kill_grace_seconds", "kill grace"),
+    ("deadline", "deadline"),
+    ("stopped_by", "should be stopped by"),
+    ("attempt_status", "attempt status"),
+    ("node_status", "node status"),
+    ("node_attempt", "node's current attempt"),
+    ("over_for_seconds", "over for"),
+    ("runbook", "runbook"),
     ("queued_at", "queued"),
     ("queued_for_seconds", "queued for"),
     ("queued_nodes", "queued nodes"),
@@ -106,6 +144,7 @@ EVIDENCE_LABELS = [
     ("oldest_wait_seconds", "oldest waiting for"),
     ("listening_workers", "listening workers"),
     ("dead_workers_for_queue", "dead workers for queue"),
+    ("frozen_workers_for_queue", "frozen workers for queue"),
     ("rq_suspended", "RQ suspended"),
     ("pool", "pool"),
     ("slots", "slots"),
@@ -130,6 +169,7 @@ EVIDENCE_LABELS = [
     ("max_connections", "max_connections"),
     ("down_from", "down from"),
     ("up_at", "up again at"),
+    ("down_for_seconds", "down for"),
 ]
 
 
@@ -259,7 +299,11 @@ def evidence_lines(evidence: dict) -> list[tuple[str, str]]:
 def format_value(key: str, value) -> str:
     if "seconds" in key and isinstance(value, int | float) and not isinstance(value, bool):
         return duration_words(value)
-    if (key.endswith("_at") or key in ("down_from", "waiting_since")) and isinstance(value, str):
+    if (
+        key.endswith("_at")
+        or key in ("down_from", "waiting_since", "deadline", "stopped_by")
+        or key == "heartbeat_age_counted_from"
+    ) and isinstance(value, str):
         try:
             return f"{datetime.fromisoformat(value):%Y-%m-%d %H:%M:%S %Z}".strip()
         except ValueError:

@@ -73,6 +73,9 @@ class Finding(models.Model):
             ),
             # Findings of one run (run and node pages, diagnose RUN_ID).
             models.Index(fields=["run", "-last_seen"], name="finding_run_seen"),
+            # When the last outage of a store ended (detectors' Context.outage_ends), read
+            # every tick; and the outage a watchdog merges a new sighting into.
+            models.Index(fields=["code", "subject", "-resolved_at"], name="finding_code_resolved"),
         ]
 
     def __str__(self):

@@ -1,13 +1,19 @@
 """The evidence the detectors share: one ``Context`` per tick, loaded lazily and once.
 
 It holds the running attempts (one query), the queued counts per queue, what RQ's worker
-keys say (one pipelined round trip) and, per attempt, a ``Liveness`` verdict: is the
-process running it still there? RQ's registries are evidence, never the truth
-(CONVENTIONS §11): an attempt counts as lost only on strong evidence — its process is
-gone (same host), or its heartbeat went stale *and* RQ no longer knows its worker, or
-RQ ended its job.
+keys say (one pipelined round trip), when the last database and Redis outages ended and,
+per attempt, a ``Liveness`` verdict: is the process running it still there? RQ's
+registries are evidence, never the truth (CONVENTIONS §11): an attempt counts as lost
+only on strong evidence — its process is gone (same host), or its heartbeat went stale
+*and* RQ no longer knows its worker, or RQ ended its job — and never while its process
+is seen alive (same host) or its worker heartbeats to RQ and still runs its job.
+
+Nothing can write a heartbeat while the database is down (nor an RQ heartbeat while
+Redis is): a heartbeat's age is counted from the end of the last outage when that is
+later, so an outage is never read as every worker going silent at once.
 """
 
+import re
 import socket
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +25,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Count, F, Min
 from django.utils import timezone
+from rq.utils import utcparse
 
 from diagnostics.models import Finding
 from workflows import dispatch
@@ -34,6 +41,11 @@ SUSPENDED_KEY = "rq:suspended"
 ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
 # Where the stalled detector remembers since when each attempt's progress stood still.
 PROGRESS_MEMORY_KEY = "keel:watchdog:progress"
+# The finding subjects that record an outage of each store (see stores.py, watchdog.py).
+DB_OUTAGE = ("db_unhealthy", "database:unreachable")
+REDIS_OUTAGE = ("redis_unhealthy", "redis:unreachable")
+# A Keel job id: keel-<node run id>-<attempt> (workflows/dispatch.job_id).
+KEEL_JOB_ID = re.compile(r"^keel-(\d+)-(\d+)$")
 
 
 def setting(name: str, default):
@@ -55,10 +67,20 @@ class WorkerInfo:
     last_heartbeat: str = ""
     died: str = ""  # set by a clean shutdown
     process: str = "unknown"  # alive / dead / unknown (another host)
+    # Seconds since its last RQ heartbeat, counted from the end of the last outage when
+    # that is later; None when it never sent one.
+    heartbeat_age: float | None = None
+    # Whether that age is past KEEL_STALE_BEATS heartbeats: frozen, or too busy to beat.
+    unresponsive: bool = False
 
     @property
     def alive(self) -> bool:
         return self.exists and not self.died and self.process != "dead"
+
+    @property
+    def responsive(self) -> bool:
+        """Alive, and heartbeating to RQ: it takes work (Keel workers beat idle or busy)."""
+        return self.alive and self.heartbeat_age is not None and not self.unresponsive
 
     def gone_because(self) -> str:
         if not self.exists:
@@ -82,6 +104,9 @@ class WorkerInfo:
             "state": self.state,
             "current_job": self.current_job,
             "rq_last_heartbeat": self.last_heartbeat,
+            "rq_heartbeat_age_seconds": (
+                round(self.heartbeat_age, 1) if self.heartbeat_age is not None else None
+            ),
             "process": self.process,
         }
 
@@ -97,10 +122,51 @@ class Liveness:
     worker: WorkerInfo | None
     job_status: str | None  # RQ's status, "missing", or None when Redis did not answer
     lost_because: str = ""
+    # Why its process is known to be alive ("" when that is not known).
+    alive_because: str = ""
+    # The heartbeat age starts at the end of this database outage (None: no outage since).
+    counted_from_outage: datetime | None = None
 
     @property
     def lost(self) -> bool:
         return bool(self.lost_because)
+
+    @property
+    def worker_gone(self) -> bool:
+        """Whether RQ's own record says the worker is gone (or Redis knows nothing of it)."""
+        return self.worker is None or not self.worker.alive
+
+
+PROCESS_WORDS = {
+    psutil.STATUS_STOPPED: "stopped (SIGSTOP?)",
+    psutil.STATUS_TRACING_STOP: "stopped by a debugger (traced)",
+    psutil.STATUS_ZOMBIE: "zombie (it exited; its parent has not reaped it)",
+    psutil.STATUS_DISK_SLEEP: "waiting on the disk (uninterruptible)",
+    psutil.STATUS_DEAD: "dead",
+}
+
+
+def process_words(pid: int | None, host: str, this_host: str) -> str:
+    """What the process table says of a pid on this host, in words."""
+    if not pid:
+        return "unknown: no pid recorded"
+    if host != this_host:
+        return f"unknown: another host ({host or '?'})"
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return f"gone: no process with pid {pid}"
+    except psutil.Error as error:
+        return f"unknown: {error}"
+    return PROCESS_WORDS.get(status, status)
+
+
+def process_created(pid: int | None) -> float | None:
+    """When a pid on this host was created (to tell it from a later process with its pid)."""
+    try:
+        return psutil.Process(pid).create_time() if pid else None
+    except psutil.Error:
+        return None
 
 
 def process_state(pid: int | None, since: datetime | None) -> tuple[str, str]:
@@ -174,15 +240,79 @@ class Context:
             )
             if info.exists and info.hostname == self.host and info.pid:
                 info.process, _ = process_state(info.pid, None)
+            if info.last_heartbeat:
+                try:
+                    beat = utcparse(info.last_heartbeat)
+                except ValueError:
+                    beat = None
+                if beat is not None:
+                    info.heartbeat_age = self.age(max(beat, self.rq_outage_end or beat))
+                    info.unresponsive = info.heartbeat_age > self.stale_after
             workers[name] = info
         return workers
+
+    @cached_property
+    def frozen_workers(self) -> list["FrozenWorker"]:
+        """Workers RQ still lists whose RQ heartbeat is stale, and those RQ forgot (their key
+        expired) while their process, on this host, is still there: a frozen worker keeps
+        its pid but stops beating, and RQ drops it after worker_ttl + 60 s."""
+        frozen = [
+            FrozenWorker(
+                name=info.name,
+                host=info.hostname,
+                pid=info.pid,
+                queues=info.queues,
+                last_heartbeat=info.last_heartbeat,
+                current_job=info.current_job,
+                heartbeat_age=info.heartbeat_age,
+                in_rq=True,
+                process=process_words(info.pid, info.hostname, self.host),
+                process_created=(process_created(info.pid) if info.hostname == self.host else None),
+                state=info.state,
+            )
+            for info in self.workers.values()
+            if info.exists and not info.died and info.unresponsive and _serves_keel(info.queues)
+        ]
+        listed = {info.name for info in self.workers.values() if info.exists}
+        for finding in Finding.objects.filter(
+            code="worker_unresponsive", resolved_at__isnull=True
+        ).only("subject", "evidence"):
+            seen = finding.evidence or {}
+            name = seen.get("name") or finding.subject.removeprefix("worker:")
+            pid, host = seen.get("pid"), seen.get("host")
+            if name in listed or host != self.host or not isinstance(pid, int):
+                continue
+            created = process_created(pid)
+            if created is None or abs(created - (seen.get("process_created") or created)) > 1:
+                continue  # gone, or its pid now belongs to another process
+            frozen.append(
+                FrozenWorker(
+                    name=name,
+                    host=host,
+                    pid=pid,
+                    queues=list(seen.get("queues") or []),
+                    last_heartbeat=seen.get("rq_last_heartbeat") or "",
+                    current_job=seen.get("current_job") or "",
+                    heartbeat_age=None,
+                    in_rq=False,
+                    process=process_words(pid, host, self.host),
+                    process_created=created,
+                    state=seen.get("state") or "",
+                )
+            )
+        return frozen
 
     @cached_property
     def suspended(self) -> bool:
         return bool(self.redis.exists(SUSPENDED_KEY))
 
     def live_listeners(self, queue: str) -> list[str]:
-        return sorted(w.name for w in self.workers.values() if w.alive and queue in w.queues)
+        """Workers that take work from the queue: alive, and not frozen."""
+        return sorted(
+            w.name
+            for w in self.workers.values()
+            if w.alive and not w.unresponsive and queue in w.queues
+        )
 
     def job_states(self, job_ids: list[str]) -> dict[str, dict]:
         """{job id: {"status": RQ's status or "missing", "worker": ...}} in one round trip."""
@@ -217,6 +347,40 @@ class Context:
         )
 
     @cached_property
+    def outage_ends(self) -> dict[tuple[str, str], datetime]:
+        """When the last outage of the database and of Redis ended, from the findings
+        that recorded them (one still open counts until it was last seen)."""
+        ends = {}
+        for code, subject in (DB_OUTAGE, REDIS_OUTAGE):
+            row = (
+                Finding.objects.filter(code=code, subject=subject)
+                .order_by(F("resolved_at").desc(nulls_first=True))
+                .values_list("resolved_at", "last_seen")
+                .first()
+            )
+            if row is not None:
+                ends[(code, subject)] = min(row[0] or row[1], self.now)
+        return ends
+
+    @property
+    def db_outage_end(self) -> datetime | None:
+        return self.outage_ends.get(DB_OUTAGE)
+
+    @property
+    def rq_outage_end(self) -> datetime | None:
+        """The later end of a Redis or a database outage: a worker's loop waits on both."""
+        ends = [self.outage_ends.get(REDIS_OUTAGE), self.db_outage_end]
+        return max((end for end in ends if end is not None), default=None)
+
+    def beat_age(self, beat: datetime | None) -> float:
+        """Seconds since a heartbeat written to the database, counted from the end of the
+        last database outage when that is later: nothing could beat during it."""
+        end = self.db_outage_end
+        if beat is None:
+            return 0.0
+        return self.age(max(beat, end) if end is not None else beat)
+
+    @cached_property
     def queued_by_queue(self) -> dict[str, dict]:
         rows = (
             NodeRun.objects.filter(status=NodeRun.Status.QUEUED)
@@ -233,12 +397,16 @@ class Context:
     def liveness(self, attempt: NodeAttempt) -> Liveness:
         """Gather the evidence about an attempt's process and decide whether it is lost.
 
-        1. Heartbeat age (from the last beat, or from the claim when it never beat).
+        1. Heartbeat age: from the last beat (or the claim when it never beat), or from
+           the end of the last database outage when that is later.
         2. Same host: does the pid exist (and is it not a newer process or a zombie)?
-        3. RQ: is its worker still registered, and what does RQ say about its job?
-        4. Lost when: the process is gone and no beat came for 1.5 beats; or no beat for
-           the stale threshold and RQ lost the worker; or RQ ended the job (the work
-           horse died) and no beat came for 1.5 beats.
+        3. RQ: is its worker still registered and heartbeating, does it still run the
+           attempt's job, and what does RQ say about that job?
+        4. Alive when its pid runs on this host, or its worker heartbeats to RQ and still
+           runs its job: then it is never lost, whatever else RQ says.
+        5. Otherwise lost when: the process is gone and no beat came for 1.5 beats; or no
+           beat for the stale threshold and RQ lost the worker; or RQ ended the job (the
+           work horse ended) and no beat came for 1.5 beats.
         """
         if attempt.pk in self._liveness:
             return self._liveness[attempt.pk]
@@ -253,19 +421,35 @@ class Context:
         if self.redis_ok:
             worker = self.workers.get(attempt.worker)
             job_status = self.running_jobs.get(attempt.rq_job_id, {}).get("status")
-        age = self.age(beat)
+        age = self.beat_age(beat)
+        outage = (
+            self.db_outage_end
+            if beat and self.db_outage_end and self.db_outage_end > beat
+            else None
+        )
         stale = age > self.stale_after
         quiet = age > 1.5 * self.heartbeat
+        alive = ""
+        if process == "alive":
+            alive = detail
+        elif worker is not None and worker.responsive and worker.current_job == attempt.rq_job_id:
+            alive = (
+                f"worker {worker.name} heartbeats to RQ ({worker.heartbeat_age:.0f}s ago) and "
+                f"still runs job {attempt.rq_job_id}"
+            )
         because = ""
-        if process == "dead" and quiet:
+        if alive:
+            pass  # never lost while seen alive: a silent one is heartbeat_stale's to report
+        elif process == "dead" and quiet:
             because = f"its process is gone: {detail}"
         elif stale and worker is not None and not worker.alive:
             because = worker.gone_because()
         elif quiet and job_status in ENDED_JOB_STATES:
             because = (
-                f"RQ reports its job {attempt.rq_job_id} as {job_status} (the work horse ended)"
+                f"RQ reports its job {attempt.rq_job_id} as {job_status} (the process running "
+                "it ended without committing an outcome)"
             )
-        verdict = Liveness(age, never, process, detail, worker, job_status, because)
+        verdict = Liveness(age, never, process, detail, worker, job_status, because, alive, outage)
         self._liveness[attempt.pk] = verdict
         return verdict
 
@@ -274,8 +458,34 @@ class Context:
         return setting("KEEL_STALE_BEATS", 3) * self.heartbeat
 
 
+@dataclass
+class FrozenWorker:
+    """A worker that no longer heartbeats to RQ while its process is (or may be) there."""
+
+    name: str
+    host: str
+    pid: int | None
+    queues: list[str]
+    last_heartbeat: str
+    current_job: str
+    heartbeat_age: float | None
+    in_rq: bool  # False: RQ forgot it (its key expired); its process is still on this host
+    process: str  # what the process table says, in words
+    process_created: float | None
+    state: str = ""
+
+    def kill_command(self, this_host: str) -> str:
+        kill = f"kill -9 {self.pid or '<pid>'}"
+        return kill if self.host == this_host else f"ssh {self.host or '<host>'} {kill}"
+
+
 def _redis():
     return dispatch.redis_connection()
+
+
+def _serves_keel(queues: list[str]) -> bool:
+    """A Keel worker listens to one of Keel's queues (RQ's key does not name its class)."""
+    return bool(set(queues) & set(settings.KEEL_QUEUES))
 
 
 def text(value) -> str:

@@ -24,8 +24,9 @@ from workflows.models import NodeAttempt, NodeRun, ResourcePool, Run
 
 @detector("no_worker", needs_redis=True)
 def no_worker(ctx: Context) -> list[Detection]:
-    """Nodes wait on a queue that no live worker listens to (none started, all stopped or
-    dead, or RQ suspended)."""
+    """Nodes wait on a queue that no live worker takes work from (none started, all
+    stopped, dead or frozen, or RQ suspended). A frozen worker is not gone: the fix is to
+    restart it, not to start one."""
     grace = setting("KEEL_NO_WORKER_GRACE_SECONDS", 10)
     found = []
     for queue, row in sorted(ctx.queued_by_queue.items()):
@@ -35,10 +36,25 @@ def no_worker(ctx: Context) -> list[Detection]:
         if listeners and not ctx.suspended:
             continue
         dead = sorted(w.name for w in ctx.workers.values() if queue in w.queues and not w.alive)
+        frozen = [w for w in ctx.frozen_workers if queue in w.queues]
         if ctx.suspended:
             title = f"Workers are suspended: {row['count']} node(s) wait on queue {queue}"
             suggestion = "RQ is suspended; resume it with `manage.py rqresume`."
             action = {"kind": "command", "command": "manage.py rqresume"}
+        elif frozen:
+            first = frozen[0]
+            where = "this host" if first.host == ctx.host else f"host {first.host or '?'}"
+            title = (
+                f"No worker takes work from queue {queue}: {row['count']} node(s) wait; "
+                f"worker {first.name} (pid {first.pid or '?'}) on {where} is frozen, not gone"
+            )
+            suggestion = (
+                f"Worker {first.name} (pid {first.pid or '?'}) on {where} is frozen, not gone: "
+                f"restart it (`{first.kill_command(ctx.host)}`, and let the supervisor start it "
+                f"again). Starting another worker for the queue (`manage.py rqworker {queue}`) "
+                "also gets the nodes going."
+            )
+            action = {"kind": "command", "command": first.kill_command(ctx.host)}
         else:
             title = f"No worker listens to queue {queue}: {row['count']} node(s) wait"
             suggestion = (
@@ -60,6 +76,10 @@ def no_worker(ctx: Context) -> list[Detection]:
                     "oldest_wait_seconds": round(ctx.age(row["oldest"]), 1),
                     "rq_suspended": ctx.suspended,
                     "dead_workers_for_queue": dead,
+                    "frozen_workers_for_queue": [
+                        f"{w.name} (pid {w.pid or '?'} on {w.host or '?'}: {w.process})"
+                        for w in frozen
+                    ],
                     "workers": [w.as_evidence() for w in ctx.workers.values()][:20],
                 },
                 action=action,

@@ -1,18 +1,13 @@
-"""Detectors about running nodes: hung, lost, overdue, stalled, short of resources."""
+"""Detectors about running nodes: hung, lost, short of resources."""
 
-import json
-from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import psutil
-from django.db.models import F, Window
-from django.db.models.functions import RowNumber
 
 from diagnostics.detectors.context import (
     CRITICAL,
     ENDED_JOB_STATES,
     INFO,
-    PROGRESS_MEMORY_KEY,
     WARNING,
     WORKER_PREFIX,
     Context,
@@ -22,7 +17,6 @@ from diagnostics.detectors.context import (
     node_subject,
     retry_action,
     setting,
-    text,
 )
 from diagnostics.detectors.registry import detector
 from diagnostics.findings import Detection, Repair
@@ -42,10 +36,12 @@ def heartbeat_stale(ctx: Context) -> list[Detection]:
         if live.heartbeat_age <= ctx.stale_after or live.lost or live.job_status == "missing":
             continue  # fresh, or a cause is known: worker_lost / job_lost report it
         silent = (
-            f"has not sent a heartbeat since it started {live.heartbeat_age:.0f}s ago"
+            f"has not sent a heartbeat since it started {ctx.age(attempt.started_at):.0f}s ago"
             if live.never_beat
-            else f"sent its last heartbeat {live.heartbeat_age:.0f}s ago"
+            else f"sent its last heartbeat {ctx.age(node.heartbeat_at):.0f}s ago"
         )
+        if live.counted_from_outage:
+            silent += f", none in the {live.heartbeat_age:.0f}s since the database answered again"
         found.append(
             Detection(
                 code="heartbeat_stale",
@@ -60,6 +56,7 @@ def heartbeat_stale(ctx: Context) -> list[Detection]:
                 ),
                 evidence={
                     **attempt_evidence(ctx, attempt),
+                    **outage_evidence(live),
                     "never_sent_heartbeat": live.never_beat,
                     "stale_after_seconds": ctx.stale_after,
                     "process": live.process_detail,
@@ -85,15 +82,25 @@ def worker_lost(ctx: Context) -> list[Detection]:
             continue  # a missing job is job_lost's to report
         # Retries count from the last operator reset (attempts_base), as the engine counts them.
         left = node.max_attempts - (attempt.number - node.attempts_base)
+        if live.worker_gone:
+            title = (
+                f"Worker {attempt.worker or '?'} running node {node.node_key} of run "
+                f"{node.run_id} is gone"
+            )
+        else:
+            # RQ still has the worker: the process that ran the node (its horse) is what
+            # ended, and the worker has moved on.
+            title = (
+                f"The process running node {node.node_key} of run {node.run_id} (pid "
+                f"{attempt.pid or '?'} on {attempt.host or '?'}) is gone; its worker "
+                f"{attempt.worker or '?'} is still up"
+            )
         found.append(
             Detection(
                 code="worker_lost",
                 subject=node_subject(node.pk, attempt.number),
                 severity=CRITICAL,
-                title=(
-                    f"Worker {attempt.worker or '?'} running node {node.node_key} of run "
-                    f"{node.run_id} is gone"
-                ),
+                title=title,
                 suggestion=(
                     f"Nothing to do: the watchdog ends attempt {attempt.number} and the retry "
                     f"policy runs it again ({left} attempt(s) left), resuming from its last "
@@ -105,6 +112,7 @@ def worker_lost(ctx: Context) -> list[Detection]:
                 ),
                 evidence={
                     **attempt_evidence(ctx, attempt),
+                    **outage_evidence(live),
                     "why_lost": live.lost_because,
                     "process": live.process_detail,
                     "rq_worker": live.worker.as_evidence() if live.worker else None,
@@ -206,6 +214,32 @@ def _worker_alive(ctx: Context, name: str) -> bool:
     return info.alive
 
 
+def _heartbeats_from_a_live_process(ctx: Context, attempt: NodeAttempt, live) -> bool:
+    """Whether "the worker keeps heartbeating" is true: its process is seen alive, or (on
+    another host) a heartbeat was actually written within the stale threshold (not merely
+    counted from an outage's end) and nothing says the process is gone."""
+    if live.alive_because:
+        return True
+    node = attempt.node_run
+    if live.never_beat or ctx.age(node.heartbeat_at) > ctx.stale_after:
+        return False
+    known_gone = live.process == "dead" or (
+        live.worker is not None and live.worker.exists and not live.worker.alive
+    )
+    return live.process == "unknown" and not known_gone
+
+
+def outage_evidence(live) -> dict:
+    """Where a heartbeat's age was counted from, when a database outage moved it."""
+    if live.counted_from_outage is None:
+        return {}
+    return {
+        "heartbeat_age_counted_from": iso(live.counted_from_outage),
+        "why_counted_from_there": "the database was unreachable until then: nothing could "
+        "write a heartbeat",
+    }
+
+
 def _lost_running_jobs(ctx: Context) -> list[Detection]:
     found = []
     for attempt in ctx.running:
@@ -216,10 +250,35 @@ def _lost_running_jobs(ctx: Context) -> list[Detection]:
         stale = live.heartbeat_age > ctx.stale_after or live.lost
         evidence = {
             **attempt_evidence(ctx, attempt),
+            **outage_evidence(live),
             "rq_job_status": "missing",
             "process": live.process_detail,
+            "alive_because": live.alive_because,
             "rq_worker": live.worker.as_evidence() if live.worker else None,
         }
+        if not stale and not _heartbeats_from_a_live_process(ctx, attempt, live):
+            # Not silent long enough to be called lost, but nothing says its process is
+            # alive either: say so, and let a later tick decide.
+            found.append(
+                Detection(
+                    code="job_lost",
+                    subject=node_subject(node.pk, attempt.number),
+                    severity=WARNING,
+                    title=(
+                        f"RQ lost the job of node {node.node_key} (run {node.run_id}), and "
+                        "nothing shows its worker is still running it"
+                    ),
+                    suggestion=(
+                        f"Wait a few seconds: if no heartbeat comes within {ctx.stale_after:.0f}s "
+                        f"of the last one, the watchdog ends attempt {attempt.number} and the "
+                        "retry policy runs it again. RQ losing jobs means Redis was flushed or "
+                        "restarted; check its persistence and maxmemory-policy."
+                    ),
+                    evidence=evidence,
+                    **about_attempt(attempt),
+                )
+            )
+            continue
         if not stale:
             found.append(
                 Detection(
@@ -267,174 +326,6 @@ def _lost_running_jobs(ctx: Context) -> list[Detection]:
             )
         )
     return found
-
-
-@detector("overdue")
-def overdue(ctx: Context) -> list[Detection]:
-    """Running longer than 2 x its expected duration, or than the p95 of its own history
-    once that node has ≥ 10 successful runs."""
-    factor = setting("KEEL_OVERDUE_FACTOR", 2)
-    history = _duration_history(
-        ctx, {(a.node_run.run.workflow_id, a.node_run.node_key) for a in ctx.running}
-    )
-    found = []
-    for attempt in ctx.running:
-        node = attempt.node_run
-        elapsed = ctx.age(attempt.started_at)
-        limits = []
-        if node.expected_seconds:
-            limits.append(
-                (
-                    factor * node.expected_seconds,
-                    f"{factor:g} x the expected {node.expected_seconds}s",
-                )
-            )
-        p95, count = history.get((node.run.workflow_id, node.node_key), (None, 0))
-        if p95 is not None:
-            # A floor of two beats keeps sub-second nodes from flapping.
-            limit = max(p95, 2 * ctx.heartbeat)
-            limits.append((limit, f"the p95 of its last {count} successful runs ({p95:.1f}s)"))
-        over = [(limit, what) for limit, what in limits if elapsed > limit]
-        if not over:
-            continue
-        limit, what = min(over)
-        found.append(
-            Detection(
-                code="overdue",
-                subject=node_subject(node.pk, attempt.number),
-                severity=WARNING,
-                title=(
-                    f"Node {node.node_key} of run {node.run_id} has run for {elapsed:.0f}s, "
-                    f"longer than {what}"
-                ),
-                suggestion=(
-                    "Check its last log lines and progress: if it is working, raise "
-                    "expected_duration (and timeout, now "
-                    f"{node.timeout_seconds}s) or split the node; if it is stuck, retry it."
-                ),
-                evidence={
-                    **attempt_evidence(ctx, attempt),
-                    "expected_seconds": node.expected_seconds,
-                    "history_p95_seconds": p95,
-                    "history_successes": count,
-                    "limit_seconds": round(limit, 1),
-                    "timeout_seconds": node.timeout_seconds,
-                },
-                action=retry_action(node),
-                **about_attempt(attempt),
-            )
-        )
-    return found
-
-
-# p95 of a node's history changes slowly; recomputing it every tick would cost a scan.
-_HISTORY_CACHE: dict[tuple[int, str], tuple[float | None, int, datetime]] = {}
-
-
-def _duration_history(ctx: Context, pairs: set[tuple[int, str]]) -> dict:
-    """{(workflow id, node key): (p95 seconds or None, successes)} over the last 200
-    successful attempts of the last 30 days; cached for a minute."""
-    minimum = setting("KEEL_OVERDUE_HISTORY_MIN", 10)
-    fresh = {p for p in pairs if p in _HISTORY_CACHE and ctx.age(_HISTORY_CACHE[p][2]) < 60}
-    missing = pairs - fresh
-    if missing:
-        durations: dict[tuple[int, str], list[float]] = defaultdict(list)
-        rows = (
-            NodeAttempt.objects.filter(
-                status=NodeAttempt.Status.SUCCEEDED,
-                node_run__run__workflow_id__in={w for w, _ in missing},
-                node_run__node_key__in={k for _, k in missing},
-                node_run__run__created_at__gte=ctx.now - timedelta(days=30),
-                started_at__isnull=False,
-                finished_at__isnull=False,
-            )
-            .annotate(
-                rank=Window(
-                    RowNumber(),
-                    partition_by=[F("node_run__run__workflow_id"), F("node_run__node_key")],
-                    order_by=F("finished_at").desc(),
-                )
-            )
-            .filter(rank__lte=200)
-            .values_list(
-                "node_run__run__workflow_id", "node_run__node_key", "started_at", "finished_at"
-            )
-        )
-        for workflow_id, key, started, finished in rows:
-            durations[(workflow_id, key)].append((finished - started).total_seconds())
-        for pair in missing:
-            values = sorted(durations.get(pair, []))
-            p95 = (
-                values[max(0, int(0.95 * len(values) + 0.5) - 1)]
-                if len(values) >= minimum
-                else None
-            )
-            _HISTORY_CACHE[pair] = (p95, len(values), ctx.now)
-    return {pair: _HISTORY_CACHE[pair][:2] for pair in pairs}
-
-
-@detector("stalled", needs_redis=True)
-def stalled(ctx: Context) -> list[Detection]:
-    """Heartbeats keep coming but the reported progress has not moved for N beats.
-
-    Slow is not stuck: any change of ``done`` or ``total`` restarts the clock. Since
-    when progress stood still is kept in one Redis hash shared by all watchdogs; losing
-    it (a flush) only restarts the clock, it never makes a finding.
-    """
-    beats = setting("KEEL_STALLED_BEATS", 12)
-    memory = {text(k): json.loads(v) for k, v in ctx.redis.hgetall(PROGRESS_MEMORY_KEY).items()}
-    keep, found = {}, []
-    for attempt in ctx.running:
-        node = attempt.node_run
-        progress = node.progress if isinstance(node.progress, dict) else None
-        if progress is None or ctx.liveness(attempt).heartbeat_age > ctx.stale_after:
-            continue
-        slot = f"{node.pk}:{attempt.number}"
-        mark = json.dumps([progress.get("done"), progress.get("total")])
-        seen = memory.get(slot)
-        if seen is None or seen["mark"] != mark:
-            seen = {"mark": mark, "since": ctx.now.isoformat()}
-        keep[slot] = seen
-        since = datetime.fromisoformat(seen["since"])
-        still = ctx.age(since)
-        if still < beats * ctx.heartbeat:
-            continue
-        found.append(
-            Detection(
-                code="stalled",
-                subject=node_subject(node.pk, attempt.number),
-                severity=WARNING,
-                title=(
-                    f"Node {node.node_key} of run {node.run_id} is alive but its progress "
-                    f"({_progress_words(progress)}) has not moved for {still:.0f}s"
-                ),
-                suggestion=(
-                    "The worker heartbeats, so the process runs, but the node makes no "
-                    "progress: it may wait on a lock, a remote service or an endless loop. "
-                    "Read its last log lines; retry the node if it does not move on."
-                ),
-                evidence={
-                    **attempt_evidence(ctx, attempt),
-                    "progress_unchanged_since": seen["since"],
-                    "unchanged_for_seconds": round(still, 1),
-                    "threshold_beats": beats,
-                },
-                action=retry_action(node),
-                **about_attempt(attempt),
-            )
-        )
-    with ctx.redis.pipeline(transaction=True) as pipe:
-        pipe.delete(PROGRESS_MEMORY_KEY)
-        if keep:
-            pipe.hset(PROGRESS_MEMORY_KEY, mapping={k: json.dumps(v) for k, v in keep.items()})
-            pipe.expire(PROGRESS_MEMORY_KEY, 24 * 3600)
-        pipe.execute()
-    return found
-
-
-def _progress_words(progress: dict) -> str:
-    done, total = progress.get("done"), progress.get("total")
-    return f"{done} of {total}" if total is not None else f"{done} done"
 
 
 @detector("resource_pressure")

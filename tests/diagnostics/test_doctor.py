@@ -209,12 +209,14 @@ def test_doctor_reports_redis_down_and_what_it_cannot_tell(settings, capsys):
 def test_doctor_flags_unapplied_migrations(capsys):
     # The database forgets that the latest diagnostics migration was applied (rolled back
     # with the test's transaction).
-    MigrationRecorder.Migration.objects.filter(app="diagnostics", name="0002_auditevent").delete()
+    MigrationRecorder.Migration.objects.filter(
+        app="diagnostics", name="0003_finding_code_resolved"
+    ).delete()
     lines, failed = doctor(capsys)
     migrated = line(lines, "database migrated")
     assert failed
     assert migrated.startswith(
-        "✗ database migrated: 1 unapplied migration(s): diagnostics.0002_auditevent"
+        "✗ database migrated: 1 unapplied migration(s): diagnostics.0003_finding_code_resolved"
     )
     assert migrated.endswith("fix: Run: python manage.py migrate")
 

@@ -1,0 +1,342 @@
+"""Detectors about how long running nodes take: overdue, past the hard timeout, stalled."""
+
+import json
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from django.db.models import F, Window
+from django.db.models.functions import RowNumber
+
+from diagnostics.detectors.context import (
+    CRITICAL,
+    PROGRESS_MEMORY_KEY,
+    WARNING,
+    Context,
+    about_attempt,
+    attempt_evidence,
+    iso,
+    node_subject,
+    retry_action,
+    setting,
+    text,
+)
+from diagnostics.detectors.registry import detector
+from diagnostics.findings import Detection
+from workflows.models import NodeAttempt
+
+
+@detector("overdue")
+def overdue(ctx: Context) -> list[Detection]:
+    """Running longer than 2 x its expected duration, or than the p95 of its own history
+    once that node has ≥ 10 successful runs."""
+    factor = setting("KEEL_OVERDUE_FACTOR", 2)
+    history = _duration_history(
+        ctx, {(a.node_run.run.workflow_id, a.node_run.node_key) for a in ctx.running}
+    )
+    found = []
+    for attempt in ctx.running:
+        node = attempt.node_run
+        elapsed = ctx.age(attempt.started_at)
+        limits = []
+        if node.expected_seconds:
+            limits.append(
+                (
+                    factor * node.expected_seconds,
+                    f"{factor:g} x the expected {node.expected_seconds}s",
+                )
+            )
+        p95, count = history.get((node.run.workflow_id, node.node_key), (None, 0))
+        if p95 is not None:
+            # A floor of two beats keeps sub-second nodes from flapping.
+            limit = max(p95, 2 * ctx.heartbeat)
+            limits.append((limit, f"the p95 of its last {count} successful runs ({p95:.1f}s)"))
+        over = [(limit, what) for limit, what in limits if elapsed > limit]
+        if not over:
+            continue
+        limit, what = min(over)
+        found.append(
+            Detection(
+                code="overdue",
+                subject=node_subject(node.pk, attempt.number),
+                severity=WARNING,
+                title=(
+                    f"Node {node.node_key} of run {node.run_id} has run for {elapsed:.0f}s, "
+                    f"longer than {what}"
+                ),
+                suggestion=(
+                    "Check its last log lines and progress: if it is working, raise "
+                    "expected_duration (and timeout, now "
+                    f"{node.timeout_seconds}s) or split the node; if it is stuck, retry it."
+                ),
+                evidence={
+                    **attempt_evidence(ctx, attempt),
+                    "expected_seconds": node.expected_seconds,
+                    "history_p95_seconds": p95,
+                    "history_successes": count,
+                    "limit_seconds": round(limit, 1),
+                    "timeout_seconds": node.timeout_seconds,
+                },
+                action=retry_action(node),
+                **about_attempt(attempt),
+            )
+        )
+    return found
+
+
+# Past the kill deadline (hard timeout + KEEL_KILL_GRACE_SECONDS), the seconds the worker
+# may take to notice (it looks every second) and to commit the timed-out outcome.
+STOP_SLACK_SECONDS = 5
+
+
+@detector("timeout_exceeded")
+def timeout_exceeded(ctx: Context) -> list[Detection]:
+    """Running past the node's hard timeout, whatever its heartbeats and progress say.
+
+    The worker asks the node to stop at the timeout (SIGTERM) and kills it
+    KEEL_KILL_GRACE_SECONDS later: past the timeout the finding is a WARNING (the worker
+    is stopping it); past timeout + grace + a few seconds, CRITICAL: the worker did not
+    stop it. Counted from the end of the last database outage when later: the worker
+    could not record the timed-out outcome during it.
+    """
+    grace = setting("KEEL_KILL_GRACE_SECONDS", 5)
+    found = []
+    for attempt in ctx.running:
+        node = attempt.node_run
+        elapsed = ctx.age(attempt.started_at)
+        if not attempt.started_at or elapsed <= node.timeout_seconds:
+            continue
+        live = ctx.liveness(attempt)
+        if live.lost:
+            continue  # its process is gone: worker_lost / job_lost report and repair it
+        deadline = attempt.started_at + timedelta(seconds=node.timeout_seconds)
+        kill_by = deadline + timedelta(seconds=grace + STOP_SLACK_SECONDS)
+        if ctx.db_outage_end is not None:
+            kill_by = max(kill_by, ctx.db_outage_end + timedelta(seconds=STOP_SLACK_SECONDS))
+        worker = live.worker
+        simple = bool(worker and worker.pid and worker.pid == attempt.pid)
+        pids = [attempt.pid] if attempt.pid else []
+        if worker is not None and worker.pid and not simple:
+            pids.append(worker.pid)
+        where = (
+            f"worker {attempt.worker or '?'} on {attempt.host or '?'} ("
+            + (
+                f"pid {attempt.pid}"
+                if simple or not pids
+                else f"pid {attempt.pid or '?'} runs the node"
+                + (f", the worker is pid {worker.pid}" if len(pids) > 1 else "")
+            )
+            + ")"
+        )
+        evidence = {
+            **attempt_evidence(ctx, attempt),
+            "timeout_seconds": node.timeout_seconds,
+            "kill_grace_seconds": grace,
+            "deadline": iso(deadline),
+            "stopped_by": iso(kill_by),
+            "past_timeout_seconds": round(elapsed - node.timeout_seconds, 1),
+            "process": live.process_detail,
+            "rq_worker": worker.as_evidence() if worker else None,
+        }
+        if ctx.now <= kill_by:
+            found.append(
+                Detection(
+                    code="timeout_exceeded",
+                    subject=node_subject(node.pk, attempt.number),
+                    severity=WARNING,
+                    title=(
+                        f"Node {node.node_key} of run {node.run_id} is running past its hard "
+                        f"timeout of {node.timeout_seconds} s; the worker stops it now"
+                    ),
+                    suggestion=(
+                        f"Nothing to do yet: {where} asks the node to stop (SIGTERM) and "
+                        f"kills it {grace} s later if it has not; the attempt then ends as "
+                        "timed out and the retry policy decides. If it needs longer, raise "
+                        "its timeout in the definition."
+                    ),
+                    evidence=evidence,
+                    action=retry_action(node),
+                    **about_attempt(attempt),
+                )
+            )
+            continue
+        if simple:
+            cause = (
+                "it runs on a simple worker, which cannot kill a node hung in C code (the "
+                "node runs in the worker process itself)"
+            )
+        elif worker is not None and worker.unresponsive:
+            cause = f"the worker is frozen (no RQ heartbeat for {worker.heartbeat_age:.0f}s)"
+        else:
+            cause = (
+                "the worker is frozen, or it is a simple worker (cannot kill a node hung in C code)"
+            )
+        kill = f"kill -9 {' '.join(map(str, pids)) or '<pid>'}"
+        if attempt.host and attempt.host != ctx.host:
+            kill = f"ssh {attempt.host} {kill}"
+        found.append(
+            Detection(
+                code="timeout_exceeded",
+                subject=node_subject(node.pk, attempt.number),
+                severity=CRITICAL,
+                title=(
+                    f"Node {node.node_key} of run {node.run_id} is still running "
+                    f"{elapsed - node.timeout_seconds:.0f}s past its hard timeout of "
+                    f"{node.timeout_seconds} s: the worker did not stop it"
+                ),
+                suggestion=(
+                    f"The worker did not stop it: {cause}. Retry the node (its next attempt "
+                    f"resumes from the last checkpoint), and restart {where}: `{kill}` on "
+                    f"{attempt.host or 'its host'}, then let the supervisor start the worker "
+                    "again (or restart the worker service)."
+                ),
+                evidence={**evidence, "why_not_stopped": cause},
+                action=retry_action(node),
+                **about_attempt(attempt),
+            )
+        )
+    return found
+
+
+# p95 of a node's history changes slowly; recomputing it every tick would cost a scan.
+_HISTORY_CACHE: dict[tuple[int, str], tuple[float | None, int, datetime]] = {}
+
+
+def _duration_history(ctx: Context, pairs: set[tuple[int, str]]) -> dict:
+    """{(workflow id, node key): (p95 seconds or None, successes)} over the last 200
+    successful attempts of the last 30 days; cached for a minute."""
+    minimum = setting("KEEL_OVERDUE_HISTORY_MIN", 10)
+    fresh = {p for p in pairs if p in _HISTORY_CACHE and ctx.age(_HISTORY_CACHE[p][2]) < 60}
+    missing = pairs - fresh
+    if missing:
+        durations: dict[tuple[int, str], list[float]] = defaultdict(list)
+        rows = (
+            NodeAttempt.objects.filter(
+                status=NodeAttempt.Status.SUCCEEDED,
+                node_run__run__workflow_id__in={w for w, _ in missing},
+                node_run__node_key__in={k for _, k in missing},
+                node_run__run__created_at__gte=ctx.now - timedelta(days=30),
+                started_at__isnull=False,
+                finished_at__isnull=False,
+            )
+            .annotate(
+                rank=Window(
+                    RowNumber(),
+                    partition_by=[F("node_run__run__workflow_id"), F("node_run__node_key")],
+                    order_by=F("finished_at").desc(),
+                )
+            )
+            .filter(rank__lte=200)
+            .values_list(
+                "node_run__run__workflow_id", "node_run__node_key", "started_at", "finished_at"
+            )
+        )
+        for workflow_id, key, started, finished in rows:
+            durations[(workflow_id, key)].append((finished - started).total_seconds())
+        for pair in missing:
+            values = sorted(durations.get(pair, []))
+            p95 = (
+                values[max(0, int(0.95 * len(values) + 0.5) - 1)]
+                if len(values) >= minimum
+                else None
+            )
+            _HISTORY_CACHE[pair] = (p95, len(values), ctx.now)
+    return {pair: _HISTORY_CACHE[pair][:2] for pair in pairs}
+
+
+@detector("stalled", needs_redis=True)
+def stalled(ctx: Context) -> list[Detection]:
+    """Heartbeats keep coming but the reported progress has not moved for the node's
+    declared ``stall_after`` seconds, or else for KEEL_STALLED_BEATS beats.
+
+    Slow is not stuck: any change of ``done`` or ``total`` restarts the clock. Since
+    when progress stood still is kept in one Redis hash shared by all watchdogs; losing
+    it (a flush) only restarts the clock, it never makes a finding. A node that declared
+    ``stall_after`` and never reported progress is stalled counting from its start; one
+    that did not declare it is not judged on progress it never promised.
+    """
+    beats = setting("KEEL_STALLED_BEATS", 12)
+    memory = {text(k): json.loads(v) for k, v in ctx.redis.hgetall(PROGRESS_MEMORY_KEY).items()}
+    keep, found = {}, []
+    for attempt in ctx.running:
+        node = attempt.node_run
+        progress = node.progress if isinstance(node.progress, dict) else None
+        declared = node.stall_after_seconds
+        if ctx.liveness(attempt).heartbeat_age > ctx.stale_after:
+            continue  # silent: heartbeat_stale's to report
+        if progress is None:
+            if not declared:
+                continue
+            # Nothing could be reported while the database was down.
+            started = attempt.started_at or ctx.now
+            since = max(started, ctx.db_outage_end or started)
+        else:
+            slot = f"{node.pk}:{attempt.number}"
+            mark = json.dumps([progress.get("done"), progress.get("total")])
+            seen = memory.get(slot)
+            if seen is None or seen["mark"] != mark:
+                seen = {"mark": mark, "since": ctx.now.isoformat()}
+            keep[slot] = seen
+            since = datetime.fromisoformat(seen["since"])
+        if declared:
+            limit, threshold = declared, f"declared stall_after {declared} s"
+        else:
+            limit = beats * ctx.heartbeat
+            threshold = (
+                f"KEEL_STALLED_BEATS x heartbeat = {beats} x {ctx.heartbeat:g} s = {limit:g} s"
+            )
+        still = ctx.age(since)
+        if still < limit:
+            continue
+        if progress is None:
+            title = (
+                f"Node {node.node_key} of run {node.run_id} is alive but has reported no "
+                f"progress in the {still:.0f}s since it started ({threshold})"
+            )
+        else:
+            title = (
+                f"Node {node.node_key} of run {node.run_id} is alive but its progress "
+                f"({_progress_words(progress)}) has not moved for {still:.0f}s ({threshold})"
+            )
+        found.append(
+            Detection(
+                code="stalled",
+                subject=node_subject(node.pk, attempt.number),
+                severity=WARNING,
+                title=title,
+                suggestion=(
+                    "The worker heartbeats, so the process runs, but the node makes no "
+                    "progress: it may wait on a lock, a remote service or an endless loop. "
+                    "Read its last log lines; retry the node if it does not move on."
+                    + (
+                        ""
+                        if declared
+                        else " If it is just slow between reports, declare a longer "
+                        "`stall_after` for it in the definition."
+                    )
+                ),
+                evidence={
+                    **attempt_evidence(ctx, attempt),
+                    "progress_unchanged_since": since.isoformat(),
+                    "unchanged_for_seconds": round(still, 1),
+                    "never_reported_progress": progress is None,
+                    "threshold": threshold,
+                    "threshold_seconds": limit,
+                    "stall_after_seconds": declared,
+                    "threshold_beats": None if declared else beats,
+                },
+                action=retry_action(node),
+                **about_attempt(attempt),
+            )
+        )
+    with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.delete(PROGRESS_MEMORY_KEY)
+        if keep:
+            pipe.hset(PROGRESS_MEMORY_KEY, mapping={k: json.dumps(v) for k, v in keep.items()})
+            pipe.expire(PROGRESS_MEMORY_KEY, 24 * 3600)
+        pipe.execute()
+    return found
+
+
+def _progress_words(progress: dict) -> str:
+    done, total = progress.get("done"), progress.get("total")
+    return f"{done} of {total}" if total is not None else f"{done} done"
