@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from diagnostics.models import Finding
@@ -259,19 +260,32 @@ def mark_repaired(finding: Finding, repair: str, *, now: datetime | None = None)
         )
 
 
-def record_past_outage(
-    code: str, subject: str, *, title: str, suggestion: str, evidence: dict, started, ended
-) -> Finding:
+def record_past_outage(code: str, subject: str, *, describe, started, ended) -> Finding:
     """Store a condition the watchdog could not write down while it held (the database
-    was unreachable) as a finding that opened when it began and resolved when it ended."""
-    return Finding.objects.create(
-        code=code,
-        subject=subject,
-        severity=Finding.Severity.CRITICAL,
-        title=title[:300],
-        suggestion=suggestion,
-        evidence=evidence,
-        first_seen=started,
-        last_seen=ended,
-        resolved_at=ended,
-    )
+    was unreachable) as a finding that opened when it began and resolved when it ended.
+
+    Another sighting of the same condition that overlaps it (a second watchdog saw part
+    of it, or a finding opened just before nothing could be written) is merged in: one
+    outage is one finding. ``describe(began, ended)`` gives the (title, suggestion,
+    evidence) of the whole span.
+    """
+    with transaction.atomic():
+        overlapping = list(
+            Finding.objects.select_for_update()
+            .filter(code=code, subject=subject, first_seen__lte=ended)
+            .filter(Q(resolved_at__isnull=True) | Q(resolved_at__gte=started))
+            .order_by("first_seen")
+        )
+        began = min([started, *(f.first_seen for f in overlapping)])
+        over = max([ended, *(f.resolved_at or ended for f in overlapping)])
+        title, suggestion, evidence = describe(began, over)
+        finding = overlapping[0] if overlapping else Finding(code=code, subject=subject)
+        if len(overlapping) > 1:
+            Finding.objects.filter(pk__in=[other.pk for other in overlapping[1:]]).delete()
+        finding.severity = Finding.Severity.CRITICAL
+        finding.title = title[:300]
+        finding.suggestion = suggestion
+        finding.evidence = evidence
+        finding.first_seen, finding.last_seen, finding.resolved_at = began, over, over
+        finding.save()
+    return finding

@@ -8,23 +8,33 @@ the engine, so even two acting at once (Redis down, no lock) cannot both win.
 import contextlib
 import logging
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import redis
 from django.conf import settings
-from django.db import connection
+from django.db import DatabaseError, connection
+from django.db.models import Max
 from django.utils import timezone
 
 from diagnostics import detectors, findings, repairs
-from diagnostics.health import WATCHDOG_HEARTBEAT_KEY
+from diagnostics.health import WATCHDOG_HEARTBEAT_KEY, error_text
 from diagnostics.models import Finding
 from workflows import dispatch, engine
+from workflows.models import NodeRun
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = "keel:watchdog:lock"
+# The longest wait between ticks while the database or Redis fails (or the interval,
+# when that is longer): short, so the end of an outage is seen within seconds.
+MAX_BACKOFF_SECONDS = 5.0
 
 # When the database stops answering nothing can be written down; the outage is kept
-# here (per watchdog process) and recorded as a finding once it answers again.
+# here (per watchdog process: since when, the first error) and recorded as a finding
+# once it answers again.
 _outage: dict = {}
+# When the database server last started (PostgreSQL), and when this watchdog saw it: a
+# restart between two ticks (a fraction of a second) is an outage no tick saw.
+_server: dict = {}
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,9 @@ class TickReport:
     repairs: tuple[str, ...] = ()
     failed_detectors: dict = field(default_factory=dict)
     database_down: str = ""
+    # Redis failed in the middle of the tick (a tick that starts without Redis acts
+    # without it and reports redis_unhealthy instead).
+    redis_failed: str = ""
 
     @property
     def eventful(self) -> bool:
@@ -49,13 +62,21 @@ class TickReport:
             or self.resolved
             or self.repairs
             or self.database_down
+            or self.redis_failed
         )
+
+    @property
+    def failed(self) -> bool:
+        """Whether the tick could not do its work: the watchdog backs off a little."""
+        return bool(self.database_down or self.redis_failed)
 
     def __str__(self):
         if not self.acted:
             return "another watchdog holds the lock; skipped"
         if self.database_down:
             return f"the database does not answer ({self.database_down}); nothing checked"
+        if self.redis_failed:
+            return f"Redis failed during the tick ({self.redis_failed}); checking again"
         lines = [
             f"retries queued: {self.retries_queued}, lost messages re-sent: "
             f"{self.messages_resent}, runs expired: {self.runs_expired}, findings opened: "
@@ -72,7 +93,8 @@ def tick(
     lock_seconds: float = 30.0, *, interval: float | None = None, redis_connection=None, db=None
 ) -> TickReport:
     """One pass. Say this watchdog is alive, take the lock (without Redis, act anyway),
-    then ``_act``."""
+    then ``_act``. The database or Redis failing in the middle of it ends the tick with
+    a report that says so, never with an exception: the loop goes on."""
     lock = None
     try:
         conn = redis_connection if redis_connection is not None else dispatch.redis_connection()
@@ -83,12 +105,28 @@ def tick(
     except redis.RedisError as error:
         logger.warning("Watchdog acting without its Redis lock (%s).", error)
         lock = None
+    db = db if db is not None else connection
     try:
         return _act(redis_connection=redis_connection, db=db)
+    except DatabaseError as error:
+        if not _unreachable(db):
+            raise  # the database answers: a real error, for the caller to report
+        return _database_down(db, timezone.now(), error_text(error))
+    except redis.RedisError as error:
+        logger.warning("Watchdog: Redis failed during the tick (%s).", error_text(error))
+        return TickReport(acted=True, redis_failed=error_text(error))
     finally:
         if lock is not None:
             with contextlib.suppress(redis.RedisError):
                 lock.release()  # if Redis went away, the lock expires by itself
+
+
+def backoff(interval: float, failed_ticks: int) -> float:
+    """Seconds to wait before the next tick after ``failed_ticks`` failed ones in a row:
+    the interval, doubled per failure, at most MAX_BACKOFF_SECONDS (or the interval)."""
+    if failed_ticks <= 0:
+        return interval
+    return min(interval * 2**failed_ticks, max(interval, MAX_BACKOFF_SECONDS))
 
 
 def _say_alive(conn, interval: float) -> None:
@@ -100,7 +138,8 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
     """The tick itself.
 
     1. Check the database answers; if not, remember since when and stop here. When it
-       answers again, record the outage as a (resolved) finding.
+       answers again, record the outage as a finding that opened when it began and is
+       resolved already.
     2. Run the detectors against one shared view of the database and Redis.
     3. Record findings: open new ones (first_seen = now), refresh those still true,
        resolve those of the checked codes that no longer hold.
@@ -116,12 +155,16 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
     db = db if db is not None else connection
     down = [p for p in detectors.database_problems(db) if p.subject == "database:unreachable"]
     if down:
-        _outage.setdefault("since", now)
-        _outage["evidence"] = down[0].evidence
-        logger.error("Watchdog: %s (%s)", down[0].title, down[0].evidence.get("error"))
-        return TickReport(acted=True, database_down=down[0].evidence.get("error", "?"))
-    if _outage:
-        _record_outage(now)
+        return _database_down(db, now, down[0].evidence.get("error", "?"))
+    seen_down = bool(_outage)
+    if seen_down:
+        started, error = _outage["since"], _outage["error"]
+        record_database_outage(started, now, error, vendor=db.display_name)
+        _outage.clear()  # only once it is written down
+        logger.warning(
+            "Watchdog: the database answers again after %.1fs.", (now - started).total_seconds()
+        )
+    _notice_restart(db, seen_down=seen_down)
     ctx = detectors.Context(now=now, redis_connection=redis_connection, db=db)
     found = detectors.run_all(ctx)
     recorded = findings.record(
@@ -154,22 +197,88 @@ def _describe(finding: Finding) -> str:
     return f"{finding.code} {finding.subject}: {finding.title}"
 
 
-def _record_outage(now) -> None:
-    since = _outage.pop("since")
-    evidence = {
-        **_outage.pop("evidence", {}),
-        "down_from": since.isoformat(),
-        "up_at": now.isoformat(),
-    }
-    findings.record_past_outage(
-        "db_unhealthy",
-        "database:unreachable",
-        title=f"The database did not answer for {(now - since).total_seconds():.0f}s",
-        suggestion=(
-            "It answers again. Find out why it stopped (server logs, restarts, network) so it "
-            "does not happen again."
-        ),
-        evidence=evidence,
-        started=since,
-        ended=now,
+def _unreachable(db) -> bool:
+    return any(p.subject == "database:unreachable" for p in detectors.database_problems(db))
+
+
+def _database_down(db, now: datetime, error: str) -> TickReport:
+    """Remember since when the database is down (one log line when it starts); its
+    connection is closed so the next tick connects afresh."""
+    error = error.strip().splitlines()[0] if error.strip() else "?"  # drivers go on for lines
+    if not _outage:
+        _outage.update(since=now, error=error)
+        logger.error("Watchdog: the database does not answer (%s); retrying every tick.", error)
+    with contextlib.suppress(DatabaseError):
+        db.close()
+    return TickReport(acted=True, database_down=error)
+
+
+def _notice_restart(db, *, seen_down: bool) -> None:
+    """Record a restart of the database server that happened between two ticks.
+
+    PostgreSQL says when its server started (``pg_postmaster_start_time()``); when that
+    moved since the last tick, the server went down and came back unseen. It was down
+    at most from the later of the last tick and the last heartbeat written before the
+    new start, until that start.
+    """
+    if db.vendor != "postgresql":
+        return
+    with db.cursor() as cursor:
+        # Both on the server's clock, so a skewed clock here cannot misplace the restart.
+        cursor.execute("SELECT pg_postmaster_start_time(), now()")
+        started, server_now = cursor.fetchone()
+    before = dict(_server)
+    _server.update(started=started, seen_at=server_now)
+    if seen_down or not before or started == before["started"]:
+        return  # the outage was seen and is written down already; first look; no restart
+    last_write = NodeRun.objects.filter(
+        status=NodeRun.Status.RUNNING, heartbeat_at__lt=started, heartbeat_at__gt=before["seen_at"]
+    ).aggregate(last=Max("heartbeat_at"))["last"]
+    down_from = min(max(before["seen_at"], last_write or before["seen_at"]), started)
+    at = timezone.localtime(started)
+    cause = (
+        f"the server restarted at {at:%H:%M:%S}.{at.microsecond // 1000:03d} (seen from its "
+        "start time, between two watchdog ticks)"
     )
+    record_database_outage(down_from, started, cause, vendor=db.display_name)
+    logger.warning("Watchdog: the database server restarted at %s.", started.isoformat())
+
+
+def record_database_outage(
+    started: datetime, ended: datetime, error: str, *, vendor: str = ""
+) -> Finding:
+    """Write down a database outage seen from ``started`` to ``ended`` (nothing could be
+    written while it lasted) as a ``db_unhealthy`` finding: first seen when it began,
+    resolved when it ended. Sightings of the same outage (several watchdogs) become one
+    finding."""
+    name = f"{vendor} database" if vendor else "database"
+
+    def describe(began: datetime, over: datetime) -> tuple[str, str, dict]:
+        seconds = (over - began).total_seconds()
+        start, end = timezone.localtime(began), timezone.localtime(over)
+        span = f"{start:%H:%M:%S}\N{EN DASH}{end:%H:%M:%S}"
+        title = f"{name} unreachable for {seconds_words(seconds)} ({span}): {error}"
+        suggestion = (
+            "It answers again. Find out why it stopped (server logs, restarts, failover, "
+            "network) so it does not happen again. Heartbeats could not be written meanwhile: "
+            "the watchdog counts their age from the moment it answered again."
+        )
+        evidence = {
+            "error": error,
+            "down_from": began.isoformat(),
+            "up_at": over.isoformat(),
+            "down_for_seconds": round(seconds, 1),
+        }
+        return title, suggestion, evidence
+
+    return findings.record_past_outage(
+        *detectors.DB_OUTAGE, describe=describe, started=started, ended=ended
+    )
+
+
+def seconds_words(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds // 60:.0f} min {seconds % 60:.0f} s"

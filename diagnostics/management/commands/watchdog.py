@@ -32,17 +32,21 @@ class Command(BaseCommand):
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stopping.set())
         self.stdout.write(f"watchdog: one tick every {interval:g}s (SIGTERM or Ctrl-C stops it)")
+        failed_ticks = 0
         while not stopping.is_set():
-            self.run_tick(interval)
+            failed_ticks = 0 if self.run_tick(interval) else failed_ticks + 1
             close_old_connections()
-            stopping.wait(interval)
+            # While the database or Redis fails, wait a little longer between ticks.
+            stopping.wait(watchdog.backoff(interval, failed_ticks))
         self.stdout.write(self.style.SUCCESS("watchdog stopped"))
 
-    def run_tick(self, interval: float) -> None:
+    def run_tick(self, interval: float) -> bool:
+        """One tick, reported in one line or a few; False when it could not do its work."""
         try:
             report = watchdog.tick(lock_seconds=max(30.0, interval * 5), interval=interval)
         except Exception as error:  # a failed tick must not end the loop
             self.stderr.write(f"watchdog tick failed: {error!r}")
-            return
+            return False
         if report.acted and report.eventful:
             self.stdout.write(str(report))
+        return not report.failed
