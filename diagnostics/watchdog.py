@@ -139,7 +139,7 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
 
     1. Check the database answers; if not, remember since when and stop here. When it
        answers again, record the outage as a finding that opened when it began and is
-       resolved already.
+       resolved already; so too a PostgreSQL restart no tick saw (its start time moved).
     2. Run the detectors against one shared view of the database and Redis.
     3. Record findings: open new ones (first_seen = now), refresh those still true,
        resolve those of the checked codes that no longer hold.
