@@ -1,11 +1,12 @@
 """Node types for fault injection (bench/faults.py and tests/diagnostics).
 
 Workers load them through KEEL_NODE_MODULES (add ``bench.fault_nodes``). ``faults.work``
-appends one line to ``<KEEL_FAULTS_RECORD_DIR>/<run>-<node>.done`` each time its body
-runs to completion, so a body that completed twice shows as two lines.
+and ``faults.hang`` append one line to ``<KEEL_FAULTS_RECORD_DIR>/<run>-<node>.done`` each
+time their body runs to completion, so a body that completed twice shows as two lines.
 """
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -30,6 +31,32 @@ def work(ctx):
         ctx.progress(state["next"], ctx.params["steps"])
     record_completion(ctx)
     return {"steps": ctx.params["steps"], "resumed_from": first}
+
+
+# What a node stuck in C code looks like from Python: no handler of these runs.
+HANG_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGALRM}
+
+
+@node_type(
+    "faults.hang",
+    params={"seconds": Param(float, default=600.0)},
+    description="Attempt 1 hangs with SIGTERM, SIGINT and SIGALRM blocked; later ones complete.",
+)
+def hang(ctx):
+    """A node that ignores a stop request, as one stuck in a C call does.
+
+    The signals are blocked in the node's (main) thread only. Threads started earlier
+    (the heartbeat) may still take a pending SIGTERM, but Python runs signal handlers in
+    the main thread alone, and that one sits in a single long sleep: only SIGKILL ends it.
+    """
+    if ctx.attempt == 1:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HANG_SIGNALS)
+        try:
+            time.sleep(ctx.params["seconds"])
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    record_completion(ctx)
+    return {"attempt": ctx.attempt}
 
 
 def record_completion(ctx) -> None:

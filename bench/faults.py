@@ -1,29 +1,40 @@
-"""Fault injection: kill -9 a busy worker, FLUSHALL Redis mid-run; measure the recovery.
+"""Fault injection: kill, flush, restart, hang; measure how Keel notices and recovers.
 
-    .venv/bin/python -m bench.faults [--repetitions 50] [--faults kill,flush] [--heartbeat 5]
+    .venv/bin/python -m bench.faults [--repetitions 50] [--faults all|kill,flush,...]
+                                     [--heartbeat 5]
 
-Everything runs on throwaway stores: a redis-server of its own on a free port (it gets
-flushed), and a fresh database — ``keel_faults_<pid>`` on the PostgreSQL server
-DATABASE_URL names, or a temporary SQLite file. Two real workers
-(``manage.py rqworker``) and one real watchdog (``manage.py watchdog``) run as
-subprocesses, with the heartbeat at ``--heartbeat`` seconds (5 by default, as in
-production) and the watchdog every 2 s.
+Faults (bench/fault_scenarios.py, one method each):
 
-Each repetition of ``kill``: a run with one ``faults.work`` node (12 steps of 0.5 s,
-each checkpointed); once it has done a step or two, SIGKILL the worker running it and
-its work horse, and start a replacement worker. Detect = first finding on that node
-after the kill; recover = the node running again (its next attempt claimed) on
-another worker.
+- ``kill``: SIGKILL the worker running a node (12 checkpointed steps of 0.5 s) and its
+  work horse once it has done a step or two; start a replacement.
+- ``flush``: FLUSHALL while some nodes of a fan-out run run and others wait.
+- ``redis_restart``: the same moment, but redis-server is killed, kept down 2 s and
+  started again, empty, on the same port; both workers must live on.
+- ``db_restart`` (PostgreSQL): ``pg_ctl restart -m fast`` while nodes run. It needs a
+  cluster of the bench's own (initdb + pg_ctl from /usr/lib/postgresql/*/bin); when it
+  is among the faults, the whole bench runs on that cluster. Skipped, saying why, when
+  the binaries are missing.
+- ``hang``: a node blocks SIGTERM/SIGINT/SIGALRM and sleeps; timeout 8 s, kill grace
+  5 s. Attempt 1 must end timed_out ("killed ... ignored the stop request"); attempt 2
+  completes.
+- ``frozen_retry``: the same node with a 120 s timeout; once it runs, the operator
+  retries it (workflows.operations.retry_node, as the dashboard's Retry button). Its
+  worker must stop the old horse (SIGTERM, SIGKILL after the grace) and be free.
 
-Each repetition of ``flush``: a run of six ``faults.work`` nodes (4 x 0.5 s) then a
-seventh after them all, on two workers; while some run and some wait, FLUSHALL. Detect
-= first ``job_lost`` finding of the run after the flush; recover = every node that was
-queued or running at the flush has been claimed again or has finished.
+Everything runs on throwaway stores: a redis-server of its own on a free port, and a
+fresh database — ``keel_faults_<pid>`` on the PostgreSQL server DATABASE_URL names (or
+on the bench's own cluster, see db_restart), or a temporary SQLite file. Two real
+forking workers (``manage.py rqworker``) and one real watchdog (``manage.py watchdog``)
+run as subprocesses, heartbeat ``--heartbeat`` seconds (5 by default, as in production),
+watchdog every 2 s.
 
-Lost = a run that did not succeed within 120 s. Doubled = a node whose body ran to
-completion twice (bench/fault_nodes.py records each completion in a file) or whose
-output was applied twice (two succeeded attempts or two node_done checkpoints).
-Exit status 0 when every repetition ran, whatever the numbers.
+Counted per fault: detect and recover (seconds from the fault; the table's legend says
+what each measures), missed (no detection or no recovery seen), lost (a run not
+succeeded within 120 s), doubled (a node whose body completed twice — bench/fault_nodes.py
+records each completion — or whose output was applied twice), wrong (findings on the
+run naming a cause that did not happen, e.g. worker_lost while its worker was alive),
+failed (other checks: a worker died, an attempt ended the wrong way). Exit status 0 when
+every repetition ran, whatever the numbers.
 """
 
 import argparse
@@ -33,119 +44,51 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from bench.fault_scenarios import (
+    DESCRIPTIONS,
+    FAULTS,
+    KILL_GRACE_SECONDS,
+    LABELS,
+    RUN_TIMEOUT,
+    TARGETS,
+    Outcome,
+    Scenarios,
+    quietly,
+)
+from bench.fault_stores import (
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    free_port,
+    kill_hard,
+    postgres_bin_dir,
+)
+
+__all__ = ["Bench", "Outcome", "ThrowawayPostgres", "ThrowawayRedis", "free_port", "kill_hard"]
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 QUEUES = ("high", "default", "low")
 WORKER_CLASS = "workflows.worker.KeelWorker"
-RUN_TIMEOUT = 120.0
-DETECT_TARGET, RECOVER_TARGET = 20.0, 30.0
-
-
-# --- Helpers shared with tests/diagnostics ----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ThrowawayRedis:
-    """A redis-server of our own on a free TCP port: safe to FLUSHALL, kill or restart."""
-
-    def __init__(self, directory: Path, *extra_args: str):
-        from config import embedded_redis
-
-        self.port = free_port()
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [
-                embedded_redis.redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--logfile",
-                str(self.directory / f"redis-{self.port}.log"),
-                *extra_args,
-            ],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 10
-        while not self.answers():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.05)
-
-    def client(self):
-        import redis
-
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
-
-    def answers(self) -> bool:
-        import redis
-
-        try:
-            return bool(self.client().ping())
-        except redis.RedisError:
-            return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-def kill_hard(pid: int) -> None:
-    """SIGKILL a process and all its children (a worker and its work horse)."""
-    import psutil
-
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    for one in [pid, *(child.pid for child in children)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(one, signal.SIGKILL)
-
-
-# --- The bench --------------------------------------------------------------------------------
+WATCHDOG_SECONDS = 2
 
 
 @dataclass
-class Outcome:
-    detect: float | None = None
-    recover: float | None = None
-    lost: bool = False
-    doubled: int = 0
-
-
-@dataclass
-class Bench:
+class Bench(Scenarios):
     tmp: Path
     env: dict
     heartbeat: int
+    redis: ThrowawayRedis
+    postgres: ThrowawayPostgres | None = None
+    db_down: float = 0.0  # seconds db_restart keeps PostgreSQL down; 0: pg_ctl restart
     workers: dict = field(default_factory=dict)  # name -> Popen
     watchdog: subprocess.Popen | None = None
     started: int = 0
@@ -155,7 +98,7 @@ class Bench:
     def start_worker(self, wait: bool = True) -> str:
         self.started += 1
         name = f"faults-{os.getpid()}-{self.started}"
-        log = (self.tmp / f"{name}.log").open("w")
+        log = self.worker_log_path(name).open("w")
         self.workers[name] = subprocess.Popen(
             [
                 sys.executable,
@@ -176,11 +119,46 @@ class Bench:
             self.wait_registered(name)
         return name
 
-    def wait_registered(self, name: str, timeout: float = 30) -> None:
+    def ensure_workers(self, count: int) -> None:
+        while sum(p.poll() is None for p in self.workers.values()) < count:
+            self.start_worker()
+
+    def kill_worker(self, name: str) -> None:
+        """kill -9 a worker and its horse, on purpose: it no longer counts as ours."""
+        process = self.workers.pop(name)
+        kill_hard(process.pid)
+        process.wait(timeout=10)
+
+    def check_workers(self) -> list[str]:
+        """Workers that died by themselves, with the end of their log; forgotten, so that
+        ``ensure_workers`` replaces them."""
+        died = []
+        for name, process in list(self.workers.items()):
+            if process.poll() is not None:
+                tail = " | ".join(self.worker_log(name).strip().splitlines()[-3:])
+                died.append(f"worker {name} died (exit status {process.returncode}): {tail}")
+                del self.workers[name]
+        return died
+
+    def worker_log_path(self, name: str) -> Path:
+        return self.tmp / f"{name}.log"
+
+    def worker_log(self, name: str) -> str:
+        path = self.worker_log_path(name)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def registered_names(self) -> set[str]:
         from workflows import dispatch
 
+        connection = dispatch.redis_connection()
+        return {name for name in self.workers if connection.exists(f"rq:worker:{name}")}
+
+    def registered(self, names) -> bool:
+        return set(names) <= self.registered_names()
+
+    def wait_registered(self, name: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while not dispatch.redis_connection().exists(f"rq:worker:{name}"):
+        while not quietly(lambda: self.registered([name])):
             if time.monotonic() > deadline or self.workers[name].poll() is not None:
                 raise RuntimeError(f"worker {name} did not start; see {self.tmp / name}.log")
             time.sleep(0.1)
@@ -220,11 +198,27 @@ class Bench:
     def wait_finished(self, run) -> bool:
         deadline = time.monotonic() + RUN_TIMEOUT
         while time.monotonic() < deadline:
-            run.refresh_from_db()
-            if run.is_finished:
+            if quietly(lambda: run.refresh_from_db() or run.is_finished):
                 return run.status == run.Status.SUCCEEDED
             time.sleep(0.2)
         return False
+
+    def cancel_unfinished(self) -> None:
+        """End what a failed repetition left running, so that it holds no worker."""
+        from workflows import engine
+        from workflows.models import Run
+
+        for pk in Run.objects.exclude(status__in=Run.TERMINAL).values_list("pk", flat=True):
+            engine.cancel_run(pk, actor="bench.faults", reason="a repetition went wrong")
+
+    def operator(self):
+        """The user who clicks Retry: a superuser, as on a fresh install."""
+        from django.contrib.auth import get_user_model
+
+        user, _ = get_user_model().objects.get_or_create(
+            username="bench-operator", defaults={"is_superuser": True, "is_staff": True}
+        )
+        return user
 
     def doubled(self, run) -> int:
         from django.db.models import Count
@@ -249,162 +243,15 @@ class Bench:
             twice |= {row["node_run__node_key"] for row in rows}
         return len(twice)
 
-    # Faults ----------------------------------------------------------------------------
-
-    def kill_once(self) -> Outcome:
-        from django.utils import timezone
-
-        from diagnostics.models import Finding
-        from workflows.models import NodeAttempt, NodeRun
-
-        while sum(p.poll() is None for p in self.workers.values()) < 2:
-            self.start_worker()
-        run = self.start_run(KILL_DEFINITION)
-        node = NodeRun.objects.get(run=run, node_key="work")
-        wanted_steps = random.randint(1, 3)
-        until(lambda: _steps_done(node) >= wanted_steps, 60, "the node to make progress")
-        victim = NodeAttempt.objects.get(node_run=node, number=1).worker
-        killed_at = timezone.now()
-        kill_hard(self.workers[victim].pid)
-        self.workers[victim].wait(timeout=10)
-        self.start_worker(wait=False)  # the next repetition needs two again
-        outcome = Outcome()
-
-        def detected():
-            first = (
-                Finding.objects.filter(node_run=node, first_seen__gte=killed_at)
-                .order_by("first_seen")
-                .first()
-            )
-            return first and (first.first_seen - killed_at).total_seconds()
-
-        def recovered():
-            again = (
-                NodeAttempt.objects.filter(node_run=node, number__gt=1, started_at__isnull=False)
-                .exclude(worker=victim)
-                .order_by("number")
-                .first()
-            )
-            return again and (again.started_at - killed_at).total_seconds()
-
-        outcome.detect = until(detected, 60, "a finding", fail=False)
-        outcome.recover = until(recovered, 60, "the node to run again", fail=False)
-        outcome.lost = not self.wait_finished(run)
-        outcome.doubled = self.doubled(run)
-        return outcome
-
-    def flush_once(self, redis_server: "ThrowawayRedis") -> Outcome:
-        from django.utils import timezone
-
-        from diagnostics.models import Finding
-        from workflows.models import NodeAttempt, NodeRun
-
-        run = self.start_run(FLUSH_DEFINITION)
-
-        def mixed():
-            statuses = list(NodeRun.objects.filter(run=run).values_list("status", flat=True))
-            return "running" in statuses and "queued" in statuses
-
-        until(mixed, 60, "nodes running and queued at once")
-        redis_server.client().flushall()
-        flushed_at = timezone.now()
-        at_flush = dict(
-            NodeRun.objects.filter(run=run, status__in=["queued", "running"]).values_list(
-                "pk", "attempt"
-            )
-        )
-        outcome = Outcome()
-
-        def detected():
-            first = (
-                Finding.objects.filter(run=run, code="job_lost", first_seen__gte=flushed_at)
-                .order_by("first_seen")
-                .first()
-            )
-            return first and (first.first_seen - flushed_at).total_seconds()
-
-        def recovered():
-            moments = []
-            for pk, attempt in at_flush.items():
-                node = NodeRun.objects.only("status", "finished_at").get(pk=pk)
-                later = (
-                    NodeAttempt.objects.filter(
-                        node_run_id=pk, number__gte=attempt, started_at__gt=flushed_at
-                    )
-                    .order_by("started_at")
-                    .values_list("started_at", flat=True)
-                    .first()
-                )
-                if later is None and node.status == "succeeded":
-                    later = node.finished_at
-                if later is None:
-                    return None
-                moments.append((later - flushed_at).total_seconds())
-            return max(moments, default=0.0) or 0.001
-
-        outcome.detect = until(detected, 60, "a job_lost finding", fail=False)
-        outcome.recover = until(recovered, 90, "every node to run again", fail=False)
-        outcome.lost = not self.wait_finished(run)
-        outcome.doubled = self.doubled(run)
-        return outcome
-
-
-KILL_DEFINITION = {
-    "name": "Faults kill",
-    "nodes": {
-        "work": {
-            "type": "faults.work",
-            "params": {"steps": 12, "step_seconds": 0.5},
-            "timeout": 120,
-            "retries": {"max_attempts": 3, "backoff": 0},
-        }
-    },
-}
-FLUSH_DEFINITION = {
-    "name": "Faults flush",
-    "nodes": {
-        **{
-            f"part{i}": {
-                "type": "faults.work",
-                "params": {"steps": 4, "step_seconds": 0.5},
-                "timeout": 120,
-                "retries": {"max_attempts": 3, "backoff": 0},
-            }
-            for i in range(6)
-        },
-        "total": {
-            "type": "faults.work",
-            "params": {"steps": 1, "step_seconds": 0.1},
-            "after": [f"part{i}" for i in range(6)],
-        },
-    },
-}
-
-
-def _steps_done(node) -> int:
-    """Checkpoints count steps at once (progress waits for the next heartbeat)."""
-    from workflows.models import Checkpoint
-
-    return Checkpoint.objects.filter(node_run=node, kind=Checkpoint.Kind.PROGRESS).count()
-
-
-def until(predicate, timeout: float, what: str, fail: bool = True):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    if fail:
-        raise RuntimeError(f"timed out after {timeout}s waiting for {what}")
-    return None
-
 
 # --- Stores and the table ---------------------------------------------------------------------
 
 
-def prepare(stack: contextlib.ExitStack, tmp: Path, heartbeat: int) -> tuple[dict, ThrowawayRedis]:
-    """Throwaway Redis and database, the environment for every process, Django set up."""
+def prepare(
+    stack: contextlib.ExitStack, tmp: Path, heartbeat: int, postgres_bin: Path | None = None
+) -> tuple[dict, ThrowawayRedis, ThrowawayPostgres | None]:
+    """Throwaway Redis and database (on a cluster of our own given ``postgres_bin``), the
+    environment for every process, Django set up."""
     redis_server = ThrowawayRedis(tmp / "redis")
     stack.callback(redis_server.stop)
     (tmp / "records").mkdir()
@@ -415,18 +262,26 @@ def prepare(stack: contextlib.ExitStack, tmp: Path, heartbeat: int) -> tuple[dic
         REDIS_URL=redis_server.url,
         KEEL_NODE_MODULES="workflows.nodes.builtin,bench.fault_nodes",
         KEEL_HEARTBEAT_SECONDS=str(heartbeat),
-        KEEL_WATCHDOG_SECONDS="2",
+        KEEL_WATCHDOG_SECONDS=str(WATCHDOG_SECONDS),
+        KEEL_KILL_GRACE_SECONDS=str(KILL_GRACE_SECONDS),
         KEEL_FAULTS_RECORD_DIR=str(tmp / "records"),
         PYTHONUNBUFFERED="1",
     )
     os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
+    postgres = None
     url = os.environ.get("DATABASE_URL", "")
+    if postgres_bin is not None:
+        postgres = ThrowawayPostgres(postgres_bin)
+        stack.callback(postgres.stop)
+        url = postgres.url
     if urlsplit(url).scheme in ("postgres", "postgresql"):
         name = f"keel_faults_{os.getpid()}"
         _postgres(url, f"CREATE DATABASE {name}")
         stack.callback(_postgres, url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", True)
         os.environ["DATABASE_URL"] = urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
         label = f"PostgreSQL (throwaway database {name})"
+        if postgres is not None:
+            label += f" on a cluster of its own, port {postgres.port}, {postgres.bin_dir}"
     else:
         name = str(tmp / "faults.sqlite3")
         os.environ["DATABASE_URL"] = f"sqlite:///{name}"
@@ -441,7 +296,7 @@ def prepare(stack: contextlib.ExitStack, tmp: Path, heartbeat: int) -> tuple[dic
         raise SystemExit(f"refusing to migrate {connection.settings_dict['NAME']}: not {name}")
     call_command("migrate", verbosity=0)
     print(f"database: {label}; Redis: throwaway redis-server on port {redis_server.port}")
-    return dict(os.environ), redis_server
+    return dict(os.environ), redis_server, postgres
 
 
 def _postgres(url: str, statement: str, close_django: bool = False) -> None:
@@ -458,7 +313,13 @@ def _postgres(url: str, statement: str, close_django: bool = False) -> None:
         admin.execute(statement)
 
 
-def table(results: dict[str, list[Outcome]], heartbeat: int) -> str:
+COLUMNS = (
+    f"{'fault':<24}{'reps':>5}{'detect p50':>12}{'detect max':>12}{'recover p50':>13}"
+    f"{'recover max':>13}{'missed':>8}{'lost':>6}{'doubled':>9}{'wrong':>7}{'failed':>8}"
+)
+
+
+def table(results: dict[str, list[Outcome]], heartbeat: int, db_down: float = 0.0) -> str:
     def stats(values):
         values = [v for v in values if v is not None]
         if not values:
@@ -466,40 +327,114 @@ def table(results: dict[str, list[Outcome]], heartbeat: int) -> str:
         return f"{statistics.median(values):.1f}s", f"{max(values):.1f}s"
 
     lines = [
-        f"Fault recovery (heartbeat {heartbeat}s, watchdog every 2s; targets for kill: "
-        f"detect <= {DETECT_TARGET:.0f}s, recover <= {RECOVER_TARGET:.0f}s)",
+        f"Fault recovery (heartbeat {heartbeat}s, watchdog every {WATCHDOG_SECONDS}s, kill grace "
+        f"{KILL_GRACE_SECONDS}s"
+        + (f"; db_restart keeps PostgreSQL down {db_down:g}s" if db_down else "")
+        + ")",
         "",
-        f"{'fault':<22}{'reps':>5}{'detect p50':>12}{'detect max':>12}"
-        f"{'recover p50':>13}{'recover max':>13}{'missed':>8}{'lost':>6}{'doubled':>9}",
+        COLUMNS,
     ]
-    labels = {"kill": "kill -9 worker+horse", "flush": "FLUSHALL mid-run"}
+    verdicts, notes = [], []
     for fault, outcomes in results.items():
         detect = stats(o.detect for o in outcomes)
         recover = stats(o.recover for o in outcomes)
         missed = sum(o.detect is None or o.recover is None for o in outcomes)
+        counts = [
+            missed,
+            sum(o.lost for o in outcomes),
+            sum(o.doubled for o in outcomes),
+            sum(o.wrong for o in outcomes),
+            sum(bool(o.failures) for o in outcomes),
+        ]
         lines.append(
-            f"{labels[fault]:<22}{len(outcomes):>5}{detect[0]:>12}{detect[1]:>12}"
-            f"{recover[0]:>13}{recover[1]:>13}{missed:>8}{sum(o.lost for o in outcomes):>6}"
-            f"{sum(o.doubled for o in outcomes):>9}"
+            f"{LABELS[fault]:<24}{len(outcomes):>5}{detect[0]:>12}{detect[1]:>12}"
+            f"{recover[0]:>13}{recover[1]:>13}{counts[0]:>8}{counts[1]:>6}{counts[2]:>9}"
+            f"{counts[3]:>7}{counts[4]:>8}"
         )
-    lines.append("")
-    lines.append(
-        "missed = repetitions with no finding or no recovery seen within 60-90 s; "
-        "lost = runs not succeeded within 120 s; doubled = nodes completed or applied twice."
-    )
+        verdicts.append(f"  {LABELS[fault]}: {_verdict(fault, outcomes, counts)}")
+        notes += _notes(fault, outcomes)
+    detect_target, recover_target = TARGETS["kill"]
+    lines += [
+        "",
+        f"Targets: detected <= {detect_target:.0f}s, running again <= {recover_target:.0f}s, "
+        f"worker free <= {TARGETS['frozen_retry'][0]:.0f}s after the retry, 0 lost, 0 doubled "
+        "(and 0 missed, 0 wrong, 0 failed).",
+        *verdicts,
+        "",
+        "What detect / recover measure:",
+        *(f"  {LABELS[fault]}: {DESCRIPTIONS[fault]}" for fault in results),
+        "missed = no finding or no recovery seen within 60 s; lost = run not succeeded within "
+        f"{RUN_TIMEOUT:.0f}s; doubled = nodes completed or applied twice; wrong = findings on "
+        "the run naming a cause that did not happen; failed = repetitions where another check "
+        "failed (a worker died, an attempt ended the wrong way).",
+    ]
+    if notes:
+        lines += ["", "Notes:", *notes]
     return "\n".join(lines)
+
+
+def _verdict(fault: str, outcomes: list[Outcome], counts: list[int]) -> str:
+    detect_target, recover_target = TARGETS[fault]
+    misses = []
+    worst_detect = max((o.detect for o in outcomes if o.detect is not None), default=None)
+    worst_recover = max((o.recover for o in outcomes if o.recover is not None), default=None)
+    if worst_detect is not None and worst_detect > detect_target:
+        misses.append(f"detect max {worst_detect:.1f}s > {detect_target:.0f}s")
+    if worst_recover is not None and worst_recover > recover_target:
+        misses.append(f"recover max {worst_recover:.1f}s > {recover_target:.0f}s")
+    for name, count in zip(("missed", "lost", "doubled", "wrong", "failed"), counts, strict=True):
+        if count:
+            misses.append(f"{count} {name}")
+    return "targets met" if not misses else "NOT met: " + "; ".join(misses)
+
+
+def _notes(fault: str, outcomes: list[Outcome]) -> list[str]:
+    label = LABELS[fault]
+    findings = sum((o.findings for o in outcomes), Counter())
+    lines = [f"  {label}: findings on the runs: {_counted(findings) or 'none'}"]
+    notes = Counter(o.note for o in outcomes if o.note)
+    if notes:
+        lines.append(f"  {label}: {_counted(notes)}")
+    for number, outcome in enumerate(outcomes, 1):
+        lines += [f"  {label}: repetition {number} failed: {why}" for why in outcome.failures]
+    return lines
+
+
+def _counted(counter: Counter) -> str:
+    return "; ".join(f"{key} x{n}" for key, n in counter.most_common())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repetitions", type=int, default=50)
-    parser.add_argument("--faults", default="kill,flush", help="kill, flush or both")
+    parser.add_argument(
+        "--faults", default="all", help=f"all, or a comma-separated subset of {','.join(FAULTS)}"
+    )
     parser.add_argument("--heartbeat", type=int, default=5, help="KEEL_HEARTBEAT_SECONDS")
+    parser.add_argument(
+        "--db-down",
+        type=float,
+        default=0.0,
+        help="db_restart: stop PostgreSQL, keep it down this many seconds, start it "
+        "(default 0: pg_ctl restart -m fast)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     options = parser.parse_args(argv)
-    faults = [f for f in options.faults.split(",") if f]
-    if set(faults) - {"kill", "flush"}:
-        parser.error("--faults takes kill, flush or kill,flush")
+    faults = (
+        list(FAULTS) if options.faults == "all" else [f for f in options.faults.split(",") if f]
+    )
+    if unknown := set(faults) - set(FAULTS):
+        parser.error(f"unknown fault(s) {', '.join(sorted(unknown))}: choose from {FAULTS}")
+    postgres_bin = None
+    if "db_restart" in faults:
+        postgres_bin, why = postgres_bin_dir()
+        if postgres_bin is None:
+            print(f"skipping db_restart: {why}", flush=True)
+            faults.remove("db_restart")
+    # Stopped (SIGTERM, or SIGINT where a shell left it ignored), it still stops its
+    # processes and removes its stores.
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _stop)
     os.chdir(BASE_DIR)
     sys.path.insert(0, str(BASE_DIR))
     tmp = Path(tempfile.mkdtemp(prefix="keel-faults-"))
@@ -507,29 +442,56 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         if not options.keep:
             stack.callback(shutil.rmtree, tmp, ignore_errors=True)
-        env, redis_server = prepare(stack, tmp, options.heartbeat)
-        bench = Bench(tmp=tmp, env=env, heartbeat=options.heartbeat)
+        env, redis_server, postgres = prepare(stack, tmp, options.heartbeat, postgres_bin)
+        bench = Bench(
+            tmp=tmp,
+            env=env,
+            heartbeat=options.heartbeat,
+            redis=redis_server,
+            postgres=postgres,
+            db_down=options.db_down,
+        )
         stack.callback(bench.stop_all)
         bench.start_watchdog()
-        bench.start_worker()
-        bench.start_worker()
+        bench.ensure_workers(2)
         for fault in faults:
             results[fault] = []
             for number in range(1, options.repetitions + 1):
                 started = time.monotonic()
-                outcome = bench.kill_once() if fault == "kill" else bench.flush_once(redis_server)
+                outcome = _repeat(bench, fault)
                 results[fault].append(outcome)
                 print(
                     f"{fault} {number}/{options.repetitions}: detect {_fmt(outcome.detect)}, "
                     f"recover {_fmt(outcome.recover)}, lost {outcome.lost}, doubled "
-                    f"{outcome.doubled} ({time.monotonic() - started:.0f}s)",
+                    f"{outcome.doubled}, wrong {outcome.wrong}; findings "
+                    f"{_counted(outcome.findings) or 'none'}"
+                    + (f"; {outcome.note}" if outcome.note else "")
+                    + f" ({time.monotonic() - started:.0f}s)",
                     flush=True,
                 )
+                for why in outcome.failures:
+                    print(f"  FAILED: {why}", flush=True)
         print()
-        print(table(results, options.heartbeat))
+        print(table(results, options.heartbeat, options.db_down))
         if options.keep:
             print(f"\nlogs and records kept in {tmp}")
     return 0
+
+
+def _repeat(bench: Bench, fault: str) -> Outcome:
+    """One repetition; one that breaks down counts as failed and leaves nothing running."""
+    # Repetitions of the same length would meet the watchdog's 2 s cycle at the same
+    # moment each time: start each at a random point of it.
+    time.sleep(random.uniform(0, WATCHDOG_SECONDS))
+    try:
+        return getattr(bench, f"{fault}_once")()
+    except Exception as error:  # reported in the table; the bench goes on
+        quietly(bench.cancel_unfinished)
+        return Outcome(failures=[f"{type(error).__name__}: {error}", *bench.check_workers()])
+
+
+def _stop(signum, frame):
+    raise SystemExit(f"stopped by {signal.Signals(signum).name}")
 
 
 def _fmt(value) -> str:
