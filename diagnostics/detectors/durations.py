@@ -117,16 +117,11 @@ def timeout_exceeded(ctx: Context) -> list[Detection]:
         pids = [attempt.pid] if attempt.pid else []
         if worker is not None and worker.pid and not simple:
             pids.append(worker.pid)
-        where = (
-            f"worker {attempt.worker or '?'} on {attempt.host or '?'} ("
-            + (
-                f"pid {attempt.pid}"
-                if simple or not pids
-                else f"pid {attempt.pid or '?'} runs the node"
-                + (f", the worker is pid {worker.pid}" if len(pids) > 1 else "")
-            )
-            + ")"
-        )
+        if len(pids) == 2:
+            pid_words = f"pid {attempt.pid} runs the node, the worker is pid {worker.pid}"
+        else:
+            pid_words = f"pid {attempt.pid or '?'}"
+        where = f"worker {attempt.worker or '?'} on {attempt.host or '?'} ({pid_words})"
         evidence = {
             **attempt_evidence(ctx, attempt),
             "timeout_seconds": node.timeout_seconds,
