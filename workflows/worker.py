@@ -80,11 +80,12 @@ class RegistersAgain:
     def heartbeat(self, timeout=None, pipeline=None):
         if (
             not getattr(self, "_is_horse", False)
-            and pipeline is None
             and time.monotonic() - self._registration_checked_at >= self.REGISTRATION_CHECK_SECONDS
         ):
             self._registration_checked_at = time.monotonic()
-            if not self.connection.hexists(self.key, "birth"):
+            # The registry set, not the worker's hash: a busy worker's heartbeat writes
+            # the hash again by itself after a flush, but never the set.
+            if not self.connection.sismember(worker_registration.REDIS_WORKER_KEYS, self.key):
                 self.log.warning(
                     "Worker %s: Redis no longer knows this worker (flushed or restarted?); "
                     "registering again.",
