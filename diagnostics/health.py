@@ -224,7 +224,7 @@ def watchdog_status(client: redis.Redis | None = None) -> dict:
 def live_workers_by_queue(workers: list[dict], queues: list[str]) -> dict[str, list[str]]:
     listening: dict[str, list[str]] = {queue: [] for queue in queues}
     for worker in workers:
-        if worker["alive"]:
+        if worker["alive"] and not worker.get("unresponsive"):
             for queue in worker["queues"]:
                 listening.setdefault(queue, []).append(worker["name"])
     return listening

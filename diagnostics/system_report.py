@@ -241,9 +241,21 @@ def read_workers(client: redis.Redis) -> list[dict]:
                 "failed_jobs": int(fields.get("failed_job_count") or 0),
                 "working_seconds": round(float(fields.get("total_working_time") or 0), 3),
                 "alive": worker_is_alive(fields, now),
+                "unresponsive": worker_is_unresponsive(fields, now),
             }
         )
     return workers
+
+
+def worker_is_unresponsive(fields: dict, now: datetime) -> bool:
+    """Whether a worker that RQ still lists has stopped beating: a Keel worker heartbeats
+    at least every KEEL_HEARTBEAT_SECONDS, so a stale beat is a frozen process (the
+    ``worker_unresponsive`` finding says more), not a worker that takes work."""
+    if fields.get("death"):
+        return False
+    heartbeat = _rq_time(fields.get("last_heartbeat"))
+    stale_after = settings.KEEL_STALE_BEATS * settings.KEEL_HEARTBEAT_SECONDS
+    return heartbeat is not None and (now - heartbeat).total_seconds() > stale_after
 
 
 def queue_names(client: redis.Redis) -> list[str]:

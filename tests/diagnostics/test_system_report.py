@@ -170,3 +170,18 @@ def test_report_reads_never_clean_up_rq_registries(clean_redis):
     assert report_queue["registries"]["started"] == 1
     assert clean_redis.zcard(registry.key) == 1
     assert clean_redis.zcard("rq:failed:default") == 0
+
+
+@pytest.mark.django_db
+def test_a_frozen_worker_is_shown_frozen_and_listens_to_nothing(clean_redis):
+    """A worker RQ still lists but whose heartbeat went stale (frozen with SIGSTOP, hung)
+    takes no work: the report must not count it as listening to its queues."""
+    from tests.diagnostics.test_worker_findings import register_worker
+
+    register_worker(clean_redis, "w-frozen", pid=999_999, host="elsewhere", beat_seconds_ago=60)
+    register_worker(clean_redis, "w-fine", pid=999_998, host="elsewhere", beat_seconds_ago=1)
+
+    report = system_report.build_report(clean_redis)
+    workers = {row["name"]: row for row in report["workers"]}
+    assert workers["w-frozen"]["unresponsive"] and not workers["w-fine"]["unresponsive"]
+    assert queue(report, "default")["workers"] == ["w-fine"]

@@ -118,7 +118,7 @@ def render(report: dict, *, markdown: bool) -> str:
                 _when(worker["last_heartbeat"]),
                 worker["successful_jobs"],
                 worker["failed_jobs"],
-                "yes" if worker["alive"] else "NO",
+                "NO" if not worker["alive"] else ("FROZEN" if worker["unresponsive"] else "yes"),
             ]
             for worker in report["workers"]
         ],
