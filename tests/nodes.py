@@ -74,6 +74,17 @@ def huge_error(ctx):
     raise PermanentError("x" * (ctx.params["megabytes"] * 1024 * 1024))
 
 
+@node_type("test.loses_database")
+def loses_database(ctx):
+    """On attempt 1, fails as a node does when the database restarts under it."""
+    from django.db import OperationalError
+
+    _record(ctx)
+    if ctx.attempt == 1:
+        raise OperationalError("terminating connection due to administrator command")
+    return {"attempt": ctx.attempt}
+
+
 @node_type(
     "test.batches",
     params={"rows": int, "batch": int, "pause": Param(float, default=0.0)},

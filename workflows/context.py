@@ -7,10 +7,10 @@ import time
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
-from workflows import engine
+from workflows import engine, outages
 from workflows.models import LogLine
 
 _UNSET = object()
@@ -41,7 +41,9 @@ class NodeContext:
     def inputs(self) -> dict:
         """Outputs of the upstream nodes, by node key (read once, when first asked for)."""
         if self._inputs is _UNSET:
-            self._inputs = engine.upstream_outputs(self.run_id, self._claim.upstream)
+            self._inputs = self._through_outage(
+                lambda: engine.upstream_outputs(self.run_id, self._claim.upstream), "inputs"
+            )
         return self._inputs
 
     @property
@@ -55,14 +57,18 @@ class NodeContext:
     def run_params(self) -> dict:
         """The run's params (read once, when first asked for)."""
         if self._run_params is _UNSET:
-            self._run_params = engine.run_params(self.run_id)
+            self._run_params = self._through_outage(
+                lambda: engine.run_params(self.run_id), "run params"
+            )
         return self._run_params
 
     @property
     def checkpoint_state(self):
         """The state of this node's latest checkpoint from any attempt, or None."""
         if self._checkpoint_state is _UNSET:
-            self._checkpoint_state = engine.latest_progress_state(self._claim.node_run_id)
+            self._checkpoint_state = self._through_outage(
+                lambda: engine.latest_progress_state(self._claim.node_run_id), "checkpoint"
+            )
         return self._checkpoint_state
 
     def should_stop(self) -> bool:
@@ -82,9 +88,14 @@ class NodeContext:
         """
         _check_json(state, "checkpoint state")
         if self._next_sequence is None:
-            self._next_sequence = engine.next_checkpoint_sequence(self._claim.node_run_id)
-        engine.save_progress_checkpoint(
-            self._claim.node_run_id, self.run_id, self.attempt, self._next_sequence, state
+            self._next_sequence = self._through_outage(
+                lambda: engine.next_checkpoint_sequence(self._claim.node_run_id), "checkpoints"
+            )
+        self._through_outage(
+            lambda: engine.save_progress_checkpoint(
+                self._claim.node_run_id, self.run_id, self.attempt, self._next_sequence, state
+            ),
+            "checkpoint",
         )
         self._next_sequence += 1
         # Visible to this attempt only once committed, but the node holds it already.
@@ -96,6 +107,15 @@ class NodeContext:
         self._progress_dirty = True
 
     # --- used by the executor -------------------------------------------------------------
+
+    def _through_outage(self, action, what: str):
+        """``action()``, retried through a database outage unless the node's own transaction
+        is open: that one is lost with the connection, so the error reaches the node (and
+        the attempt, if the node lets it, is retried from its last checkpoint)."""
+        if connection.in_atomic_block:
+            return action()
+        result, _ = outages.retry(action, what=f"read or write the node's {what}")
+        return result
 
     def request_stop(self) -> None:
         self._stop_requested.set()

@@ -6,7 +6,6 @@ worker itself — and that process commits the outcome to the database before it
 Nothing about an outcome travels through Redis: RQ keeps only a small summary.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -19,12 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.db import DatabaseError, close_old_connections
 from django.db import connections as db_connections
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from workflows import engine, heartbeat, registry
+from workflows import engine, heartbeat, outages, registry
 from workflows.context import NodeContext
 
 logger = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
     actor = _worker_name()
     phase.set(Phase.CLAIMING)
     check_connections()
-    claim, _ = persist(
+    claim, _ = outages.retry(
         lambda: engine.claim_attempt(
             node_run_id, attempt, worker=actor, pid=os.getpid(), host=socket.gethostname()
         ),
@@ -101,64 +100,18 @@ def run_attempt(node_run_id: int, attempt: int) -> dict:
         return {"stale": True}
     outcome = run_claimed(claim, started)
     phase.set(Phase.REPORTING)
-    _, waited = persist(
+    _, waited = outages.retry(
         lambda: report(claim, outcome, actor=actor),
         what=f"report node-run {node_run_id} attempt {attempt}",
     )
     if waited:
         note = f"the outcome of attempt {attempt} {waited}; committed once the database answered"
-        persist(
+        outages.retry(
             lambda: engine.note_attempt(node_run_id, attempt, note, actor=actor),
             what=f"note the delayed report of node-run {node_run_id} attempt {attempt}",
         )
     phase.set(Phase.DONE)
     return outcome.summary()
-
-
-# What a database outage looks like from here: the server is gone or restarting.
-OUTAGE_ERRORS = (OperationalError, InterfaceError)
-
-
-def persist(action, *, what: str):
-    """``action()``, retried with backoff while the database is unreachable.
-
-    Returns (its result, a description of the wait or "" when none was needed). Gives up
-    (raises) after KEEL_REPORT_RETRY_SECONDS: the attempt then stays running and the
-    watchdog finds it. Only connection errors are retried; a retried commit that did land
-    the first time is rejected by the engine's compare-and-set, never applied twice.
-    """
-    deadline = time.monotonic() + settings.KEEL_REPORT_RETRY_SECONDS
-    first_error: str = ""
-    started = time.monotonic()
-    delay = 0.25
-    while True:
-        try:
-            result = action()
-        except OUTAGE_ERRORS as error:
-            drop_broken_connections()
-            if not first_error:
-                first_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
-                logger.warning(
-                    "Could not %s, the database is unreachable (%s); retrying.", what, first_error
-                )
-            if time.monotonic() + delay > deadline:
-                logger.error("Gave up trying to %s after %.0fs.", what, time.monotonic() - started)
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-            continue
-        if not first_error:
-            return result, ""
-        waited = time.monotonic() - started
-        logger.warning("Could %s after waiting %.1fs for the database.", what, waited)
-        return result, f"waited {waited:.0f}s for the database ({first_error})"
-
-
-def drop_broken_connections() -> None:
-    """Close this thread's connections after an outage error: the next query reconnects."""
-    for connection in db_connections.all(initialized_only=True):
-        with contextlib.suppress(DatabaseError):
-            connection.close()
 
 
 CONNECTION_CHECK_SECONDS = 1.0
@@ -263,6 +216,17 @@ def _failure_from(error: Exception, claim: engine.Claim) -> engine.Failure:
             traceback=traceback_module.format_exc(),
             timed_out=True,
             names=(*names, "TimeoutError"),
+        )
+    if isinstance(error, outages.OUTAGE_ERRORS):
+        # The database went away under the node (a restart, a failover): not the node's
+        # fault, so retried whatever ``retry_on`` lists; the next attempt resumes from
+        # its last checkpoint.
+        return engine.Failure(
+            error_type=type(error).__name__,
+            message=f"the database connection was lost while the node ran: {error}",
+            traceback=traceback_module.format_exc(),
+            names=names,
+            ignore_retry_on=True,
         )
     return engine.Failure(
         error_type=type(error).__name__,

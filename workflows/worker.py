@@ -28,7 +28,7 @@ from rq.timeouts import BaseDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, Worker
 
-from workflows import dispatch, engine, executor, sql
+from workflows import dispatch, engine, executor, outages, sql
 from workflows.executor import Phase
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
 
@@ -388,7 +388,7 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
                     engine.fail_attempt(node_run_id, number, failure, actor=self.name)
 
         try:
-            executor.persist(act, what=f"report the ended horse of node-run {node_run_id}")
+            outages.retry(act, what=f"report the ended horse of node-run {node_run_id}")
         except DatabaseError:
             self.log.exception("Worker %s: could not report job %s", self.name, job.id)
 
@@ -411,7 +411,7 @@ def _still_current(node_run_id: int, attempt: int) -> bool:
     try:
         row = NodeRun.objects.filter(pk=node_run_id).values_list("status", "attempt").first()
     except DatabaseError:
-        executor.drop_broken_connections()
+        outages.drop_broken_connections()
         return True
     if row is None:
         return False

@@ -793,3 +793,27 @@ def test_a_busy_worker_keeps_its_rq_heartbeat_fresh(start_worker, start_run, cle
     seen = {last_beat()}
     wait_for(lambda: seen.add(last_beat()) or len(seen) >= 3, timeout=6, message="two beats")
     assert node(run, "busy").status == NodeRun.Status.RUNNING  # beats came during the node
+
+
+def test_a_node_that_lost_its_database_is_retried_whatever_retry_on_says(start_worker, start_run):
+    """A database restart under a running node is not the node's fault."""
+    start_worker("forking")
+    run = finished(
+        start_run(
+            {
+                "name": "Lost database",
+                "nodes": {
+                    "n": {
+                        "type": "test.loses_database",
+                        "retries": {"max_attempts": 2, "backoff": 0, "retry_on": ["ValueError"]},
+                    }
+                },
+            }
+        )
+    )
+
+    assert run.status == Run.Status.SUCCEEDED
+    first, second = attempts(run, "n")
+    assert first.error_type == "OperationalError"
+    assert first.error_message.startswith("the database connection was lost while the node ran")
+    assert second.status == NodeAttempt.Status.SUCCEEDED
