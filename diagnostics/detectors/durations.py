@@ -36,6 +36,8 @@ def overdue(ctx: Context) -> list[Detection]:
     found = []
     for attempt in ctx.running:
         node = attempt.node_run
+        if ctx.liveness(attempt).lost:
+            continue  # its process is gone: worker_lost says so, and "raise the limit" is wrong
         elapsed = ctx.age(attempt.started_at)
         limits = []
         if node.expected_seconds:
@@ -49,7 +51,15 @@ def overdue(ctx: Context) -> list[Detection]:
         if p95 is not None:
             # A floor of two beats keeps sub-second nodes from flapping.
             limit = max(p95, 2 * ctx.heartbeat)
-            limits.append((limit, f"the p95 of its last {count} successful runs ({p95:.1f}s)"))
+            history_words = f"the p95 of its last {count} successful runs ({p95:.1f}s)"
+            limits.append(
+                (
+                    limit,
+                    history_words
+                    if limit == p95
+                    else f"{limit:.0f}s (two heartbeats, the floor; {history_words})",
+                )
+            )
         over = [(limit, what) for limit, what in limits if elapsed > limit]
         if not over:
             continue

@@ -4,15 +4,19 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection
 from django.db.utils import load_backend
+from django.utils import timezone
 
 import bench.fault_nodes  # noqa: F401  (registers faults.* in this process too)
 from bench.faults import ThrowawayRedis
-from diagnostics import watchdog
+from diagnostics import detectors, watchdog
 from diagnostics.models import Finding
 from tests.conftest import wait_for
 from workflows import engine, operations
@@ -142,6 +146,25 @@ def test_overdue_against_the_p95_of_ten_past_runs(start_run, make_version):
     assert finding is not None
     assert "the p95 of its last 10 successful runs" in finding.title
     assert finding.evidence["history_successes"] == 10
+
+
+def test_an_attempt_whose_process_is_gone_is_lost_not_overdue(start_run):
+    """Its worker was killed: worker_lost says so; "raise expected_duration" would be wrong."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = start_run(one_node(type="test.record", expected_duration=1))
+    target = node(run)
+    engine.claim_attempt(
+        target.pk, 1, worker="killed-worker", pid=gone.pid, host=socket.gethostname()
+    )
+    long_ago = timezone.now() - timedelta(seconds=60)
+    NodeAttempt.objects.filter(node_run=target).update(started_at=long_ago)
+    NodeRun.objects.filter(pk=target.pk).update(started_at=long_ago, heartbeat_at=long_ago)
+
+    ctx = detectors.Context(now=timezone.now())
+    codes = {d.code for d in detectors.run_all(ctx, {"overdue", "worker_lost"}).detections}
+
+    assert codes == {"worker_lost"}
 
 
 def test_nine_past_runs_are_not_a_history(start_run, make_version):
