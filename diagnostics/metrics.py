@@ -6,16 +6,14 @@ values are read from the shared truth when /metrics is scraped, so every process
 the same (aggregate several scraped instances with ``max``, never ``sum``) and a restart
 resets nothing.
 
-Every read is an aggregate query (histograms by conditional counting, one query per
-family of metrics; no rows are loaded) or a pipelined Redis read, so a scrape costs the
-same with ten runs or ten million. A part that cannot be read is left out and reported by
-``keel_database_up`` / ``keel_redis_up`` rather than failing the whole scrape.
-
-The counters are derived from rows: ``workflow_executions_total`` counts Run rows (runs are
-never deleted, so it only grows), ``workflow_failures_total`` counts runs whose status is
-failed. Resuming a failed run lowers the latter by one, which ``rate()``/``increase()``
-would read as a counter reset; the alert rules therefore use ``delta()`` on these two
-(deploy/prometheus/alerts.yml says more).
+A scrape's cost does not grow with history: every query reads either current state
+(running runs, open findings) or a recent window through an index on the timestamp that
+bounds it (``RECENT`` for counts the alerts read, ``DURATION_WINDOW`` for the histograms).
+So there are no all-time counters: ``workflow_runs_finished_5m`` and ``node_retries_5m``
+are gauges over the last five minutes, and the duration histograms are gauge histograms
+of what finished in the last hour (read them as they are, never with ``rate()``).
+A part that cannot be read is left out and reported by ``keel_database_up`` /
+``keel_redis_up`` rather than failing the whole scrape.
 """
 
 import logging
@@ -36,16 +34,12 @@ from django.db.models import (
 )
 from django.utils import timezone
 from prometheus_client import REGISTRY
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-)
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
 from diagnostics import health, system_report
 from diagnostics.models import Finding
 from diagnostics.reliability import with_known_start
-from workflows.models import NodeAttempt, NodeRun, Run
+from workflows.models import NodeAttempt, NodeRun, Run, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +48,17 @@ NODE_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 DETECTION_BUCKETS = (1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600)
 RECOVERY_BUCKETS = (5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
-# name: (type, help, labels). Counter names are given without "_total": the client adds it.
+# The windows are in the metric names and HELP texts below: change them together.
+RECENT = timedelta(minutes=5)
+DURATION_WINDOW = timedelta(hours=1)
+
+# name: (type, help, labels).
 METRICS = {
-    "workflow_executions": (
-        "counter",
-        "Runs started, by workflow.",
-        ["workflow"],
-    ),
-    "workflow_failures": (
-        "counter",
-        "Runs that ended failed, by workflow (lowered by one when a failed run is resumed).",
-        ["workflow"],
+    "workflow_runs_finished_5m": (
+        "gauge",
+        "Runs that finished in the last 5 minutes, by workflow and final status "
+        "(a resumed run is no longer counted).",
+        ["workflow", "status"],
     ),
     "workflow_runs_running": ("gauge", "Runs running now, by workflow.", ["workflow"]),
     "workflow_oldest_running_run_seconds": (
@@ -72,17 +66,21 @@ METRICS = {
         "Age of the longest-running run that is still running, by workflow.",
         ["workflow"],
     ),
-    "workflow_duration_seconds": (
-        "histogram",
-        "Duration of finished runs (started to finished), by workflow.",
+    "workflow_duration_1h_seconds": (
+        "gaugehistogram",
+        "Duration (started to finished) of runs that finished in the last hour, by workflow.",
         ["workflow"],
     ),
-    "node_duration_seconds": (
-        "histogram",
-        "Duration of finished node attempts, by queue.",
+    "node_duration_1h_seconds": (
+        "gaugehistogram",
+        "Duration of node attempts that finished in the last hour, by queue.",
         ["queue"],
     ),
-    "node_retries": ("counter", "Node attempts after the first (retries), by queue.", ["queue"]),
+    "node_retries_5m": (
+        "gauge",
+        "Node attempts after the first (retries) that finished in the last 5 minutes, by queue.",
+        ["queue"],
+    ),
     "nodes_stuck": (
         "gauge",
         "Queued or running nodes with an open finding, by the finding's code.",
@@ -94,14 +92,16 @@ METRICS = {
         ["code"],
     ),
     "findings_open": ("gauge", "Open findings, by code and severity.", ["code", "severity"]),
-    "finding_detection_seconds": (
-        "histogram",
-        "Time from when a condition began (evidence 'since') to its finding, by code.",
+    "finding_detection_1h_seconds": (
+        "gaugehistogram",
+        "Time from when a condition began (evidence 'since') to its finding, for findings "
+        "first seen in the last hour, by code.",
         ["code"],
     ),
-    "finding_recovery_seconds": (
-        "histogram",
-        "Time from a finding's detection to its resolution, by code.",
+    "finding_recovery_1h_seconds": (
+        "gaugehistogram",
+        "Time from a finding's detection to its resolution, for findings resolved in the "
+        "last hour, by code.",
         ["code"],
     ),
     "workflow_queue_size": ("gauge", "Jobs waiting in each RQ queue.", ["queue"]),
@@ -121,9 +121,8 @@ METRICS = {
     "keel_watchdog_up": ("gauge", "1 when a watchdog has ticked recently.", []),
 }
 _FAMILIES = {
-    "counter": CounterMetricFamily,
     "gauge": GaugeMetricFamily,
-    "histogram": HistogramMetricFamily,
+    "gaugehistogram": GaugeHistogramMetricFamily,
 }
 
 
@@ -156,7 +155,11 @@ def _add_histogram(metric, labels, row, bounds) -> None:
 
 
 class KeelCollector:
-    """Registered once (DiagnosticsConfig.ready); runs its queries on each scrape."""
+    """Registered once (DiagnosticsConfig.ready); runs its queries on each scrape.
+
+    Seven queries, each bounded by current state or a recent window, each through an
+    index (the index names are in the comments).
+    """
 
     def describe(self):
         # Without describe(), registering would call collect() — queries at import time.
@@ -170,8 +173,13 @@ class KeelCollector:
 
     def _database_families(self):
         up = family("keel_database_up")
+        now = timezone.now()
         try:
-            families = [*self._run_families(), *self._node_families(), *self._finding_families()]
+            families = [
+                *self._run_families(now),
+                *self._node_families(now),
+                *self._finding_families(now),
+            ]
         except DatabaseError as error:
             logger.warning("metrics: database unreadable: %s", health.error_text(error))
             up.add_metric([], 0)
@@ -181,52 +189,69 @@ class KeelCollector:
         yield up
         yield from families
 
-    def _run_families(self):
-        now = timezone.now()
-        executions, failures = family("workflow_executions"), family("workflow_failures")
+    def _run_families(self, now):
+        # Every workflow gets a series (0 when idle), so a quiet workflow reads 0, not absent.
+        slugs = list(Workflow.objects.order_by("slug").values_list("pk", "slug"))
         running, oldest = (
             family("workflow_runs_running"),
             family("workflow_oldest_running_run_seconds"),
         )
-        is_running = Q(status=Run.Status.RUNNING)
-        for row in (
-            Run.objects.values("workflow__slug")
-            .annotate(
-                executions=Count("pk"),
-                failures=Count("pk", filter=Q(status=Run.Status.FAILED)),
-                running=Count("pk", filter=is_running),
-                oldest=Min("started_at", filter=is_running),
-            )
-            .order_by("workflow__slug")
-        ):
-            labels = [row["workflow__slug"]]
-            executions.add_metric(labels, row["executions"])
-            failures.add_metric(labels, row["failures"])
-            running.add_metric(labels, row["running"])
-            if row["oldest"] is not None:
-                oldest.add_metric(labels, max(0.0, (now - row["oldest"]).total_seconds()))
-        durations = family("workflow_duration_seconds")
-        for row in (
-            Run.objects.filter(
-                status__in=Run.TERMINAL, started_at__isnull=False, finished_at__isnull=False
+        # Current state: run_status_created (status, -created_at).
+        live = {
+            row["workflow_id"]: row
+            for row in Run.objects.filter(status=Run.Status.RUNNING)
+            .values("workflow_id")
+            .annotate(count=Count("pk"), oldest=Min("started_at"))
+            .order_by()
+        }
+        # Runs that finished in the last hour: run_finished (finished_at).
+        recent = Q(finished_at__gte=now - RECENT)
+        finished = {
+            row["workflow_id"]: row
+            for row in Run.objects.filter(
+                finished_at__gte=now - DURATION_WINDOW,
+                status__in=Run.TERMINAL,
+                started_at__isnull=False,
             )
             .annotate(elapsed=_elapsed("finished_at", "started_at"))
-            .values("workflow__slug")
-            .annotate(**_histogram_aggregates(RUN_BUCKETS))
-            .order_by("workflow__slug")
-        ):
-            _add_histogram(durations, [row["workflow__slug"]], row, RUN_BUCKETS)
-        return [executions, failures, running, oldest, durations]
+            .values("workflow_id")
+            .annotate(
+                **{
+                    f"recent_{status}": Count("pk", filter=recent & Q(status=status))
+                    for status in Run.TERMINAL
+                },
+                **_histogram_aggregates(RUN_BUCKETS),
+            )
+            .order_by()
+        }
+        counts, durations = (
+            family("workflow_runs_finished_5m"),
+            family("workflow_duration_1h_seconds"),
+        )
+        for pk, slug in slugs:
+            row = live.get(pk)
+            running.add_metric([slug], row["count"] if row else 0)
+            if row and row["oldest"] is not None:
+                oldest.add_metric([slug], max(0.0, (now - row["oldest"]).total_seconds()))
+            row = finished.get(pk)
+            for status in sorted(Run.TERMINAL):
+                counts.add_metric([slug, status], row[f"recent_{status}"] if row else 0)
+            if row:
+                _add_histogram(durations, [slug], row, RUN_BUCKETS)
+        return [counts, running, oldest, durations]
 
-    def _node_families(self):
-        durations, retries = family("node_duration_seconds"), family("node_retries")
-        finished = Q(started_at__isnull=False, finished_at__isnull=False)
+    def _node_families(self, now):
+        durations, retries = family("node_duration_1h_seconds"), family("node_retries_5m")
+        # Attempts that finished in the last hour: attempt_finished (finished_at).
         for row in (
-            NodeAttempt.objects.annotate(elapsed=_elapsed("finished_at", "started_at"))
+            NodeAttempt.objects.filter(
+                finished_at__gte=now - DURATION_WINDOW, started_at__isnull=False
+            )
+            .annotate(elapsed=_elapsed("finished_at", "started_at"))
             .values("queue")
             .annotate(
-                retries=Count("pk", filter=Q(number__gt=1)),
-                **_histogram_aggregates(NODE_BUCKETS, finished),
+                retries=Count("pk", filter=Q(number__gt=1, finished_at__gte=now - RECENT)),
+                **_histogram_aggregates(NODE_BUCKETS),
             )
             .order_by("queue")
         ):
@@ -234,12 +259,12 @@ class KeelCollector:
             _add_histogram(durations, [row["queue"]], row, NODE_BUCKETS)
         return [durations, retries]
 
-    def _finding_families(self):
-        now = timezone.now()
+    def _finding_families(self, now):
         stuck, stuck_oldest = family("nodes_stuck"), family("nodes_stuck_oldest_seconds")
         open_findings = family("findings_open")
         on_stuck_node = Q(node_run__status__in=NodeRun.HOLDS_SLOT)
         per_code: dict[str, tuple[int, object]] = {}
+        # Current state: finding_open (partial, resolved_at IS NULL).
         for row in (
             Finding.objects.filter(resolved_at__isnull=True)
             .values("code", "severity")
@@ -259,18 +284,21 @@ class KeelCollector:
             if nodes:
                 stuck.add_metric([code], nodes)
                 stuck_oldest.add_metric([code], max(0.0, (now - oldest).total_seconds()))
-        detection = family("finding_detection_seconds")
+        since = now - DURATION_WINDOW
+        detection = family("finding_detection_1h_seconds")
+        # Findings first seen in the last hour: finding_first_seen (first_seen).
         for row in (
-            with_known_start(Finding.objects.all())
+            with_known_start(Finding.objects.filter(first_seen__gte=since))
             .annotate(elapsed=_elapsed("first_seen", "began"))
             .values("code")
             .annotate(**_histogram_aggregates(DETECTION_BUCKETS))
             .order_by("code")
         ):
             _add_histogram(detection, [row["code"]], row, DETECTION_BUCKETS)
-        recovery = family("finding_recovery_seconds")
+        recovery = family("finding_recovery_1h_seconds")
+        # Findings resolved in the last hour: finding_resolved (resolved_at).
         for row in (
-            Finding.objects.filter(resolved_at__isnull=False)
+            Finding.objects.filter(resolved_at__gte=since)
             .annotate(elapsed=_elapsed("resolved_at", "first_seen"))
             .values("code")
             .annotate(**_histogram_aggregates(RECOVERY_BUCKETS))

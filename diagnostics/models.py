@@ -76,6 +76,14 @@ class Finding(models.Model):
             # When the last outage of a store ended (detectors' Context.outage_ends), read
             # every tick; and the outage a watchdog merges a new sighting into.
             models.Index(fields=["code", "subject", "-resolved_at"], name="finding_code_resolved"),
+            # /metrics (diagnostics.metrics): findings first seen, and findings resolved, in the
+            # last hour.
+            models.Index(fields=["first_seen"], name="finding_first_seen"),
+            models.Index(
+                fields=["resolved_at"],
+                name="finding_resolved",
+                condition=Q(resolved_at__isnull=False),
+            ),
         ]
 
     def __str__(self):

@@ -104,6 +104,8 @@ class Run(models.Model):
             models.Index(
                 fields=["deadline"], name="run_live_deadline", condition=Q(status="running")
             ),
+            # /metrics (diagnostics.metrics): runs that finished in the last hour.
+            models.Index(fields=["finished_at"], name="run_finished"),
         ]
 
     def __str__(self):
@@ -283,6 +285,10 @@ class NodeAttempt(models.Model):
             models.CheckConstraint(
                 condition=Q(status__in=AttemptStatus.values), name="attempt_status_valid"
             ),
+        ]
+        indexes = [
+            # /metrics (diagnostics.metrics): attempts that finished in the last hour.
+            models.Index(fields=["finished_at"], name="attempt_finished"),
         ]
 
     def __str__(self):

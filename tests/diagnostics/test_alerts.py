@@ -68,7 +68,7 @@ def test_every_alert_has_a_unit_test_that_sees_it_fire():
 
 def test_the_required_alerts_are_there():
     expressions = {rule["alert"]: rule["expr"] for rule in alert_rules()}
-    assert "workflow_failures_total" in expressions["KeelWorkflowFailureRateHigh"]
+    assert "workflow_runs_finished_5m" in expressions["KeelWorkflowFailureRateHigh"]
     assert "> 0.10" in expressions["KeelWorkflowFailureRateHigh"]
     assert "workflow_queue_size" in expressions["KeelQueueBacklog"]
     assert "> 3600" in expressions["KeelRunTooLong"]
@@ -123,7 +123,7 @@ def test_keels_own_metrics_are_lint_clean(promtool, client, busy_keel):
         for line in body.splitlines()
         if (line.split(" ")[2] if line.startswith("# ") else line).startswith(ours)
     )
-    assert "workflow_executions_total" in keel_only and "workers_alive" in keel_only
+    assert "workflow_runs_finished_5m" in keel_only and "workers_alive" in keel_only
     result = run(promtool, "check", "metrics", stdin=keel_only + "\n")
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -134,7 +134,8 @@ def test_every_metric_the_alerts_read_is_in_a_real_scrape(client, busy_keel):
     exposed = {line.split("{")[0].split(" ")[0] for line in body.splitlines() if line[:1] != "#"}
     functions = {"max", "min", "sum", "by", "delta", "clamp_min", "rate", "increase"}
     for rule in alert_rules():
-        names = set(re.findall(r"\b([a-z_]+)\b(?=\s*[\[{)]|\s*[=<>])", rule["expr"])) - functions
+        names = re.findall(r"\b([a-z_][a-z0-9_]*)\b(?=\s*[\[{)]|\s*[=<>])", rule["expr"])
+        names = set(names) - functions
         names = {name for name in names if "_" in name and name != "by"}
         assert names, rule["alert"]
         assert names <= exposed, f"{rule['alert']} reads {names - exposed}, not exported"

@@ -1,16 +1,19 @@
-"""Keel's metrics on /metrics: computed from the database and Redis when scraped."""
+"""Keel's metrics on /metrics: computed from the database and Redis when scraped, over
+current state or a recent window, so a scrape's cost does not grow with history."""
 
 import socket
 from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import Max
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from diagnostics import metrics
+from diagnostics.models import Finding
 from tests.conftest import finished, wait_for
 from tests.diagnostics.test_pages import make_finding
 from workflows import engine
@@ -48,31 +51,56 @@ def make_run(version, status, *, took: float | None, ago: float = 0) -> Run:
 
 
 @pytest.mark.django_db
-def test_run_counters_gauges_and_duration_histogram(client, make_version):
+def test_recent_run_counts_gauges_and_duration_histogram(client, make_version):
     version, other = make_version(DEFINITION), make_version(OTHER)
     make_run(version, Run.Status.SUCCEEDED, took=3)
     make_run(version, Run.Status.SUCCEEDED, took=40)
     make_run(version, Run.Status.FAILED, took=200)
     make_run(version, Run.Status.RUNNING, took=4000)
     make_run(other, Run.Status.CANCELLED, took=1)
+    # Finished 10 minutes ago: in the hour's durations, not in the 5-minute counts.
+    make_run(version, Run.Status.FAILED, took=2, ago=600)
+    # Finished two hours ago: in neither.
+    make_run(version, Run.Status.FAILED, took=2, ago=7200)
     samples = scrape(client)
     slug = version.workflow.slug
-    assert value(samples, "workflow_executions_total", workflow=slug) == 4
-    assert value(samples, "workflow_failures_total", workflow=slug) == 1
-    assert value(samples, "workflow_failures_total", workflow=other.workflow.slug) == 0
+
+    def finished_5m(workflow, status):
+        return value(samples, "workflow_runs_finished_5m", workflow=workflow, status=status)
+
+    assert finished_5m(slug, "succeeded") == 2
+    assert finished_5m(slug, "failed") == 1
+    assert finished_5m(slug, "cancelled") == 0
+    assert finished_5m(other.workflow.slug, "failed") == 0
+    assert finished_5m(other.workflow.slug, "cancelled") == 1
     assert value(samples, "workflow_runs_running", workflow=slug) == 1
+    assert value(samples, "workflow_runs_running", workflow=other.workflow.slug) == 0
     oldest = value(samples, "workflow_oldest_running_run_seconds", workflow=slug)
     assert 4000 <= oldest < 4100
     assert value(samples, "workflow_oldest_running_run_seconds", workflow="other-measured") is None
 
     def bucket(le):
-        return value(samples, "workflow_duration_seconds_bucket", workflow=slug, le=le)
+        return value(samples, "workflow_duration_1h_seconds_bucket", workflow=slug, le=le)
 
-    assert (bucket("1.0"), bucket("5.0"), bucket("60.0"), bucket("300.0")) == (0, 1, 2, 3)
-    assert bucket("+Inf") == 3
-    assert value(samples, "workflow_duration_seconds_count", workflow=slug) == 3
-    assert value(samples, "workflow_duration_seconds_sum", workflow=slug) == pytest.approx(243)
+    assert (bucket("1.0"), bucket("5.0"), bucket("60.0"), bucket("300.0")) == (0, 2, 3, 4)
+    assert bucket("+Inf") == 4
+    assert value(samples, "workflow_duration_1h_seconds_gcount", workflow=slug) == 4
+    assert value(samples, "workflow_duration_1h_seconds_gsum", workflow=slug) == pytest.approx(245)
     assert value(samples, "keel_database_up") == 1
+
+
+@pytest.mark.django_db
+def test_a_resumed_run_leaves_the_recent_failures(client, make_version):
+    version = make_version(DEFINITION)
+    run = make_run(version, Run.Status.FAILED, took=5)
+    slug = version.workflow.slug
+    samples = scrape(client)
+    assert value(samples, "workflow_runs_finished_5m", workflow=slug, status="failed") == 1
+    # What a resume does to the row (workflows/recovery.py): running again, not finished.
+    Run.objects.filter(pk=run.pk).update(status=Run.Status.RUNNING, finished_at=None)
+    samples = scrape(client)
+    assert value(samples, "workflow_runs_finished_5m", workflow=slug, status="failed") == 0
+    assert value(samples, "workflow_runs_running", workflow=slug) == 1
 
 
 @pytest.mark.workers
@@ -102,15 +130,15 @@ def test_node_durations_and_retries_from_real_attempts(client, start_worker, sta
     attempts = NodeAttempt.objects.filter(node_run__run=run)
     assert attempts.count() == 3
     samples = scrape(client)
-    assert value(samples, "node_retries_total", queue="default") == 1
-    assert value(samples, "node_duration_seconds_count", queue="default") == 3
+    assert value(samples, "node_retries_5m", queue="default") == 1
+    assert value(samples, "node_duration_1h_seconds_gcount", queue="default") == 3
     durations = [(a.finished_at - a.started_at).total_seconds() for a in attempts]
     assert max(durations) >= 0.3  # the slow node
     for bound in (*metrics.NODE_BUCKETS, "+Inf"):
         le = "+Inf" if bound == "+Inf" else str(float(bound))
         expected = sum(1 for seconds in durations if bound == "+Inf" or seconds <= bound)
-        assert value(samples, "node_duration_seconds_bucket", queue="default", le=le) == expected
-    assert value(samples, "node_duration_seconds_sum", queue="default") == pytest.approx(
+        assert value(samples, "node_duration_1h_seconds_bucket", queue="default", le=le) == expected
+    assert value(samples, "node_duration_1h_seconds_gsum", queue="default") == pytest.approx(
         sum(durations), abs=0.01
     )
 
@@ -167,36 +195,116 @@ def test_stuck_nodes_findings_and_detection_and_recovery_histograms(client, star
     assert value(samples, "findings_open", code="heartbeat_stale", severity="critical") == 1
 
     def detection(le):
-        return value(samples, "finding_detection_seconds_bucket", code="worker_lost", le=le)
+        return value(samples, "finding_detection_1h_seconds_bucket", code="worker_lost", le=le)
 
     assert (detection("2.0"), detection("5.0"), detection("+Inf")) == (0, 1, 1)
-    assert value(samples, "finding_detection_seconds_sum", code="worker_lost") == pytest.approx(
+    assert value(samples, "finding_detection_1h_seconds_gsum", code="worker_lost") == pytest.approx(
         4, abs=0.01
     )
 
     def recovery(le):
-        return value(samples, "finding_recovery_seconds_bucket", code="worker_lost", le=le)
+        return value(samples, "finding_recovery_1h_seconds_bucket", code="worker_lost", le=le)
 
-    assert value(samples, "finding_detection_seconds_count", code="worker_lost") == 1
+    assert value(samples, "finding_detection_1h_seconds_gcount", code="worker_lost") == 1
     assert (recovery("20.0"), recovery("30.0")) == (0, 1)
-    assert value(samples, "finding_recovery_seconds_count", code="worker_lost") == 1
+    assert value(samples, "finding_recovery_1h_seconds_gcount", code="worker_lost") == 1
     # Open findings have not recovered.
-    assert value(samples, "finding_recovery_seconds_count", code="heartbeat_stale") is None
+    assert value(samples, "finding_recovery_1h_seconds_gcount", code="heartbeat_stale") is None
+
+
+def add_history(version, node_run, count: int, *, ago: timedelta) -> None:
+    """``count`` finished runs, node attempts and resolved findings, ending ``ago`` back."""
+    end = timezone.now() - ago
+    start = end - timedelta(seconds=2)
+    runs = Run.objects.bulk_create(
+        Run(
+            workflow=version.workflow,
+            version=version,
+            status=Run.Status.FAILED if index % 2 else Run.Status.SUCCEEDED,
+            trigger="history",
+            started_at=start,
+            finished_at=end,
+        )
+        for index in range(count)
+    )
+    first = (NodeAttempt.objects.filter(node_run=node_run).aggregate(n=Max("number"))["n"]) or 0
+    NodeAttempt.objects.bulk_create(
+        NodeAttempt(
+            node_run=node_run,
+            number=first + 1 + index,
+            status=NodeAttempt.Status.FAILED,
+            rq_job_id=f"history-{first + index}",
+            queue="default",
+            started_at=start,
+            finished_at=end,
+        )
+        for index in range(count)
+    )
+    Finding.objects.bulk_create(
+        Finding(
+            code=f"code_{index % 5}",
+            subject=f"history:{run.pk}",
+            run=run,
+            title="old",
+            suggestion="none",
+            evidence={"since": (start - timedelta(seconds=1)).isoformat()},
+            first_seen=start,
+            last_seen=end,
+            resolved_at=end,
+        )
+        for index, run in enumerate(runs)
+    )
 
 
 @pytest.mark.django_db
-def test_a_scrape_costs_the_same_whatever_the_history(client, make_version):
+def test_a_scrape_makes_the_same_queries_with_ten_times_the_history(
+    client, make_version, start_run
+):
     version = make_version(DEFINITION)
-    make_run(version, Run.Status.SUCCEEDED, took=1)
-    make_finding()
+    node_run = start_run(version).nodes.get()
+    history = 40
+    add_history(version, node_run, history, ago=timedelta(days=3))
+    add_history(version, node_run, history // 10, ago=timedelta(minutes=1))
+    make_finding(node_run=node_run, ago=30)
     with CaptureQueriesContext(connection) as few:
-        scrape(client)
-    for index in range(30):
-        make_run(version, Run.Status.FAILED if index % 2 else Run.Status.SUCCEEDED, took=index)
-        make_finding(code=f"code_{index % 5}", resolved_at=timezone.now())
+        first = scrape(client)
+    add_history(version, node_run, history * 9, ago=timedelta(days=3))
     with CaptureQueriesContext(connection) as many:
-        scrape(client)
+        second = scrape(client)
     assert len(many) == len(few)
+    # The old history shows nowhere: only the recent runs, attempts and findings count.
+    slug, recent = version.workflow.slug, history // 10
+    for samples in (first, second):
+        finished_5m = {
+            status: value(samples, "workflow_runs_finished_5m", workflow=slug, status=status)
+            for status in ("succeeded", "failed", "cancelled")
+        }
+        assert finished_5m == {"succeeded": recent / 2, "failed": recent / 2, "cancelled": 0}
+        assert value(samples, "workflow_duration_1h_seconds_gcount", workflow=slug) == recent
+        assert value(samples, "node_duration_1h_seconds_gcount", queue="default") == recent
+        assert value(samples, "node_retries_5m", queue="default") == recent  # numbers > 1
+        recovered = sum(
+            value(samples, "finding_recovery_1h_seconds_gcount", code=f"code_{index}") or 0
+            for index in range(5)
+        )
+        assert recovered == recent
+        detected = sum(
+            value(samples, "finding_detection_1h_seconds_gcount", code=f"code_{index}") or 0
+            for index in range(5)
+        )
+        assert detected == recent
+        assert value(samples, "findings_open", code="heartbeat_stale", severity="warning") == 1
+
+
+@pytest.mark.django_db
+def test_a_scrape_costs_a_fixed_number_of_queries(client, make_version):
+    """Seven database queries: current state and recent windows, one query per family."""
+    make_run(make_version(DEFINITION), Run.Status.SUCCEEDED, took=1)
+    make_finding()
+    with CaptureQueriesContext(connection) as queries:
+        scrape(client)
+    keel = [q["sql"] for q in queries if "django_session" not in q["sql"]]
+    assert len(keel) == 7, "\n".join(keel)
 
 
 @pytest.mark.django_db
@@ -205,7 +313,7 @@ def test_the_collector_is_registered_once(client):
     collectors = [c for c in REGISTRY._collector_to_names if isinstance(c, metrics.KeelCollector)]
     assert len(collectors) == 1
     body = client.get("/metrics").content.decode()
-    assert body.count("# TYPE workflow_executions_total counter") == 1
+    assert body.count("# TYPE workflow_runs_finished_5m gauge") == 1
 
 
 @pytest.mark.django_db
@@ -217,5 +325,5 @@ def test_a_scrape_without_redis_still_reports_the_database(client, settings, mak
     samples = scrape(client)
     assert value(samples, "keel_redis_up") == 0
     assert value(samples, "workflow_queue_size", queue="default") is None
-    assert value(samples, "workflow_executions_total", workflow="measured") == 1
+    assert value(samples, "workflow_runs_finished_5m", workflow="measured", status="succeeded") == 1
     assert value(samples, "keel_database_up") == 1
