@@ -175,6 +175,10 @@ def resolve_run_params(spec: dict, given: dict) -> dict:
             f"Unknown run param(s) {', '.join(unknown)} for workflow {spec['slug']!r} "
             f"(it declares: {known})."
         )
+    # The one type check of run params: the API, the dashboard form and run_workflow share it.
+    problems = spec_module.run_param_problems(declared, given)
+    if problems:
+        raise RunParamsError("; ".join(f"{path}: {message}" for path, message in problems))
     return {**declared, **given}
 
 

@@ -68,8 +68,18 @@ def load_definition(
 def load_file(
     path: Path, *, actor: str, note: str = "", dry_run: bool = False
 ) -> LoadResult | None:
+    limit = spec_module.MAX_FILE_BYTES
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        # Read one byte past the limit, never the whole of a huge file.
+        with Path(path).open("rb") as file:
+            data = file.read(limit + 1)
+        if len(data) > limit:
+            raise spec_module.DefinitionError(
+                [("(file)", f"is over {limit} bytes; definitions are limited to {limit} bytes")],
+                str(path),
+            )
+        # As read_text() does: universal newlines.
+        source = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
     except (OSError, UnicodeDecodeError) as error:
         raise spec_module.DefinitionError(
             [("(file)", f"cannot be read: {error}")], str(path)

@@ -81,6 +81,12 @@ def test_wait_zero_answers_at_once(api, make_version):
         ({"params": [1]}, "params", "params: must be a JSON object"),
         ({"params": {"colour": "red"}}, "params", "params: Unknown run param(s) colour"),
         ({"params": {"value": "\u0000"}}, "params", "params: must not contain NUL"),
+        (
+            {"params": {"value": "five"}},
+            "params",
+            'params: params.value: expected an integer (the default is 1), got "five"',
+        ),
+        ({"params": {"value": True}}, "params", "params: params.value: expected an integer"),
     ],
 )
 def test_bad_start_input_is_400_naming_the_field_and_starts_nothing(

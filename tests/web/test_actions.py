@@ -381,6 +381,10 @@ def test_start_form_is_prefilled_with_the_declared_params(operator_client, make_
         ('{"day": ', "Not valid JSON"),
         ("[1, 2]", "Give a JSON object"),
         ('{"nope": 1}', "Unknown run param(s) nope"),
+        (
+            '{"day": 5}',
+            "params.day: expected a string (the default is &quot;2026-01-01&quot;), got 5",
+        ),
     ],
 )
 def test_start_run_with_bad_params_shows_the_error_and_starts_nothing(
