@@ -39,6 +39,7 @@ every repetition ran, whatever the numbers.
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import secrets
@@ -188,11 +189,9 @@ class Bench(Scenarios):
     # Runs ------------------------------------------------------------------------------
 
     def start_run(self, definition: dict):
-        import yaml
-
         from workflows import engine, versioning
 
-        version = versioning.load_definition(yaml.safe_dump(definition), actor="bench").version
+        version = versioning.load_definition(json.dumps(definition), actor="bench").version
         return engine.start_run(version, trigger="bench.faults")
 
     def wait_finished(self, run) -> bool:

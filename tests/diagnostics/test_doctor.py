@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 from django.core.management import CommandError, call_command
+from django.db.migrations.loader import MigrationLoader
 from django.db.migrations.recorder import MigrationRecorder
 
 from config.embedded_redis import redis_server_binary
@@ -209,14 +210,13 @@ def test_doctor_reports_redis_down_and_what_it_cannot_tell(settings, capsys):
 def test_doctor_flags_unapplied_migrations(capsys):
     # The database forgets that the latest diagnostics migration was applied (rolled back
     # with the test's transaction).
-    MigrationRecorder.Migration.objects.filter(
-        app="diagnostics", name="0003_finding_code_resolved"
-    ).delete()
+    [(_, latest)] = MigrationLoader(None, ignore_no_migrations=True).graph.leaf_nodes("diagnostics")
+    MigrationRecorder.Migration.objects.filter(app="diagnostics", name=latest).delete()
     lines, failed = doctor(capsys)
     migrated = line(lines, "database migrated")
     assert failed
     assert migrated.startswith(
-        "✗ database migrated: 1 unapplied migration(s): diagnostics.0003_finding_code_resolved"
+        f"✗ database migrated: 1 unapplied migration(s): diagnostics.{latest}"
     )
     assert migrated.endswith("fix: Run: python manage.py migrate")
 
