@@ -46,10 +46,10 @@ MAX_ATTEMPTS = 20
 MAX_RUN_TIMEOUT = 7 * 24 * 3600
 
 # Limits that keep a hostile or mistaken definition cheap to refuse.
-MAX_FILE_BYTES = 256 * 1024
-MAX_SPEC_BYTES = 512 * 1024  # the normalised spec as JSON (defaults written out)
+MAX_FILE_BYTES = 2 * 1024 * 1024
+MAX_SPEC_BYTES = 8 * 1024 * 1024  # the normalised spec as JSON (defaults written out)
 MAX_DEPTH = 20  # nested mappings and lists, the document itself being level 1
-MAX_NODES = 500
+MAX_NODES = 5000
 MAX_STRING_CHARS = 10_000
 MAX_PARAMS_BYTES = 64 * 1024  # run params, and each node's params, as JSON
 MAX_INT = 2**63 - 1  # what PostgreSQL's bigint and most JSON readers hold
