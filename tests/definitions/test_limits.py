@@ -197,7 +197,9 @@ def test_too_many_nodes_are_refused():
 
     problems = problems_of(json.dumps({"name": "x", "nodes": nodes}))
 
-    assert problems == {"nodes": f"has {spec.MAX_NODES + 1} nodes; at most {spec.MAX_NODES} are allowed"}
+    assert problems == {
+        "nodes": f"has {spec.MAX_NODES + 1} nodes; at most {spec.MAX_NODES} are allowed"
+    }
 
 
 def test_the_most_nodes_allowed_are_accepted():
