@@ -1,7 +1,6 @@
 """Shared fixtures: real database, real Redis, real RQ workers in subprocesses."""
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from urllib.parse import quote
 
 import psutil
 import pytest
+import yaml
 from django.conf import settings
 from django.db import connection
 
@@ -196,14 +196,24 @@ def start_watchdog(transactional_db, clean_redis, tmp_path):
             process.kill()
 
 
+class WithoutAliases(yaml.SafeDumper):
+    """YAML as a person writes it: a dict used twice (a shared params block) is written
+    twice, not as an anchor and alias, which definitions refuse."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 @pytest.fixture
 def make_version(db):
     """Load a definition given as a dict (or YAML text) and return its version."""
 
     def make(definition, actor: str = "test"):
-        # JSON, not YAML, for a dict: PyYAML writes a dict used twice (a shared params
-        # block) as an anchor and alias, which definitions refuse.
-        source = definition if isinstance(definition, str) else json.dumps(definition)
+        source = (
+            definition
+            if isinstance(definition, str)
+            else yaml.dump(definition, Dumper=WithoutAliases, sort_keys=False)
+        )
         return versioning.load_definition(source, actor=actor).version
 
     return make
