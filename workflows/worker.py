@@ -376,7 +376,10 @@ class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
                 f"attempt {number} was superseded: worker {self.name} asked its process "
                 f"(pid {self._last_horse_pid}) to stop, and {how}"
             )
-            act = lambda: engine.note_attempt(node_run_id, number, note, actor=self.name)  # noqa: E731
+
+            def act():
+                engine.note_attempt(node_run_id, number, note, actor=self.name)
+
         else:
             if reason == Phase.TIMEOUT:
                 failure = executor.timeout_failure(timeout, stopped=not killed, grace=grace)
