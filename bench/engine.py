@@ -56,8 +56,8 @@ QUEUE = "default"
 NOOP_FUNC = "bench.jobs.noop"
 SERIALIZER = "rq.serializers.JSONSerializer"
 WORKER_CLASSES = {
-    "forking": {"rq": "rq.worker.Worker", "keel": "workflows.worker.KeelWorker"},
-    "simple": {"rq": "rq.worker.SimpleWorker", "keel": "workflows.worker.KeelSimpleWorker"},
+    "forking": {"rq": "rq.worker.Worker", "keel": "workflows.runtime.worker.KeelWorker"},
+    "simple": {"rq": "rq.worker.SimpleWorker", "keel": "workflows.runtime.worker.KeelSimpleWorker"},
 }
 # As Keel's dispatch: the same job timeout (KEEL_DEFAULT_TIMEOUT) and result TTLs.
 JOB_TIMEOUT = 30
@@ -181,7 +181,7 @@ def prepare_stores(stack: contextlib.ExitStack, tmp: Path) -> Stores:
 
     from django.db import connection
 
-    from workflows import dispatch
+    from workflows.runtime import dispatch
 
     redis = dispatch.redis_connection()
     redis_version = redis.info("server")["redis_version"]
@@ -354,7 +354,7 @@ def rq_batch(stores: Stores, tmp: Path, kind: str, count: int, chained: bool) ->
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workflows import dispatch
+    from workflows.runtime import dispatch
 
     shape = "chain" if chained else "batch"
     queue = dispatch.get_queue(QUEUE)
@@ -412,7 +412,8 @@ def _gaps(ordered_jobs: list) -> list[float]:
 
 
 def keel_batch(stores: Stores, tmp: Path, kind: str, count: int, chained: bool) -> Measured:
-    from workflows import engine, versioning
+    from workflows import engine
+    from workflows.definitions import versioning
     from workflows.models import NodeAttempt, NodeRun, Run
 
     shape = "chain" if chained else "batch"
@@ -464,7 +465,7 @@ def _keel_jobs(attempts: list, worker: str, what: str) -> list:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workflows import dispatch
+    from workflows.runtime import dispatch
 
     jobs = Job.fetch_many(
         [job_id for *_, job_id in attempts],
@@ -513,8 +514,10 @@ def profile_queries() -> list[str]:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from workflows import dispatch, engine, executor, versioning
+    from workflows import engine
+    from workflows.definitions import versioning
     from workflows.models import NodeAttempt, NodeRun
+    from workflows.runtime import dispatch, executor
 
     lines = []
     for label, chained in (("independent node", False), ("chain node (releases the next)", True)):

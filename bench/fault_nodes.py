@@ -12,7 +12,7 @@ from pathlib import Path
 
 from django.db import transaction
 
-from workflows.registry import Param, SoftTimeout, node_type
+from workflows.definitions.registry import Param, SoftTimeout, node_type
 
 
 @node_type(

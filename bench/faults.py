@@ -78,7 +78,7 @@ __all__ = ["Bench", "Outcome", "ThrowawayPostgres", "ThrowawayRedis", "free_port
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 QUEUES = ("high", "default", "low")
-WORKER_CLASS = "workflows.worker.KeelWorker"
+WORKER_CLASS = "workflows.runtime.worker.KeelWorker"
 WATCHDOG_SECONDS = 2
 
 
@@ -149,7 +149,7 @@ class Bench(Scenarios):
         return path.read_text(errors="replace") if path.exists() else ""
 
     def registered_names(self) -> set[str]:
-        from workflows import dispatch
+        from workflows.runtime import dispatch
 
         connection = dispatch.redis_connection()
         return {name for name in self.workers if connection.exists(f"rq:worker:{name}")}
@@ -189,7 +189,8 @@ class Bench(Scenarios):
     # Runs ------------------------------------------------------------------------------
 
     def start_run(self, definition: dict):
-        from workflows import engine, versioning
+        from workflows import engine
+        from workflows.definitions import versioning
 
         version = versioning.load_definition(json.dumps(definition), actor="bench").version
         return engine.start_run(version, trigger="bench.faults")

@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "django_rq",
     "workflows",
     "diagnostics",
+    "dashboard",
 ]
 
 MIDDLEWARE = [
@@ -150,7 +151,7 @@ RQ_QUEUES = {
 }
 RQ = {
     "COMMIT_MODE": "on_db_commit",
-    "WORKER_CLASS": "workflows.worker.KeelWorker",
+    "WORKER_CLASS": "workflows.runtime.worker.KeelWorker",
 }
 
 
@@ -213,7 +214,7 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 # Keel's own sign-in page: operators need not be Django staff to use the dashboard.
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "workflows:overview"
+LOGIN_REDIRECT_URL = "dashboard:overview"
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-us"

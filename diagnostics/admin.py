@@ -102,4 +102,4 @@ class AuditEventAdmin(ReadOnlyAdmin):
     readonly_fields = ["at", "actor", "action", "target", "reason", "before", "after"]
 
     def view_on_site(self, obj):
-        return reverse("diagnostics:system-report")
+        return reverse("dashboard:system-report")

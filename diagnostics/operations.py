@@ -21,7 +21,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from diagnostics.models import AuditEvent
-from workflows import dispatch
+from workflows.runtime import dispatch
 
 PERMISSION = "diagnostics.operate_queues"
 

@@ -23,8 +23,9 @@ from rq.serializers import JSONSerializer
 from diagnostics import findings
 from diagnostics.findings import Detection
 from diagnostics.models import Finding
-from workflows import dispatch, engine
+from workflows import engine
 from workflows.models import NodeRun
+from workflows.runtime import dispatch
 
 logger = logging.getLogger(__name__)
 

@@ -420,7 +420,7 @@ def describe_action(action: dict, run_id: int | None) -> dict | None:
     run_id = action.get("run") or action.get("run_id") or run_id
     if kind in RUN_PAGE_ACTIONS and str(run_id).isdigit():
         node = action.get("node")
-        url = reverse(f"workflows:run-{RUN_PAGE_ACTIONS[kind]}-preview", args=[int(run_id)])
+        url = reverse(f"dashboard:run-{RUN_PAGE_ACTIONS[kind]}-preview", args=[int(run_id)])
         return {
             "kind": kind,
             "label": f"{label} ({node})…" if node else f"{label}…",

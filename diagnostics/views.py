@@ -1,137 +1,14 @@
-"""Diagnostics pages: stuck & findings, the system report with its queue actions, and the
-health endpoints for load balancers and orchestrators.
+"""Health endpoints for load balancers and orchestrators: no login, no pages."""
 
-Pages are for staff. Queue actions are POST only, need ``diagnostics.operate_queues`` and
-a reason, ask for confirmation first (a POST without ``confirm=yes`` shows what will
-happen), and are audited by the operation they call.
-"""
-
-import json
 import logging
-from functools import wraps
 
-from django.conf import settings
-from django.contrib import messages
-from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
-from django.core.serializers.json import DjangoJSONEncoder
-from django.http import Http404, JsonResponse
-from django.shortcuts import redirect, render
+from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
 
-from diagnostics import health, operations, system_report
+from diagnostics import health
 
 logger = logging.getLogger(__name__)
-
-QUEUE_ACTIONS = {
-    "clear": {
-        "operation": operations.clear_queue,
-        "url_name": "diagnostics:clear-queue",
-        "title": "Clear queue",
-        "count_key": "queued",
-        "effect": "job(s) waiting in queue {queue} will be removed.",
-        "warning": (
-            "Running and finished jobs are not touched. Nodes still queued in the database "
-            "are re-sent by the watchdog within seconds: to stop runs, cancel them instead."
-        ),
-    },
-    "requeue": {
-        "operation": operations.requeue_failed,
-        "url_name": "diagnostics:requeue-failed",
-        "title": "Requeue failed jobs",
-        "count_key": "failed",
-        "effect": "failed job(s) of queue {queue} will be put back on the queue.",
-        "warning": (
-            "A requeued Keel job runs only if its attempt is still the node's current one; "
-            "a stale one is refused by the executor and recorded in its run's history."
-        ),
-    },
-}
-
-
-def staff_required(view):
-    """Login (redirect to the login page), then staff (403): diagnostics show internals."""
-
-    @wraps(view)
-    def wrapper(request, *args, **kwargs):
-        if not request.user.is_staff:
-            raise PermissionDenied("Diagnostics pages are for staff.")
-        return view(request, *args, **kwargs)
-
-    return login_required(wrapper)
-
-
-@require_GET
-@staff_required
-def findings(request):
-    return render(
-        request, "diagnostics/findings.html", {"findings": system_report.findings_by_cause()}
-    )
-
-
-@require_GET
-@staff_required
-def system_report_page(request):
-    report = system_report.build_report()
-    return render(
-        request,
-        "diagnostics/system_report.html",
-        {
-            "report": report,
-            "settings_json": json.dumps(report["settings"], indent=2, cls=DjangoJSONEncoder),
-            "can_operate": request.user.has_perm(operations.PERMISSION),
-        },
-    )
-
-
-def _queue_action(request, queue: str, name: str):
-    """Confirm (POST without confirm=yes), then act (POST with confirm=yes and a reason)."""
-    if not request.user.has_perm(operations.PERMISSION):
-        raise PermissionDenied(f"Operating queues needs the permission {operations.PERMISSION}.")
-    if queue not in settings.RQ_QUEUES:
-        raise Http404(f"No queue {queue!r}.")
-    action = QUEUE_ACTIONS[name]
-    reason = request.POST.get("reason", "").strip()
-    if request.POST.get("confirm") == "yes" and reason:
-        try:
-            outcome = action["operation"](queue, actor=request.user, reason=reason)
-        except operations.QueuePermissionDenied as error:
-            raise PermissionDenied(str(error)) from None
-        except operations.QueueOperationError as error:
-            messages.error(request, str(error))
-        else:
-            (messages.success if outcome.changed else messages.info)(request, outcome.message)
-        return redirect("diagnostics:system-report")
-    try:
-        counts, counts_error = operations.queue_counts(queue), ""
-    except operations.QueueOperationError as error:
-        counts, counts_error = None, str(error)
-    return render(
-        request,
-        "diagnostics/confirm_queue_action.html",
-        {
-            "queue": queue,
-            "action": action,
-            "effect": action["effect"].format(queue=queue),
-            "count": counts[action["count_key"]] if counts else None,
-            "counts_error": counts_error,
-            "reason": reason,
-            "reason_missing": request.POST.get("confirm") == "yes" and not reason,
-        },
-    )
-
-
-@require_POST
-@staff_required
-def clear_queue(request, queue):
-    return _queue_action(request, queue, "clear")
-
-
-@require_POST
-@staff_required
-def requeue_failed(request, queue):
-    return _queue_action(request, queue, "requeue")
 
 
 @never_cache

@@ -19,8 +19,9 @@ from django.utils import timezone
 from diagnostics import detectors, findings, repairs
 from diagnostics.health import WATCHDOG_HEARTBEAT_KEY, error_text
 from diagnostics.models import Finding
-from workflows import dispatch, engine
+from workflows import engine
 from workflows.models import NodeRun
+from workflows.runtime import dispatch
 
 logger = logging.getLogger(__name__)
 LOCK_NAME = "keel:watchdog:lock"

@@ -15,12 +15,14 @@ import yaml
 from django.conf import settings
 from django.db import connection
 
-from workflows import dispatch, engine, versioning
+from workflows import engine
+from workflows.definitions import versioning
+from workflows.runtime import dispatch
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 WORKER_CLASSES = {
-    "forking": "workflows.worker.KeelWorker",
-    "simple": "workflows.worker.KeelSimpleWorker",
+    "forking": "workflows.runtime.worker.KeelWorker",
+    "simple": "workflows.runtime.worker.KeelSimpleWorker",
 }
 
 

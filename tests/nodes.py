@@ -7,7 +7,7 @@ import time
 from django.db import transaction
 
 from tests.testapp.models import Execution, SinkRow
-from workflows.registry import Param, PermanentError, SoftTimeout, node_type
+from workflows.definitions.registry import Param, PermanentError, SoftTimeout, node_type
 
 
 def _record(ctx):

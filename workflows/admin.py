@@ -133,7 +133,7 @@ class RunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
 
     @admin.display(description="dashboard")
     def dashboard_link(self, obj):
-        return format_html('<a href="{}">open</a>', reverse("workflows:run-detail", args=[obj.pk]))
+        return format_html('<a href="{}">open</a>', reverse("dashboard:run-detail", args=[obj.pk]))
 
     def has_add_permission(self, request):
         return False  # runs start through run_workflow or the dashboard

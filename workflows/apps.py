@@ -9,7 +9,7 @@ class WorkflowsConfig(AppConfig):
     def ready(self):
         # Node types are registered by importing the modules named in KEEL_NODE_MODULES;
         # web processes and workers must agree on them, so both load them here.
-        from workflows import registry
+        from workflows.definitions import registry
 
         registry.load_node_modules()
 

@@ -24,7 +24,7 @@ class Workflow(models.Model):
         return self.slug
 
     def get_absolute_url(self):
-        return reverse("workflows:workflow-detail", args=[self.slug])
+        return reverse("dashboard:workflow-detail", args=[self.slug])
 
 
 class WorkflowVersion(models.Model):
@@ -112,7 +112,7 @@ class Run(models.Model):
         return f"run {self.pk} of {self.workflow.slug}"
 
     def get_absolute_url(self):
-        return reverse("workflows:run-detail", args=[self.pk])
+        return reverse("dashboard:run-detail", args=[self.pk])
 
     @property
     def is_finished(self):

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 
 from django.db import IntegrityError, transaction
 
-from workflows import engine, recovery, registry
+from workflows import engine
+from workflows.definitions import registry
+from workflows.definitions.versioning import latest_version
+from workflows.engine import recovery
 from workflows.models import Checkpoint, NodeRun, Run, RunEvent, Workflow
-from workflows.versioning import latest_version
 
 OPERATE_PERMISSION = "workflows.operate_run"
 ACTIONS = ("resume", "retry", "rollback", "cancel", "skip", "mark_succeeded")

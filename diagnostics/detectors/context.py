@@ -28,8 +28,8 @@ from django.utils import timezone
 from rq.utils import utcparse
 
 from diagnostics.models import Finding
-from workflows import dispatch
 from workflows.models import NodeAttempt, NodeRun
+from workflows.runtime import dispatch
 
 CRITICAL, WARNING, INFO = Finding.Severity.CRITICAL, Finding.Severity.WARNING, Finding.Severity.INFO
 # RQ's key layout (rq 2.x).

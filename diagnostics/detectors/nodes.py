@@ -20,8 +20,8 @@ from diagnostics.detectors.context import (
 )
 from diagnostics.detectors.registry import detector
 from diagnostics.findings import Detection, Repair
-from workflows import dispatch
 from workflows.models import NodeAttempt, NodeRun
+from workflows.runtime import dispatch
 
 
 @detector("heartbeat_stale")

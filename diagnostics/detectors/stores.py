@@ -7,7 +7,7 @@ from django.db import DatabaseError
 from diagnostics.detectors.context import CRITICAL, WARNING, Context, setting
 from diagnostics.detectors.registry import detector
 from diagnostics.findings import Detection
-from workflows import dispatch
+from workflows.runtime import dispatch
 
 
 @detector("redis_unhealthy")

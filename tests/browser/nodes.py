@@ -2,7 +2,7 @@
 outputs and error messages. Loaded by the test process on import and by workers
 through KEEL_NODE_MODULES (see tests/browser/conftest.py)."""
 
-from workflows.registry import PermanentError, node_type
+from workflows.definitions.registry import PermanentError, node_type
 
 
 @node_type("browser.echo", params={"text": str})

@@ -10,7 +10,8 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import NODE_MODULES
 from tests.conftest import wait_for
-from workflows import engine, versioning
+from workflows import engine
+from workflows.definitions import versioning
 from workflows.models import NodeAttempt, NodeRun
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]

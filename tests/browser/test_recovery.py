@@ -12,7 +12,8 @@ from playwright.sync_api import expect
 from tests.browser.conftest import NODE_MODULES
 from tests.conftest import finished
 from tests.web.test_xss import PAYLOAD, XSS
-from workflows import operations, versioning
+from workflows import operations
+from workflows.definitions import versioning
 from workflows.models import Checkpoint, NodeRun, Run, RunEvent
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]

@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from tests.conftest import BASE_DIR, finished, subprocess_env
-from workflows import versioning
+from workflows.definitions import versioning
 from workflows.models import NodeAttempt, NodeRun, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)

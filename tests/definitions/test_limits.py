@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows import spec, versioning
-from workflows.spec import DefinitionError, parse
+from workflows.definitions import spec, versioning
+from workflows.definitions.spec import DefinitionError, parse
 
 DEMO_DIR = Path(spec.__file__).resolve().parent / "demo_definitions"
 

@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from workflows import engine, spec, versioning
+from workflows import engine
+from workflows.definitions import spec, versioning
 from workflows.models import NodeRun, ResourcePool, Run, Workflow, WorkflowVersion
 
 pytestmark = pytest.mark.django_db
 
-DEMO_DIR = Path(spec.__file__).resolve().parent / "demo_definitions"
+DEMO_DIR = Path(spec.__file__).resolve().parents[1] / "demo_definitions"
 
 SALES = """\
 name: Daily sales

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows import spec
-from workflows.spec import DefinitionError, parse
+from workflows.definitions import spec
+from workflows.definitions.spec import DefinitionError, parse
 
 DEMO_DIR = Path(spec.__file__).resolve().parent / "demo_definitions"
 DEMO_FILES = sorted(DEMO_DIR.glob("*.yaml"))

@@ -21,8 +21,8 @@ from bench.faults import ThrowawayRedis
 from diagnostics.models import Finding
 from tests.conftest import BASE_DIR, finished, subprocess_env, wait_for
 from tests.testapp.models import SinkRow
-from workflows import dispatch
 from workflows.models import NodeAttempt, NodeRun, Run, RunEvent
+from workflows.runtime import dispatch
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 

@@ -15,8 +15,9 @@ from rq.utils import utcformat
 
 from diagnostics import detectors
 from diagnostics.models import Finding
-from workflows import dispatch, engine
+from workflows import engine
 from workflows.models import NodeRun
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -8,7 +8,7 @@ from rq.registry import FailedJobRegistry
 from diagnostics import operations
 from diagnostics.models import AuditEvent
 from tests.conftest import wait_for
-from workflows import dispatch
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

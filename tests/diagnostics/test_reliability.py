@@ -156,7 +156,7 @@ def test_the_partial_renders_the_figures_without_queries(version):
     make_run(version, Run.Status.FAILED, finished_ago=60)
     result = figures(version, "30d")
     with CaptureQueriesContext(connection) as queries:
-        html = render_to_string("diagnostics/_reliability.html", {"reliability": result})
+        html = render_to_string("dashboard/_reliability.html", {"reliability": result})
     assert len(queries) == 0
     assert "50.0%" in html and "1 failed of 2 finished" in html
     assert 'href="?window=7d#reliability"' in html

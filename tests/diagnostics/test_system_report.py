@@ -13,7 +13,7 @@ from django.utils import timezone
 from diagnostics import system_report
 from tests.conftest import wait_for
 from tests.diagnostics.test_pages import make_finding
-from workflows import dispatch
+from workflows.runtime import dispatch
 
 LOW = {
     "name": "Low priority",

@@ -18,8 +18,9 @@ from diagnostics import watchdog
 from diagnostics.models import Finding
 from tests.conftest import BASE_DIR, finished, subprocess_env, wait_for
 from tests.testapp.models import Execution
-from workflows import dispatch, operations
+from workflows import operations
 from workflows.models import NodeAttempt, NodeRun, Run, RunEvent
+from workflows.runtime import dispatch
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 

@@ -19,8 +19,9 @@ from rq.utils import utcformat
 from diagnostics import detectors, watchdog
 from diagnostics.models import Finding
 from tests.conftest import wait_for
-from workflows import dispatch, engine, operations
+from workflows import engine, operations
 from workflows.models import NodeAttempt, NodeRun
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

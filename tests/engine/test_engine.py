@@ -9,8 +9,9 @@ import threading
 import pytest
 from django.db import connection, transaction
 
-from workflows import dispatch, engine
+from workflows import engine
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, ResourcePool, Run, RunEvent
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -231,7 +232,7 @@ def test_an_event_written_beside_a_transition_does_not_wait_for_its_run_lock(sta
     def transition_in_progress():
         try:
             with transaction.atomic():
-                engine._lock_for_outcome(node.pk, run.pk)
+                engine.core._lock_for_outcome(node.pk, run.pk)
                 holding.set()
                 release.wait(timeout=20)
         finally:

@@ -8,8 +8,9 @@ import pytest
 
 from tests.conftest import finished, wait_for
 from tests.testapp.models import Execution, SinkRow
-from workflows import dispatch, engine, operations
+from workflows import engine, operations
 from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
+from workflows.runtime import dispatch
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 

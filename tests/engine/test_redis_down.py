@@ -9,8 +9,8 @@ import pytest
 
 from bench.fault_stores import ThrowawayRedis
 from diagnostics import watchdog
-from workflows import dispatch
 from workflows.models import NodeRun
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -30,7 +30,7 @@ def test_a_run_started_while_redis_is_down_is_kept_and_sent_when_redis_returns(
 ):
     throwaway_redis.stop()
 
-    with caplog.at_level(logging.WARNING, logger="workflows.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="workflows.runtime.dispatch"):
         run = start_run({"name": "Redis down", "nodes": {"only": {"type": "keel.noop"}}})
 
     only = NodeRun.objects.get(run=run)

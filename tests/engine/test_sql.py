@@ -5,7 +5,7 @@ import pytest
 from django.db import IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 
-from workflows import sql
+from workflows.engine import sql
 from workflows.models import NodeRun, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)

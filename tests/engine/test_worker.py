@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
-from workflows import dispatch
 from workflows.models import NodeAttempt, NodeRun
-from workflows.worker import KeelSimpleWorker, _EndOf, describe_status
+from workflows.runtime import dispatch
+from workflows.runtime.worker import KeelSimpleWorker, _EndOf, describe_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -1,6 +1,6 @@
 """The graph layout: layers by longest path, wide layers wrapped, edges between boxes."""
 
-from workflows import dag
+from dashboard import dag
 
 
 def node(key, *upstream, status="pending"):

@@ -7,7 +7,8 @@ import pytest
 from django.conf import settings
 
 from tests.conftest import finished
-from workflows import operations, versioning
+from workflows import operations
+from workflows.definitions import versioning
 from workflows.models import NodeRun, Run
 
 pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]

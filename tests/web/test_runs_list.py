@@ -9,8 +9,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from dashboard import selectors
 from tests.web.conftest import CHAIN
-from workflows import selectors
 from workflows.models import Run, Workflow, WorkflowVersion
 
 pytestmark = pytest.mark.django_db

@@ -9,9 +9,10 @@ from django.utils import timezone
 
 from diagnostics.models import Finding
 from tests.web.conftest import nodes, work
-from workflows import engine, operations, versioning
+from workflows import engine, operations
+from workflows.definitions import versioning
+from workflows.definitions.spec import DefinitionError
 from workflows.models import LogLine, NodeAttempt
-from workflows.spec import DefinitionError
 
 pytestmark = pytest.mark.django_db
 

@@ -20,8 +20,8 @@ from workflows import engine, operations
 from workflows.api import inputs, openapi, serializers
 from workflows.api.errors import ApiError, error_response, invalid
 from workflows.api.http import OPERATE_PERMISSION, VIEW_PERMISSION, endpoint
+from workflows.definitions.versioning import latest_version
 from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent, Workflow
-from workflows.versioning import latest_version
 
 # How often a start request that waits looks at its run.
 POLL_SECONDS = 0.25

@@ -2,7 +2,7 @@
 
 import time
 
-from workflows.registry import Param, SoftTimeout, node_type
+from workflows.definitions.registry import Param, SoftTimeout, node_type
 
 
 @node_type("keel.noop", description="Does nothing; passes its upstream outputs' keys on.")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from workflows.registry import Param, PermanentError, SoftTimeout, node_type
+from workflows.definitions.registry import Param, PermanentError, SoftTimeout, node_type
 
 REGIONS = ["north", "south", "east", "west", "central"]
 PRODUCTS = ["widget", "gadget", "gizmo", "doohickey", "sprocket", "flange"]

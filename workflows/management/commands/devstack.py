@@ -38,8 +38,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from config import embedded_redis
 from config.env import env_int
-from workflows import operations, versioning
-from workflows.spec import DefinitionError
+from workflows import operations
+from workflows.definitions import versioning
+from workflows.definitions.spec import DefinitionError
 
 HOST = "127.0.0.1"
 ADMIN_USERNAME = "admin"

@@ -2,8 +2,8 @@ import getpass
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workflows import versioning
-from workflows.spec import DefinitionError
+from workflows.definitions import versioning
+from workflows.definitions.spec import DefinitionError
 
 
 class Command(BaseCommand):

@@ -1,0 +1,393 @@
+"""Reads for the run page: the graph, the timeline, the node panel and the history.
+
+``run_page()`` returns everything the page (and its live partial) shows, precomputed,
+in a fixed number of queries however many nodes, attempts, log lines or events the
+run has (tests/web/test_dashboard.py counts them).
+"""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import urlencode
+
+from django.db.models import Max
+from django.urls import reverse
+from django.utils import timezone
+
+from dashboard import dag
+from diagnostics import explain
+from diagnostics import findings as diagnostics_findings
+from workflows.definitions import spec
+from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
+
+LOG_PAGE_SIZE = 200
+CHECKPOINTS_SHOWN = 25
+EVENTS_SHOWN = 100
+# Attempt columns the timeline needs: not the traceback or the resource samples.
+TIMELINE_FIELDS = (
+    "id",
+    "node_run_id",
+    "number",
+    "status",
+    "created_at",
+    "started_at",
+    "finished_at",
+)
+
+
+@dataclass
+class Bar:
+    attempt: int
+    status: str
+    left: float  # percent of the run's span
+    width: float
+    wait_left: float  # the queued part before the attempt started
+    wait_width: float
+    title: str
+
+
+@dataclass
+class TimelineRow:
+    key: str
+    href: str
+    bars: list[Bar] = field(default_factory=list)
+
+
+@dataclass
+class Timeline:
+    start: datetime
+    end: datetime
+    span_seconds: float
+    rows: list[TimelineRow]
+    ticks: list[tuple[float, float]]  # (percent, seconds from start)
+
+
+@dataclass
+class RunActions:
+    resume: bool
+    cancel: bool
+    rollback: bool
+    why_no_rollback: str
+
+
+@dataclass
+class NodeActions:
+    retry: bool
+    retry_downstream: bool
+    skip: bool
+    mark_succeeded: bool
+    rollback: bool
+
+
+@dataclass
+class LogPage:
+    attempt: NodeAttempt | None
+    lines: list[LogLine]
+    page: int
+    pages: int
+    total: int
+
+
+@dataclass
+class NodePanel:
+    node: NodeRun
+    tries_used: int  # attempts counted against max_attempts (since the last operator reset)
+    attempts: list[NodeAttempt]
+    log: LogPage
+    checkpoints: list[Checkpoint]
+    checkpoint_count: int
+    inputs: dict
+    actions: NodeActions
+    findings: list
+    progress: dict
+    progress_percent: float | None
+    progress_stopped: bool  # the figure is where the node stopped, not live
+
+
+def node_href(key: str) -> str:
+    return "?" + urlencode({"node": key})
+
+
+def _percent(moment, start, span) -> float:
+    return max(0.0, min(100.0, (moment - start).total_seconds() * 100 / span))
+
+
+def timeline(run: Run, nodes: list[NodeRun], attempts: list[NodeAttempt], now) -> Timeline:
+    """Each node's attempts as bars on the run's time axis (queued part, then running part)."""
+    start = run.started_at or run.created_at
+    firsts = [a.created_at for a in attempts if a.created_at]
+    if firsts:
+        start = min(start, *firsts)
+    end = run.finished_at or now
+    lasts = [a.finished_at or now for a in attempts]
+    if lasts:
+        end = max(end, *lasts)
+    span = max((end - start).total_seconds(), 1.0)
+    by_node: dict[int, list[NodeAttempt]] = {}
+    for attempt in attempts:
+        by_node.setdefault(attempt.node_run_id, []).append(attempt)
+    rows = []
+    for node in nodes:
+        row = TimelineRow(key=node.node_key, href=node_href(node.node_key))
+        for attempt in by_node.get(node.pk, []):
+            queued = attempt.created_at or attempt.started_at or start
+            began = attempt.started_at or queued
+            ended = attempt.finished_at or now
+            left = _percent(began, start, span)
+            width = max(_percent(ended, start, span) - left, 0.6)
+            wait_left = _percent(queued, start, span)
+            took = (ended - began).total_seconds() if attempt.started_at else None
+            title = f"{node.node_key} attempt {attempt.number}: {attempt.status}" + (
+                f", ran {took:.1f}s" if took is not None else ", not started"
+            )
+            row.bars.append(
+                Bar(
+                    attempt=attempt.number,
+                    status=attempt.status,
+                    left=round(left, 3),
+                    width=round(min(width, 100 - left), 3),
+                    wait_left=round(wait_left, 3),
+                    wait_width=round(max(left - wait_left, 0), 3),
+                    title=title,
+                )
+            )
+        rows.append(row)
+    ticks = [(percent, span * percent / 100) for percent in (0, 25, 50, 75, 100)]
+    return Timeline(start=start, end=end, span_seconds=span, rows=rows, ticks=ticks)
+
+
+def run_actions(run: Run) -> RunActions:
+    active = run.status in Run.ACTIVE
+    return RunActions(
+        resume=run.status in (Run.Status.FAILED, Run.Status.CANCELLED),
+        cancel=active,
+        rollback=not active,
+        why_no_rollback="Cancel the run first to roll it back." if active else "",
+    )
+
+
+def node_actions(run: Run, node: NodeRun) -> NodeActions:
+    waiting = node.status == NodeRun.Status.PENDING and node.pending_upstreams > 0
+    return NodeActions(
+        retry=not waiting,
+        retry_downstream=not waiting and bool(node.downstream),
+        skip=node.status not in NodeRun.DONE,
+        mark_succeeded=node.status != NodeRun.Status.SUCCEEDED,
+        rollback=run.status not in Run.ACTIVE,
+    )
+
+
+def _ordered(run: Run, nodes: list[NodeRun]) -> list[NodeRun]:
+    """Nodes in the order the definition runs them (topological, then definition order)."""
+    try:
+        order = spec.topological_order(run.version.spec)
+    except (KeyError, TypeError, ValueError):
+        return nodes
+    position = {key: index for index, key in enumerate(order)}
+    return sorted(nodes, key=lambda node: (position.get(node.node_key, len(position)), node.pk))
+
+
+def default_node(nodes: list[NodeRun]) -> NodeRun | None:
+    """The node to open when none is chosen: the first failed, else running, else none."""
+    for wanted in (NodeRun.TERMINAL - NodeRun.DONE - {NodeRun.Status.CANCELLED}, NodeRun.ACTIVE):
+        for node in nodes:
+            if node.status in wanted:
+                return node
+    return None
+
+
+def log_page(attempt: NodeAttempt | None, page: int | None) -> LogPage:
+    """One page of an attempt's log, by sequence number; the last page unless asked."""
+    if attempt is None:
+        return LogPage(attempt=None, lines=[], page=1, pages=1, total=0)
+    total = LogLine.objects.filter(attempt=attempt).aggregate(last=Max("seq"))["last"] or 0
+    pages = max((total + LOG_PAGE_SIZE - 1) // LOG_PAGE_SIZE, 1)
+    page = pages if page is None else min(max(page, 1), pages)
+    lines = list(
+        LogLine.objects.filter(
+            attempt=attempt,
+            seq__gt=(page - 1) * LOG_PAGE_SIZE,
+            seq__lte=page * LOG_PAGE_SIZE,
+        ).order_by("seq")
+    )
+    return LogPage(attempt=attempt, lines=lines, page=page, pages=pages, total=total)
+
+
+def node_panel(
+    run: Run,
+    node: NodeRun,
+    nodes_by_key: dict[str, NodeRun],
+    findings: list,
+    *,
+    attempt_number: int | None,
+    page: int | None,
+) -> NodePanel:
+    attempts = list(NodeAttempt.objects.filter(node_run=node).order_by("-number"))
+    chosen = next((a for a in attempts if a.number == attempt_number), None) or (
+        attempts[0] if attempts else None
+    )
+    checkpoints = list(
+        Checkpoint.objects.filter(node_run=node).order_by("-sequence")[:CHECKPOINTS_SHOWN]
+    )
+    checkpoint_count = (
+        len(checkpoints)
+        if len(checkpoints) < CHECKPOINTS_SHOWN
+        else Checkpoint.objects.filter(node_run=node).count()
+    )
+    # Progress is reported with heartbeats, so a finished node's last figure is stale.
+    progress = {} if node.status in NodeRun.DONE else (node.progress or {})
+    done, total = progress.get("done"), progress.get("total")
+    progress_percent = None
+    if isinstance(done, int | float) and isinstance(total, int | float) and total > 0:
+        progress_percent = round(min(max(done * 100 / total, 0), 100), 1)
+    return NodePanel(
+        node=node,
+        tries_used=max(node.attempt - node.attempts_base, 0),
+        attempts=attempts,
+        log=log_page(chosen, page),
+        checkpoints=checkpoints,
+        checkpoint_count=checkpoint_count,
+        inputs={key: nodes_by_key[key].output for key in node.upstream if key in nodes_by_key},
+        actions=node_actions(run, node),
+        findings=[f for f in findings if f.node_run_id == node.pk],
+        progress=progress,
+        progress_percent=progress_percent,
+        progress_stopped=node.status not in NodeRun.ACTIVE,
+    )
+
+
+def _change(event: RunEvent) -> str:
+    """A short "before → after" for the history table."""
+    before, after = event.before or {}, event.after or {}
+    if event.kind == RunEvent.Kind.OPERATOR:
+        action = str(before.get("action", "")).replace("_", " ")
+        if before.get("denied"):
+            return f"{action}: denied"
+        if "run_status" in before and "run_status" in after:
+            return f"{action}: run {before['run_status']} → {after['run_status']}"
+        return action
+    if "status" in before or "status" in after:
+        return f"{before.get('status', '?')} → {after.get('status', '?')}"
+    return ""
+
+
+def history(run: Run) -> list[RunEvent]:
+    events = list(
+        RunEvent.objects.filter(run=run)
+        .select_related("node_run")
+        .order_by("-at", "-id")[:EVENTS_SHOWN]
+    )
+    for event in events:
+        event.change = _change(event)
+        event.node_key = event.node_run.node_key if event.node_run_id else ""
+    return events
+
+
+def run_page(
+    run: Run,
+    *,
+    node_key: str | None = None,
+    attempt: int | None = None,
+    log_page_number: int | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Everything the run page shows, for ``run`` with ``node_key``'s panel open."""
+    now = now or timezone.now()
+    nodes = _ordered(run, list(NodeRun.objects.filter(run=run).order_by("id")))
+    nodes_by_key = {node.node_key: node for node in nodes}
+    attempts = list(
+        NodeAttempt.objects.filter(node_run__run=run).only(*TIMELINE_FIELDS).order_by("number")
+    )
+    findings = diagnostics_findings.latest_open(run=run)
+    selected = nodes_by_key.get(node_key) if node_key else default_node(nodes)
+    counts: dict[str, int] = {}
+    for node in nodes:
+        counts[node.status] = counts.get(node.status, 0) + 1
+    graph = dag.layout(
+        [
+            dag.DagNode(
+                key=node.node_key,
+                upstream=node.upstream,
+                status=node.status,
+                detail=node.status.replace("_", " ")
+                + (f" · attempt {node.attempt}" if node.attempt > 1 else ""),
+                href=node_href(node.node_key),
+            )
+            for node in nodes
+        ],
+        selected=selected.node_key if selected else None,
+    )
+    return {
+        "run": run,
+        "nodes": nodes,
+        "node_counts": sorted(counts.items()),
+        "nodes_done": sum(counts.get(status, 0) for status in NodeRun.DONE),
+        "graph": graph,
+        "timeline": timeline(run, nodes, attempts, now),
+        "panel": node_panel(
+            run, selected, nodes_by_key, findings, attempt_number=attempt, page=log_page_number
+        )
+        if selected
+        else None,
+        "actions": run_actions(run),
+        "diagnosis": diagnosis_for(run),
+        "node_diagnosis": diagnosis_for(run, selected) if selected else None,
+        "events": history(run),
+        "findings": findings,
+        "duration_seconds": (
+            ((run.finished_at or now) - run.started_at).total_seconds() if run.started_at else None
+        ),
+        "live": not run.is_finished,
+        "selected_key": selected.node_key if selected else "",
+        "live_url": reverse("dashboard:run-live", args=[run.pk]),
+    }
+
+
+def diagnosis_for(run: Run, node: NodeRun | None = None):
+    """The watchdog's diagnosis of the run, or of the open node; its actions as links."""
+    diagnosis = explain.diagnose_node(node) if node is not None else explain.diagnose_run(run)
+    diagnosis.actions_with_links = [
+        action_link(explain.with_label(action)) for action in diagnosis.actions
+    ]
+    return diagnosis
+
+
+def action_link(action: dict) -> dict:
+    """Where the one-click action of a finding leads: the preview page that applies it."""
+    kind, run_id = action.get("kind"), action.get("run")
+    if kind == "retry_node" and run_id:
+        query = urlencode({"node": action.get("node", "")})
+        return {
+            **action,
+            "href": f"{reverse('dashboard:run-retry-preview', args=[run_id])}?{query}",
+        }
+    if kind == "resume_run" and run_id:
+        return {**action, "href": reverse("dashboard:run-resume-preview", args=[run_id])}
+    if kind == "resize_pool":
+        query = urlencode({"name": action.get("pool", "")})
+        return {**action, "href": f"{reverse('admin:workflows_resourcepool_changelist')}?{query}"}
+    return action
+
+
+# --- Reads for the action pages ---------------------------------------------------------------
+
+
+def rollback_targets(run: Run, limit: int = 100) -> dict:
+    """What a rollback can go back to: the run's newest checkpoints, and its nodes."""
+    return {
+        "checkpoints": list(
+            Checkpoint.objects.filter(run=run).select_related("node_run").order_by("-id")[:limit]
+        ),
+        "rollback_nodes": list(
+            NodeRun.objects.filter(run=run).order_by("id").only("node_key", "status")
+        ),
+    }
+
+
+def checkpoint_of(run: Run, checkpoint_id: int) -> Checkpoint | None:
+    return Checkpoint.objects.filter(run=run, pk=checkpoint_id).select_related("node_run").first()
+
+
+def current_attempt(run: Run, node_key: str) -> int | None:
+    return (
+        NodeRun.objects.filter(run=run, node_key=node_key).values_list("attempt", flat=True).first()
+    )

@@ -1,0 +1,91 @@
+"""Turning definition files into immutable workflow versions."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.db import transaction
+
+from workflows.definitions import spec as spec_module
+from workflows.models import ResourcePool, Workflow, WorkflowVersion
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    version: WorkflowVersion
+    created: bool
+
+    def __str__(self):
+        state = "created" if self.created else "unchanged"
+        return f"{self.version.workflow.slug} v{self.version.number} {state}"
+
+
+def load_definition(
+    source: str,
+    *,
+    actor: str,
+    source_name: str = "definition",
+    note: str = "",
+    dry_run: bool = False,
+) -> LoadResult | None:
+    """Validate a definition and store it as a new version if its content changed.
+
+    Content means the normalised spec: comments and formatting do not make a version.
+    An invalid definition raises ``spec.DefinitionError`` and writes nothing;
+    ``dry_run`` only validates.
+    """
+    definition = spec_module.parse(source, source_name=source_name)
+    if dry_run:
+        return None
+    parsed = definition.spec
+    with transaction.atomic():
+        workflow, _ = Workflow.objects.get_or_create(
+            slug=parsed["slug"],
+            defaults={"name": parsed["name"], "description": parsed["description"]},
+        )
+        # Serialise concurrent loads of one workflow, so version numbers never collide.
+        workflow = Workflow.objects.select_for_update(no_key=True).get(pk=workflow.pk)
+        latest = workflow.versions.order_by("-number").first()
+        if latest is not None and latest.checksum == definition.checksum:
+            return LoadResult(latest, created=False)
+        if (workflow.name, workflow.description) != (parsed["name"], parsed["description"]):
+            workflow.name, workflow.description = parsed["name"], parsed["description"]
+            workflow.save(update_fields=["name", "description", "updated_at"])
+        for pool_name, slots in parsed["pools"].items():
+            # An operator may have resized the pool since; the definition only seeds it.
+            ResourcePool.objects.get_or_create(name=pool_name, defaults={"slots": slots})
+        version = WorkflowVersion.objects.create(
+            workflow=workflow,
+            number=(latest.number + 1) if latest else 1,
+            spec=parsed,
+            source=source,
+            checksum=definition.checksum,
+            created_by=actor,
+            note=note,
+        )
+    return LoadResult(version, created=True)
+
+
+def load_file(
+    path: Path, *, actor: str, note: str = "", dry_run: bool = False
+) -> LoadResult | None:
+    limit = spec_module.MAX_FILE_BYTES
+    try:
+        # Read one byte past the limit, never the whole of a huge file.
+        with Path(path).open("rb") as file:
+            data = file.read(limit + 1)
+        if len(data) > limit:
+            raise spec_module.DefinitionError(
+                [("(file)", f"is over {limit} bytes; definitions are limited to {limit} bytes")],
+                str(path),
+            )
+        # As read_text() does: universal newlines.
+        source = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except (OSError, UnicodeDecodeError) as error:
+        raise spec_module.DefinitionError(
+            [("(file)", f"cannot be read: {error}")], str(path)
+        ) from None
+    return load_definition(source, actor=actor, source_name=str(path), note=note, dry_run=dry_run)
+
+
+def latest_version(workflow: Workflow) -> WorkflowVersion | None:
+    return workflow.versions.order_by("-number").first()
