@@ -16,7 +16,7 @@ from django.utils import timezone
 from dashboard import dag
 from diagnostics import explain
 from diagnostics import findings as diagnostics_findings
-from workflows.definitions import spec
+from workflows.definitions import graph
 from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
 
 LOG_PAGE_SIZE = 200
@@ -179,7 +179,7 @@ def node_actions(run: Run, node: NodeRun) -> NodeActions:
 def _ordered(run: Run, nodes: list[NodeRun]) -> list[NodeRun]:
     """Nodes in the order the definition runs them (topological, then definition order)."""
     try:
-        order = spec.topological_order(run.version.spec)
+        order = graph.topological_order(run.version.spec)
     except (KeyError, TypeError, ValueError):
         return nodes
     position = {key: index for index, key in enumerate(order)}

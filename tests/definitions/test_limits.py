@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.definitions import spec, versioning
+from workflows.definitions import graph, limits, params, spec, versioning
 from workflows.definitions.spec import DefinitionError, parse
 
-DEMO_DIR = Path(spec.__file__).resolve().parent / "demo_definitions"
+DEMO_DIR = Path(spec.__file__).resolve().parents[1] / "demo_definitions"
 
 # Computed with the hand-written validator this one replaced: a reload stays "unchanged".
 DEMO_CHECKSUMS = {
@@ -93,12 +93,12 @@ def test_yaml_nested_too_deeply_is_refused_without_a_traceback(flow):
     problems = problems_of(source)
 
     assert list(problems) == ["(file)"]
-    assert problems["(file)"].startswith(f"nested more than {spec.MAX_DEPTH} levels deep (line")
+    assert problems["(file)"].startswith(f"nested more than {limits.MAX_DEPTH} levels deep (line")
 
 
 def test_nesting_within_the_limit_is_accepted():
     params = {"x": 1}
-    for _ in range(spec.MAX_DEPTH - 2):  # the document, params, then these
+    for _ in range(limits.MAX_DEPTH - 2):  # the document, params, then these
         params = {"x": params}
 
     parse(yaml.safe_dump(with_params(params)))
@@ -174,38 +174,38 @@ def test_nan_in_a_field_names_the_field():
 
 
 def test_file_over_the_limit_is_refused_stating_the_limit():
-    source = "name: x\nnodes: {a: {type: keel.noop}}\n" + "#" * spec.MAX_FILE_BYTES + "\n"
+    source = "name: x\nnodes: {a: {type: keel.noop}}\n" + "#" * limits.MAX_FILE_BYTES + "\n"
 
     problems = problems_of(source)
 
-    assert problems["(file)"].endswith(f"definitions are limited to {spec.MAX_FILE_BYTES} bytes")
+    assert problems["(file)"].endswith(f"definitions are limited to {limits.MAX_FILE_BYTES} bytes")
 
 
 @pytest.mark.django_db
 def test_load_file_reads_no_more_than_the_limit(tmp_path):
     path = tmp_path / "big.yaml"
-    path.write_text("name: x\nnodes: {a: {type: keel.noop}}\n" + "#" * 2 * spec.MAX_FILE_BYTES)
+    path.write_text("name: x\nnodes: {a: {type: keel.noop}}\n" + "#" * 2 * limits.MAX_FILE_BYTES)
 
     with pytest.raises(DefinitionError) as caught:
         versioning.load_file(path, actor="test")
 
-    assert f"limited to {spec.MAX_FILE_BYTES} bytes" in str(caught.value)
+    assert f"limited to {limits.MAX_FILE_BYTES} bytes" in str(caught.value)
 
 
 def test_too_many_nodes_are_refused():
-    nodes = {f"n{index}": {"type": "keel.noop"} for index in range(spec.MAX_NODES + 1)}
+    nodes = {f"n{index}": {"type": "keel.noop"} for index in range(limits.MAX_NODES + 1)}
 
     problems = problems_of(json.dumps({"name": "x", "nodes": nodes}))
 
     assert problems == {
-        "nodes": f"has {spec.MAX_NODES + 1} nodes; at most {spec.MAX_NODES} are allowed"
+        "nodes": f"has {limits.MAX_NODES + 1} nodes; at most {limits.MAX_NODES} are allowed"
     }
 
 
 def test_the_most_nodes_allowed_are_accepted():
-    nodes = {f"n{index}": {"type": "keel.noop"} for index in range(spec.MAX_NODES)}
+    nodes = {f"n{index}": {"type": "keel.noop"} for index in range(limits.MAX_NODES)}
 
-    assert len(parse(json.dumps({"name": "x", "nodes": nodes})).spec["order"]) == spec.MAX_NODES
+    assert len(parse(json.dumps({"name": "x", "nodes": nodes})).spec["order"]) == limits.MAX_NODES
 
 
 def test_long_string_names_its_path():
@@ -224,7 +224,7 @@ def test_params_over_the_limit_are_refused():
     problems = problems_of(json.dumps(with_params(params)))
 
     assert list(problems) == ["params"]
-    assert problems["params"].endswith(f"at most {spec.MAX_PARAMS_BYTES} are allowed")
+    assert problems["params"].endswith(f"at most {limits.MAX_PARAMS_BYTES} are allowed")
 
 
 # --- graph and paths -----------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_topological_order_puts_upstreams_first_then_definition_order():
         "audit": {"after": []},
     }
 
-    assert spec.topological_order({"nodes": nodes}) == ["extract", "audit", "transform", "load"]
+    assert graph.topological_order({"nodes": nodes}) == ["extract", "audit", "transform", "load"]
 
 
 def test_error_message_lists_each_problem_with_its_dotted_path():
@@ -293,17 +293,17 @@ DECLARED = {"n": 5, "ratio": 0.5, "day": "2026-01-01", "dry": False, "tags": [],
     ],
 )
 def test_run_params_must_have_their_defaults_type(given, path, message):
-    assert spec.run_param_problems(DECLARED, given) == [(path, message)]
+    assert params.run_param_problems(DECLARED, given) == [(path, message)]
 
 
 def test_run_params_of_the_right_types_pass():
     given = {"n": 7, "ratio": 2, "day": "x", "dry": True, "tags": ["a"], "opts": {"k": 1}}
 
-    assert spec.run_param_problems(DECLARED, given) == []
+    assert params.run_param_problems(DECLARED, given) == []
 
 
 def test_a_null_default_accepts_any_value():
-    assert spec.run_param_problems({"anything": None}, {"anything": [1, "two"]}) == []
+    assert params.run_param_problems({"anything": None}, {"anything": [1, "two"]}) == []
 
 
 @pytest.mark.django_db

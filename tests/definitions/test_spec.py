@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows.definitions import spec
+from workflows.definitions import graph, spec
 from workflows.definitions.spec import DefinitionError, parse
 
-DEMO_DIR = Path(spec.__file__).resolve().parent / "demo_definitions"
+DEMO_DIR = Path(spec.__file__).resolve().parents[1] / "demo_definitions"
 DEMO_FILES = sorted(DEMO_DIR.glob("*.yaml"))
 
 
@@ -172,8 +172,8 @@ def test_find_cycle_is_empty_for_a_dag():
         "c": {"after": ["a", "b"]},
     }
 
-    assert spec.find_cycle(nodes) == []
-    assert spec.topological_order({"nodes": nodes}) == ["a", "b", "c"]
+    assert graph.find_cycle(nodes) == []
+    assert graph.topological_order({"nodes": nodes}) == ["a", "b", "c"]
 
 
 # --- node types and params ---------------------------------------------------------------------
@@ -788,5 +788,5 @@ def test_demo_definition_is_valid(path):
 
     assert parsed.slug == raw["slug"]
     assert list(parsed.spec["nodes"]) == list(raw["nodes"])
-    assert spec.find_cycle(parsed.spec["nodes"]) == []
-    assert len(spec.topological_order(parsed.spec)) == len(raw["nodes"])
+    assert graph.find_cycle(parsed.spec["nodes"]) == []
+    assert len(graph.topological_order(parsed.spec)) == len(raw["nodes"])

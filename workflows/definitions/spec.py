@@ -6,17 +6,13 @@ can fix them all in one go. Nothing in a definition is evaluated.
 
 Checking happens in three steps:
 
-1. Loading: a size limit on the text, no NUL bytes, no YAML anchors or aliases, a
-   nesting limit enforced while composing (so a hostile file never expands or recurses).
-2. Limits on the loaded document: node count, string length, integers within 64 bits.
+1. Loading (``loading.py``): text to data, hostile YAML refused while composing.
+2. Limits on the loaded document (``limits.py``): node count, string length, 64-bit ints.
 3. The schema: the pydantic models below, then node-type params and the graph
-   (``graphlib``), which need the whole definition.
+   (``graph.py``), which need the whole definition.
 """
 
-import graphlib
-import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -37,6 +33,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from workflows.definitions import registry
+from workflows.definitions.graph import find_cycle
+from workflows.definitions.limits import (
+    MAX_NODES,
+    MAX_SPEC_BYTES,
+    json_problems,
+    limit_problems,
+    params_size_problem,
+)
+from workflows.definitions.loading import DefinitionError, Refused, checksum, load_text
 
 PRIORITIES = ("high", "default", "low")
 NODE_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,99}$")
@@ -44,26 +49,6 @@ POOL_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,99}$")
 SLUG_PATTERN = re.compile(r"[a-z0-9][a-z0-9_\-]{0,99}")
 MAX_ATTEMPTS = 20
 MAX_RUN_TIMEOUT = 7 * 24 * 3600
-
-# Limits that keep a hostile or mistaken definition cheap to refuse.
-MAX_FILE_BYTES = 2 * 1024 * 1024
-MAX_SPEC_BYTES = 8 * 1024 * 1024  # the normalised spec as JSON (defaults written out)
-MAX_DEPTH = 20  # nested mappings and lists, the document itself being level 1
-MAX_NODES = 5000
-MAX_STRING_CHARS = 10_000
-MAX_PARAMS_BYTES = 64 * 1024  # run params, and each node's params, as JSON
-MAX_INT = 2**63 - 1  # what PostgreSQL's bigint and most JSON readers hold
-_MAX_INT_DIGITS = 25  # longer digit strings are refused before int() converts them
-
-
-class DefinitionError(ValueError):
-    """A definition that cannot become a version. ``problems`` lists (field path, message)."""
-
-    def __init__(self, problems: list[tuple[str, str]], source_name: str = "definition"):
-        self.problems = problems
-        self.source_name = source_name
-        lines = "\n".join(f"  - {path}: {message}" for path, message in problems)
-        super().__init__(f"{source_name} is not a valid workflow definition:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -77,125 +62,13 @@ class Definition:
         return self.spec["slug"]
 
 
-# --- 1. Loading ---------------------------------------------------------------------------------
-
-
-class _Refused(yaml.YAMLError):
-    """Valid YAML that Keel does not accept (anchors, deep nesting, huge integers)."""
-
-    def __init__(self, message: str, mark):
-        super().__init__(message)
-        self.message = message
-        self.mark = mark
-
-
-class _SafeLoader(yaml.SafeLoader):
-    """A safe loader that refuses anchors and aliases, deep nesting and repeated keys.
-
-    Aliases are refused rather than capped: a definition never needs them, and refusing
-    them while composing means an alias bomb costs nothing. Plain YAML keeps the last of
-    two equal keys, which would silently drop a node.
-    """
-
-    _depth = 0
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused("YAML anchors and aliases are not allowed", event.start_mark)
-        collection = isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent)
-        if collection:
-            self._depth += 1
-            if self._depth > MAX_DEPTH:
-                raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
-        try:
-            return super().compose_node(parent, index)
-        finally:
-            if collection:
-                self._depth -= 1
-
-    def construct_yaml_int(self, node):
-        digits = str(node.value).lstrip("+-").replace("_", "")
-        if len(digits) > _MAX_INT_DIGITS:
-            raise _Refused(
-                f"integer {node.value[:20]}… is beyond 64 bits (at most {MAX_INT})",
-                node.start_mark,
-            )
-        return super().construct_yaml_int(node)
-
-
-def _construct_unique_mapping(loader, node, deep=False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"the key {key!r} appears twice in one mapping", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_SafeLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
-)
-_SafeLoader.add_constructor("tag:yaml.org,2002:int", _SafeLoader.construct_yaml_int)
-
-
-def _reject_duplicate_json_keys(pairs):
-    keys = [key for key, _ in pairs]
-    duplicates = sorted({key for key in keys if keys.count(key) > 1})
-    if duplicates:
-        raise ValueError(f"the key {duplicates[0]!r} appears twice in one object")
-    return dict(pairs)
-
-
-def _parse_json_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_INT_DIGITS:
-        raise ValueError(f"integer {text[:20]}… is beyond 64 bits (at most {MAX_INT})")
-    return int(text)
-
-
-def _load(source: str):
-    """JSON first when it looks like JSON (YAML rejects JSON's tab indentation), else YAML."""
-    size = len(source.encode("utf-8", "surrogatepass"))
-    if size > MAX_FILE_BYTES:
-        raise DefinitionError(
-            [("(file)", f"is {size} bytes; definitions are limited to {MAX_FILE_BYTES} bytes")]
-        )
-    if "\x00" in source:
-        line = source.count("\n", 0, source.index("\x00")) + 1
-        raise DefinitionError([("(file)", f"contains a NUL byte (line {line}); remove it")])
-    if source.lstrip().startswith("{"):
-        try:
-            return json.loads(
-                source, object_pairs_hook=_reject_duplicate_json_keys, parse_int=_parse_json_int
-            )
-        except json.JSONDecodeError as error:
-            raise DefinitionError(
-                [
-                    (
-                        "(file)",
-                        f"not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}",
-                    )
-                ]
-            ) from None
-        except RecursionError:
-            raise DefinitionError(
-                [("(file)", f"nested more than {MAX_DEPTH} levels deep")]
-            ) from None
-        except ValueError as error:
-            raise DefinitionError([("(file)", f"not valid: {error}")]) from None
-    return yaml.load(source, Loader=_SafeLoader)  # a SafeLoader subclass: safe
-
-
 def parse(source: str, *, source_name: str = "definition") -> Definition:
     """Parse YAML or JSON text and validate it into a normalised spec."""
     try:
-        raw = _load(source)
+        raw = load_text(source)
     except DefinitionError as error:
         raise DefinitionError(error.problems, source_name) from None
-    except _Refused as error:
+    except Refused as error:
         where = f"line {error.mark.line + 1}, column {error.mark.column + 1}"
         raise DefinitionError([("(file)", f"{error.message} ({where})")], source_name) from None
     except yaml.YAMLError as error:
@@ -209,97 +82,6 @@ def parse(source: str, *, source_name: str = "definition") -> Definition:
         ) from None
     spec = validate(raw, source_name=source_name)
     return Definition(spec=spec, source=source, checksum=checksum(spec))
-
-
-def checksum(spec: dict) -> str:
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-# --- 2. Limits on the loaded document -----------------------------------------------------------
-
-
-def _limit_problems(root, root_path: str = "") -> list[tuple[str, str]]:
-    """Depth, string length, NUL, unpaired surrogates and 64-bit integers, each with its path.
-
-    Iterative, so a deep document cannot exhaust the stack; stops at the first problem
-    of each path.
-    """
-    problems = []
-    stack = [(root_path, root, 1)]
-    while stack:
-        path, value, depth = stack.pop()
-        if isinstance(value, dict | list):
-            if depth > MAX_DEPTH:
-                problems.append((path or "(file)", f"nested more than {MAX_DEPTH} levels deep"))
-                continue
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            children = []
-            for key, item in items:
-                child = f"{path}[{key}]" if isinstance(value, list) else _join(path, key)
-                if isinstance(value, dict) and isinstance(key, str):
-                    problem = _text_problem(key)
-                    if problem:
-                        problems.append((child, f"the key {problem}"))
-                        continue
-                children.append((child, item, depth + 1))
-            stack.extend(reversed(children))
-        elif isinstance(value, str):
-            problem = _text_problem(value)
-            if problem:
-                problems.append((path, problem))
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
-            problems.append((path, f"integer is beyond 64 bits (at most {MAX_INT})"))
-    return problems
-
-
-def _text_problem(text: str) -> str | None:
-    if len(text) > MAX_STRING_CHARS:
-        return f"is {len(text)} characters long; at most {MAX_STRING_CHARS} are allowed"
-    if "\x00" in text:
-        return "contains a NUL (\\u0000) character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode (it has an unpaired surrogate)"
-    return None
-
-
-def _join(path: str, key) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _json_problems(path: str, value) -> list[tuple[str, str]]:
-    """Values strict JSON cannot hold (dates, NaN, infinity…), each with its path."""
-    problems = []
-    stack = [(path, value)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key is not None and not isinstance(key, str | int | bool):
-                    problems.append((f"{path}.{key}", "keys must be strings"))
-                else:
-                    stack.append((f"{path}.{key}", item))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
-        elif isinstance(value, float) and not math.isfinite(value):
-            problems.append((path, f"{value} is not a number JSON can hold"))
-        elif value is not None and not isinstance(value, str | int | float | bool):
-            problems.append(
-                (
-                    path,
-                    f"must be a JSON value (string, number, boolean, list or mapping), got {type(value).__name__} {value!r}; quote it to make it a string",
-                )
-            )
-    return sorted(problems)
-
-
-def _params_size_problem(path: str, params: dict) -> list[tuple[str, str]]:
-    size = len(json.dumps(params, separators=(",", ":")).encode())
-    if size > MAX_PARAMS_BYTES:
-        return [(path, f"is {size} bytes as JSON; at most {MAX_PARAMS_BYTES} are allowed")]
-    return []
 
 
 # --- 3. The schema --------------------------------------------------------------------------------
@@ -647,7 +429,7 @@ def validate(raw, *, source_name: str = "definition") -> dict:
             source_name,
         )
     # A document past these limits is refused as it stands: its other problems can wait.
-    problems = _limit_problems(raw)
+    problems = limit_problems(raw)
     if problems:
         raise DefinitionError(problems, source_name)
 
@@ -684,7 +466,7 @@ def validate(raw, *, source_name: str = "definition") -> dict:
 def _params_problems(path: str, params) -> list[tuple[str, str]]:
     if not isinstance(params, dict):
         return []  # the schema says so
-    return _json_problems(path, params) or _params_size_problem(path, params)
+    return json_problems(path, params) or params_size_problem(path, params)
 
 
 def _node_param_problems(nodes_raw: dict) -> list[tuple[str, str]]:
@@ -727,104 +509,3 @@ def _graph_problems(nodes_raw: dict) -> list[tuple[str, str]]:
     if cycle:
         problems.append((f"nodes.{cycle[0]}.after", f"cycle: {' -> '.join(cycle)}"))
     return problems
-
-
-# --- The graph ----------------------------------------------------------------------------------
-
-
-def find_cycle(nodes: dict[str, dict]) -> list[str]:
-    """Return one cycle as [a, b, ..., a], or [] when the graph is a DAG.
-
-    Written as "a -> b" meaning "b runs after a", starting from the cycle's node that
-    the definition names first.
-    """
-    try:
-        graphlib.TopologicalSorter({key: node["after"] for key, node in nodes.items()}).prepare()
-    except graphlib.CycleError as error:
-        cycle = list(error.args[1][:-1])
-    else:
-        return []
-    # graphlib lists each node before the one it runs after; reverse to "runs before".
-    if len(cycle) > 1 and cycle[0] not in nodes[cycle[1]]["after"]:
-        cycle.reverse()
-    position = {key: index for index, key in enumerate(nodes)}
-    start = min(range(len(cycle)), key=lambda index: position.get(cycle[index], 0))
-    cycle = cycle[start:] + cycle[:start]
-    return [*cycle, cycle[0]]
-
-
-def node_keys(spec: dict) -> list[str]:
-    """The node keys in the order the definition wrote them."""
-    return spec.get("order") or list(spec["nodes"])
-
-
-def downstream_map(spec: dict) -> dict[str, list[str]]:
-    """node key -> keys of the nodes that list it in ``after``, in definition order."""
-    downstream: dict[str, list[str]] = {key: [] for key in node_keys(spec)}
-    for key in node_keys(spec):
-        for upstream in spec["nodes"][key]["after"]:
-            downstream[upstream].append(key)
-    return downstream
-
-
-def topological_order(spec: dict) -> list[str]:
-    """Every node after its upstreams; among nodes ready together, definition order.
-
-    Raises ``graphlib.CycleError`` (a ValueError) for a cyclic graph, which a validated
-    spec never has.
-    """
-    keys = node_keys(spec)
-    position = {key: index for index, key in enumerate(keys)}
-    sorter = graphlib.TopologicalSorter({key: spec["nodes"][key]["after"] for key in keys})
-    sorter.prepare()
-    order = []
-    while sorter.is_active():
-        ready = sorted(sorter.get_ready(), key=lambda key: position.get(key, len(position)))
-        order.extend(ready)
-        sorter.done(*ready)
-    return order
-
-
-# --- Run params ---------------------------------------------------------------------------------
-
-_TYPE_NAMES = {
-    bool: "true or false",
-    int: "an integer",
-    float: "a number",
-    str: "a string",
-    list: "a list",
-    dict: "a JSON object",
-}
-
-
-def run_param_problems(declared: dict, given: dict) -> list[tuple[str, str]]:
-    """Given run params checked against the definition's declared defaults.
-
-    Each value must have its default's type (int/float/str/bool/list/dict); a bool is
-    not an int, an int is accepted for a float, a null default accepts anything. The same
-    limits as a definition's params apply. Unknown names are the caller's to refuse.
-    """
-    problems = _limit_problems(given, "params") or _json_problems("params", given)
-    if problems:
-        return problems
-    for name, value in given.items():
-        default = declared.get(name)
-        expected = next((kind for kind in _TYPE_NAMES if isinstance(default, kind)), None)
-        if expected is None or _has_type(value, expected):
-            continue
-        problems.append(
-            (
-                f"params.{name}",
-                f"expected {_TYPE_NAMES[expected]} (the default is "
-                f"{json.dumps(default)[:80]}), got {json.dumps(value)[:80]}",
-            )
-        )
-    return problems or _params_size_problem("params", given)
-
-
-def _has_type(value, expected: type) -> bool:
-    if isinstance(value, bool) and expected is not bool:
-        return False
-    if expected is float:
-        return isinstance(value, int | float)
-    return isinstance(value, expected)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from django.db import transaction
 
+from workflows.definitions import limits
 from workflows.definitions import spec as spec_module
 from workflows.models import ResourcePool, Workflow, WorkflowVersion
 
@@ -68,7 +69,7 @@ def load_definition(
 def load_file(
     path: Path, *, actor: str, note: str = "", dry_run: bool = False
 ) -> LoadResult | None:
-    limit = spec_module.MAX_FILE_BYTES
+    limit = limits.MAX_FILE_BYTES
     try:
         # Read one byte past the limit, never the whole of a huge file.
         with Path(path).open("rb") as file:

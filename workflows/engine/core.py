@@ -25,7 +25,8 @@ from django.db import connection, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from workflows.definitions import spec as spec_module
+from workflows.definitions import graph
+from workflows.definitions.params import run_param_problems
 from workflows.engine import sql
 from workflows.models import (
     Checkpoint,
@@ -142,11 +143,11 @@ def start_run(
             deadline=now + timedelta(seconds=spec["timeout"]) if spec.get("timeout") else None,
             pools=sorted({node["pool"] for node in spec["nodes"].values() if node["pool"]}),
         )
-        downstream = spec_module.downstream_map(spec)
+        downstream = graph.downstream_map(spec)
         NodeRun.objects.bulk_create(
             [
                 _new_node_run(run, key, spec["nodes"][key], downstream[key], priority, now)
-                for key in spec_module.node_keys(spec)
+                for key in graph.node_keys(spec)
             ],
             batch_size=500,
         )
@@ -177,7 +178,7 @@ def resolve_run_params(spec: dict, given: dict) -> dict:
             f"(it declares: {known})."
         )
     # The one type check of run params: the API, the dashboard form and run_workflow share it.
-    problems = spec_module.run_param_problems(declared, given)
+    problems = run_param_problems(declared, given)
     if problems:
         raise RunParamsError("; ".join(f"{path}: {message}" for path, message in problems))
     return {**declared, **given}
