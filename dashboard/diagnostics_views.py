@@ -18,7 +18,7 @@ from django.http import Http404
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
-from diagnostics import operations, system_report
+from diagnostics import operations, selectors, system_report
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ def staff_required(view):
 @require_GET
 @staff_required
 def findings(request):
-    return render(
-        request, "dashboard/findings.html", {"findings": system_report.findings_by_cause()}
-    )
+    return render(request, "dashboard/findings.html", {"findings": selectors.findings_by_cause()})
 
 
 @require_GET

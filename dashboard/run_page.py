@@ -15,7 +15,7 @@ from django.utils import timezone
 
 from dashboard import dag
 from diagnostics import explain
-from diagnostics import findings as diagnostics_findings
+from diagnostics import selectors as diagnostics_selectors
 from workflows.definitions import graph
 from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
 
@@ -297,7 +297,7 @@ def run_page(
     attempts = list(
         NodeAttempt.objects.filter(node_run__run=run).only(*TIMELINE_FIELDS).order_by("number")
     )
-    findings = diagnostics_findings.latest_open(run=run)
+    findings = diagnostics_selectors.latest_open(run=run)
     selected = nodes_by_key.get(node_key) if node_key else default_node(nodes)
     counts: dict[str, int] = {}
     for node in nodes:

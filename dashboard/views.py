@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET
 
 from dashboard import run_page, selectors
 from dashboard.forms import RANGES, ActionForm, RunFilterForm, StartRunForm
-from diagnostics import findings as diagnostics_findings
+from diagnostics import selectors as diagnostics_selectors
 from diagnostics.reliability import DEFAULT_WINDOW, workflow_reliability
 from workflows.models import Run, Workflow, WorkflowVersion
 
@@ -50,7 +50,7 @@ def _int_param(request, name: str) -> int | None:
 @require_GET
 @_can_view
 def overview(request):
-    context = {**selectors.overview(), "findings": diagnostics_findings.latest_open()}
+    context = {**selectors.overview(), "findings": diagnostics_selectors.latest_open()}
     return render(request, "dashboard/overview.html", context)
 
 

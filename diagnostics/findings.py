@@ -289,13 +289,3 @@ def record_past_outage(code: str, subject: str, *, describe, started, ended) -> 
         finding.first_seen, finding.last_seen, finding.resolved_at = began, over, over
         finding.save()
     return finding
-
-
-def latest_open(*, run=None, limit: int = 20) -> list[Finding]:
-    """Open findings, newest first (a run's, or all): the pages' stuck-nodes slot."""
-    findings = Finding.objects.filter(resolved_at__isnull=True)
-    if run is not None:
-        findings = findings.filter(run=run)
-    return list(
-        findings.select_related("run__workflow", "node_run").order_by("-first_seen", "-id")[:limit]
-    )

@@ -36,7 +36,7 @@ from django.utils import timezone
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 
-from diagnostics import health, system_report
+from diagnostics import health, rq_state
 from diagnostics.models import Finding
 from diagnostics.reliability import with_known_start
 from workflows.models import NodeAttempt, NodeRun, Run, Workflow
@@ -313,8 +313,8 @@ class KeelCollector:
         up = family("keel_redis_up")
         client = health.probe_client()
         try:
-            workers = system_report.read_workers(client)
-            queues = system_report.read_queues(client, workers, list(settings.KEEL_QUEUES))
+            workers = rq_state.read_workers(client)
+            queues = rq_state.read_queues(client, workers, list(settings.KEEL_QUEUES))
             watchdog = health.watchdog_status(client)
         except redis.RedisError as error:
             logger.warning("metrics: Redis unreadable: %s", health.error_text(error))

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.utils import timezone
 
-from diagnostics import system_report
+from diagnostics import rq_state, system_report
 from tests.conftest import wait_for
 from tests.diagnostics.test_pages import make_finding
 from workflows.runtime import dispatch
@@ -166,7 +166,7 @@ def test_report_reads_never_clean_up_rq_registries(clean_redis):
 
     registry = StartedJobRegistry("default", connection=clean_redis)
     clean_redis.zadd(registry.key, {"keel-999-1:exec": 1})  # expired long ago
-    report_queue = system_report.read_queues(clean_redis, [], ["default"])[0]
+    report_queue = rq_state.read_queues(clean_redis, [], ["default"])[0]
     assert report_queue["registries"]["started"] == 1
     assert clean_redis.zcard(registry.key) == 1
     assert clean_redis.zcard("rq:failed:default") == 0

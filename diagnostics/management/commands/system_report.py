@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand
 from django.core.serializers.json import DjangoJSONEncoder
 
-from diagnostics import system_report
+from diagnostics import rq_state, system_report
 
 
 def _when(value) -> str:
@@ -80,7 +80,7 @@ def render(report: dict, *, markdown: bool) -> str:
     if report["queues_error"]:
         out.append(f"Redis could not be read: {report['queues_error']}")
     out += _table(
-        ["queue", "waiting", "oldest (s)", "live workers", *system_report.REGISTRIES],
+        ["queue", "waiting", "oldest (s)", "live workers", *rq_state.REGISTRIES],
         [
             [
                 queue["name"],
