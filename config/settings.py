@@ -105,7 +105,7 @@ def _database_from_env() -> dict:
     elif engine == "django.db.backends.postgresql":
         database["CONN_HEALTH_CHECKS"] = True
         # Django's own queries bind parameters client-side and are never prepared; this
-        # concerns the engine's per-node statements (workflows/sql.py), prepared when
+        # concerns the engine's per-node statements (workflows/engine/sql.py), prepared when
         # seen twice on a connection. Turn it off behind PgBouncer older than 1.21 in
         # transaction mode, which cannot keep prepared statements.
         prepared = env_bool("KEEL_DB_PREPARED_STATEMENTS", True)
@@ -174,7 +174,7 @@ KEEL_WATCHDOG_SECONDS = env_int("KEEL_WATCHDOG_SECONDS", 2, minimum=1, maximum=3
 KEEL_MAX_OUTPUT_BYTES = env_int("KEEL_MAX_OUTPUT_BYTES", 64 * 1024, minimum=1024)
 KEEL_MAX_LOG_LINES = env_int("KEEL_MAX_LOG_LINES", 1000, minimum=10)
 KEEL_MAX_LOG_LINE_CHARS = env_int("KEEL_MAX_LOG_LINE_CHARS", 2000, minimum=80)
-# Modules whose import registers node types (see workflows/registry.py).
+# Modules whose import registers node types (see workflows/definitions/registry.py).
 KEEL_NODE_MODULES = env_list(
     "KEEL_NODE_MODULES", ["workflows.nodes.builtin", "workflows.nodes.demo"]
 )

@@ -1,6 +1,6 @@
 """Dashboard pages (GET): parse the query, call a selector, render.
 
-State-changing views are in workflows/action_views.py.
+State-changing views are in dashboard/action_views.py.
 """
 
 from datetime import timedelta

@@ -14,7 +14,7 @@ from diagnostics.reliability import format_duration
 
 SEVERITY_RANK = {FindingSeverity.CRITICAL: 0, FindingSeverity.WARNING: 1, FindingSeverity.INFO: 2}
 # Actions that workflows/operations.py performs, and the slug of their preview page (the
-# operator confirms there, with a reason; workflows/action_views.py).
+# operator confirms there, with a reason; dashboard/action_views.py).
 RUN_PAGE_ACTIONS = {
     "retry_node": "retry",
     "resume_run": "resume",

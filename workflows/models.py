@@ -1,6 +1,6 @@
 """Keel's data model: the database is the truth (see shared DESIGN §2).
 
-State changes never happen here: they go through workflows/engine.py. Models hold
+State changes never happen here: they go through workflows/engine/. Models hold
 fields, constraints and the indexes the engine and the watchdog query by.
 """
 

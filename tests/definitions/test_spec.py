@@ -1,4 +1,4 @@
-"""Parsing and validating workflow definitions (workflows/spec.py).
+"""Parsing and validating workflow definitions (workflows/definitions/spec.py).
 
 Every invalid definition must raise ``DefinitionError`` whose problems name the field
 (``nodes.<key>.<field>``) so a user can find and fix it; nothing here touches the database.
