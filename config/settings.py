@@ -104,15 +104,6 @@ def _database_from_env() -> dict:
         database["TEST"] = {"NAME": str(VAR_DIR / "test-keel.sqlite3")}
     elif engine == "django.db.backends.postgresql":
         database["CONN_HEALTH_CHECKS"] = True
-        # Django's own queries bind parameters client-side and are never prepared; this
-        # concerns the engine's per-node statements (workflows/engine/sql.py), prepared when
-        # seen twice on a connection. Turn it off behind PgBouncer older than 1.21 in
-        # transaction mode, which cannot keep prepared statements.
-        prepared = env_bool("KEEL_DB_PREPARED_STATEMENTS", True)
-        database["OPTIONS"] = {
-            **database.get("OPTIONS", {}),
-            "prepare_threshold": 2 if prepared else None,
-        }
     else:
         raise ImproperlyConfigured(
             f"DATABASE_URL names {engine}; Keel supports PostgreSQL (postgres://...) and SQLite (sqlite:///...)."

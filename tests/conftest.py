@@ -239,3 +239,27 @@ def finished(run, timeout: float = 60.0):
 
     wait_for(done, timeout=timeout, message=f"run {run.pk} to finish")
     return run
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Every process a test starts, it stops: fail the run on any child still alive.
+
+    The embedded redis-server of this process is the one exception; it is stopped at exit.
+    """
+    keep = {int(os.environ.get("KEEL_TEST_REDIS_PID") or 0)}
+    leftovers = [
+        child
+        for child in psutil.Process().children(recursive=True)
+        if child.pid not in keep and child.status() != psutil.STATUS_ZOMBIE
+    ]
+    if not leftovers:
+        return
+    lines = []
+    for child in leftovers:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"  pid {child.pid}: {' '.join(child.cmdline())[:200]}")
+            child.kill()
+    session.config.get_terminal_writer().line(
+        "Tests left these processes running (now killed):\n" + "\n".join(lines), red=True
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.db.models import F
 from django.db.utils import load_backend
 from django.utils import timezone
 
@@ -48,6 +49,13 @@ def tick_until(predicate, timeout=20.0, message="a finding"):
         return predicate()
 
     return wait_for(ticked, timeout=timeout, interval=0.3, message=message)
+
+
+def started_ago(node_run: NodeRun, seconds: float) -> None:
+    """Move the node's start back in time: the same evidence as waiting, without the wait."""
+    shift = timedelta(seconds=seconds)
+    NodeRun.objects.filter(pk=node_run.pk).update(started_at=F("started_at") - shift)
+    NodeAttempt.objects.filter(node_run=node_run).update(started_at=F("started_at") - shift)
 
 
 def claim(node_run: NodeRun):
@@ -114,7 +122,7 @@ def test_overdue_against_the_expected_duration(start_run, settings):
     run = start_run(one_node(type="test.record", expected_duration=1))
     target = node(run)
     claim(target)
-    time.sleep(2.1)
+    started_ago(target, 2.1)
     engine.record_heartbeat(target.pk, 1)
 
     watchdog.tick()
@@ -137,7 +145,7 @@ def test_overdue_against_the_p95_of_ten_past_runs(start_run, make_version):
         engine.complete_attempt(past.pk, 1, {}, actor="test")
     target = node(start_run(version))
     claim(target)
-    time.sleep(2.1)  # the p95 is milliseconds; the floor is two beats (2 s)
+    started_ago(target, 2.1)  # the p95 is milliseconds; the floor is two beats (2 s)
     engine.record_heartbeat(target.pk, 1)
 
     watchdog.tick()
@@ -175,7 +183,7 @@ def test_nine_past_runs_are_not_a_history(start_run, make_version):
         engine.complete_attempt(past.pk, 1, {}, actor="test")
     target = node(start_run(version))
     claim(target)
-    time.sleep(2.1)
+    started_ago(target, 2.1)
     engine.record_heartbeat(target.pk, 1)
 
     watchdog.tick()
@@ -288,9 +296,8 @@ def test_backlog_by_length_and_by_age(start_run, settings, clean_redis):
     assert Finding.objects.get(pk=finding.pk).resolved_at is not None, "6 is fine now"
 
     settings.KEEL_BACKLOG_AGE_SECONDS = 1
-    time.sleep(1.1)
-    watchdog.tick()
-    assert open_finding("backlog", subject="queue:default").evidence["oldest_wait_seconds"] >= 1
+    finding = tick_until(lambda: open_finding("backlog", subject="queue:default"), timeout=10)
+    assert finding.evidence["oldest_wait_seconds"] >= 1
 
 
 POOLED = {

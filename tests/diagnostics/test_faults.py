@@ -24,7 +24,7 @@ from tests.testapp.models import SinkRow
 from workflows.models import NodeAttempt, NodeRun, Run, RunEvent
 from workflows.runtime import dispatch
 
-pytestmark = [pytest.mark.workers, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.slow, pytest.mark.workers, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture

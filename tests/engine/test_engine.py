@@ -232,7 +232,7 @@ def test_an_event_written_beside_a_transition_does_not_wait_for_its_run_lock(sta
     def transition_in_progress():
         try:
             with transaction.atomic():
-                engine.core._lock_for_outcome(node.pk, run.pk)
+                engine.common.lock_for_outcome(node.pk, run.pk)
                 holding.set()
                 release.wait(timeout=20)
         finally:

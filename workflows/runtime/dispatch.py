@@ -48,11 +48,6 @@ def job_id(node_run_id: int, attempt: int) -> str:
     return f"keel-{node_run_id}-{attempt}"
 
 
-def job_id_sql(node_run_id_column: str, attempt_column: str) -> str:
-    """``job_id`` as an SQL expression over a row's columns, for attempts inserted by a query."""
-    return f"'keel-' || {node_run_id_column} || '-' || {attempt_column}"
-
-
 @cache
 def redis_connection() -> redis.Redis:
     # redis-py notices a fork and opens fresh sockets in the child.

@@ -178,9 +178,7 @@ def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
             claim.node_run_id, claim.attempt, outcome.failure, actor=actor, run_id=claim.run_id
         )
         return
-    engine.complete_attempt(
-        claim.node_run_id, claim.attempt, outcome.output, actor=actor, facts=claim.facts
-    )
+    engine.complete_attempt(claim.node_run_id, claim.attempt, outcome.output, actor=actor)
 
 
 def timeout_failure(timeout: int, *, stopped: bool, grace: int = 0) -> engine.Failure:

@@ -29,8 +29,7 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, Worker
 
 from workflows import engine
-from workflows.engine import sql
-from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
+from workflows.models import NodeAttempt, NodeRun, Run
 from workflows.runtime import dispatch, executor, outages
 from workflows.runtime.executor import Phase
 
@@ -51,12 +50,6 @@ def warm_up() -> None:
     """
     now = timezone.now()
     with transaction.atomic():
-        sql.fetch_all(f"SELECT id FROM {sql.table(Run)} WHERE id = %s{sql.row_lock()}", [-1])
-        sql.to_db(NodeRun, "started_at", now)
-        sql.to_db(NodeRun, "output", {})
-        sql.from_db(NodeRun, "params", "{}")
-        for model in (NodeAttempt, Checkpoint):
-            sql._insert_shape(model)
         list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
         list(NodeRun.objects.select_for_update(no_key=True).filter(pk=-1))
         NodeAttempt.objects.filter(node_run_id=-1, number=0).update(updated_at=now)

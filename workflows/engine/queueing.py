@@ -1,0 +1,123 @@
+"""Queueing and pools: ready nodes go to ``queued`` while their pool has a free slot."""
+
+from django.db.models import F
+
+from workflows.models import NodeAttempt, NodeRun, ResourcePool, Run
+from workflows.runtime import dispatch
+
+
+def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
+    """Queue ready nodes; those whose pool is full wait as ``pending`` with the reason.
+
+    The caller holds the run lock and the locks of the run's pools. Returns the nodes
+    that were queued.
+    """
+    if not nodes:
+        return []
+    free_slots = {name: _free_slots(name) for name in {node.pool for node in nodes if node.pool}}
+    to_queue, waiting = [], []
+    for node in nodes:
+        if node.pool and free_slots[node.pool] <= 0:
+            waiting.append(node)
+            continue
+        if node.pool:
+            free_slots[node.pool] -= 1
+        to_queue.append(node)
+    for node in waiting:
+        node.status = NodeRun.Status.PENDING
+        node.reason = f"waiting for pool {node.pool} (all slots in use)"
+        NodeRun.objects.filter(pk=node.pk).update(
+            status=node.status, retry_at=None, reason=node.reason, updated_at=now
+        )
+    return _queue_nodes(run, to_queue, now)
+
+
+def _free_slots(pool_name: str) -> int:
+    slots = ResourcePool.objects.values_list("slots", flat=True).get(name=pool_name)
+    used = NodeRun.objects.filter(pool=pool_name, status__in=NodeRun.HOLDS_SLOT).count()
+    return slots - used
+
+
+def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
+    """Move nodes to ``queued`` with a new attempt number and enqueue them after commit.
+
+    Only nodes still waiting (pending or retry_wait) at the attempt the caller saw move:
+    they are locked first, so a node another transaction already moved is left alone.
+    Per chunk of ids and attempt number, one SELECT … FOR NO KEY UPDATE and one UPDATE;
+    one INSERT for all the attempts.
+    """
+    by_attempt: dict[int, list[NodeRun]] = {}
+    for node in nodes:
+        by_attempt.setdefault(node.attempt, []).append(node)
+    queued = []
+    for attempt, group in by_attempt.items():
+        for start in range(0, len(group), QUEUE_CHUNK):
+            chunk = group[start : start + QUEUE_CHUNK]
+            moved = set(
+                NodeRun.objects.select_for_update(no_key=True)
+                .filter(
+                    pk__in=[node.pk for node in chunk],
+                    status__in=[NodeRun.Status.PENDING, NodeRun.Status.RETRY_WAIT],
+                    attempt=attempt,
+                )
+                .values_list("pk", flat=True)
+            )
+            if not moved:
+                continue
+            NodeRun.objects.filter(pk__in=moved).update(
+                status=NodeRun.Status.QUEUED,
+                attempt=F("attempt") + 1,
+                queued_at=now,
+                retry_at=None,
+                heartbeat_at=None,
+                reason="",
+                updated_at=now,
+            )
+            for node in chunk:
+                if node.pk in moved:
+                    node.attempt += 1
+                    node.status = NodeRun.Status.QUEUED
+                    queued.append(node)
+    NodeAttempt.objects.bulk_create(
+        [
+            NodeAttempt(
+                node_run_id=node.pk,
+                number=node.attempt,
+                status=NodeAttempt.Status.QUEUED,
+                rq_job_id=dispatch.job_id(node.pk, node.attempt),
+                queue=node.queue,
+                created_at=now,
+                updated_at=now,
+            )
+            for node in queued
+        ]
+    )
+    dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in queued])
+    return queued
+
+
+# Ids per statement when queueing many nodes at once (well under any parameter limit).
+QUEUE_CHUNK = 1000
+
+
+def fill_pool(name: str, now) -> None:
+    """Give free slots of a pool to ready nodes waiting for it, oldest first, in any run.
+
+    The caller holds the pool's lock. Waiting nodes of other runs are moved with a
+    conditional update, without taking their run's lock (see the lock order above).
+    """
+    free = _free_slots(name)
+    if free <= 0:
+        return
+    waiting = list(
+        NodeRun.objects.filter(
+            pool=name,
+            status=NodeRun.Status.PENDING,
+            pending_upstreams=0,
+            run__status=Run.Status.RUNNING,
+        )
+        .select_related("run")
+        .order_by("id")[:free]
+    )
+    for node in waiting:
+        _queue_nodes(node.run, [node], now)

@@ -1,0 +1,222 @@
+"""Runs: start one, close it when nothing more can happen, cancel or expire it."""
+
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from workflows.definitions import graph
+from workflows.definitions.params import run_param_problems
+from workflows.engine.common import ENGINE, PRIORITY_QUEUES, RunParamsError, lock_pools, lock_run
+from workflows.engine.queueing import fill_pool, queue_or_wait
+from workflows.models import NodeAttempt, NodeRun, Run, RunEvent, WorkflowVersion
+from workflows.runtime import dispatch
+
+
+def start_run(
+    version: WorkflowVersion,
+    *,
+    params: dict | None = None,
+    trigger: str,
+    priority: str = "default",
+    request_key: str | None = None,
+) -> Run:
+    """Create a run pinned to ``version`` and queue its root nodes.
+
+    1. Check the run params against those the definition declares.
+    2. Create the run and one NodeRun per node, copying what a worker needs.
+    3. Queue the nodes with no upstream (pools permitting); enqueue after commit.
+    """
+    spec = version.spec
+    run_params = resolve_run_params(spec, params or {})
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow_id=version.workflow_id,
+            version=version,
+            status=Run.Status.RUNNING,
+            params=run_params,
+            trigger=trigger,
+            priority=priority,
+            started_at=now,
+            deadline=now + timedelta(seconds=spec["timeout"]) if spec.get("timeout") else None,
+            pools=sorted({node["pool"] for node in spec["nodes"].values() if node["pool"]}),
+        )
+        downstream = graph.downstream_map(spec)
+        NodeRun.objects.bulk_create(
+            [
+                _new_node_run(run, key, spec["nodes"][key], downstream[key], priority, now)
+                for key in graph.node_keys(spec)
+            ],
+            batch_size=500,
+        )
+        RunEvent.objects.create(
+            run=run,
+            kind=RunEvent.Kind.TRANSITION,
+            actor=trigger,
+            reason="run started",
+            request_key=request_key,
+            before={"status": Run.Status.PENDING},
+            after={"status": Run.Status.RUNNING},
+        )
+        lock_pools(run)
+        roots = list(NodeRun.objects.filter(run=run, pending_upstreams=0).order_by("id"))
+        queue_or_wait(run, roots, now)
+    return run
+
+
+def resolve_run_params(spec: dict, given: dict) -> dict:
+    declared = spec.get("params") or {}
+    if not isinstance(given, dict):
+        raise RunParamsError('Run params must be a JSON object, e.g. {"date": "2026-01-31"}.')
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        known = ", ".join(sorted(declared)) or "none"
+        raise RunParamsError(
+            f"Unknown run param(s) {', '.join(unknown)} for workflow {spec['slug']!r} "
+            f"(it declares: {known})."
+        )
+    # The one type check of run params: the API, the dashboard form and run_workflow share it.
+    problems = run_param_problems(declared, given)
+    if problems:
+        raise RunParamsError("; ".join(f"{path}: {message}" for path, message in problems))
+    return {**declared, **given}
+
+
+def _new_node_run(run, key, node, downstream, run_priority, now) -> NodeRun:
+    from workflows.definitions import registry
+
+    priority = node.get("priority") or run_priority
+    retries = node["retries"]
+    return NodeRun(
+        run=run,
+        node_key=key,
+        node_type=node["type"],
+        status=NodeRun.Status.PENDING,
+        max_attempts=retries.get("max_attempts", 1),
+        queue=PRIORITY_QUEUES[priority],
+        pool=node["pool"],
+        timeout_seconds=node["timeout"],
+        soft_timeout_seconds=node.get("soft_timeout"),
+        expected_seconds=node.get("expected_duration"),
+        stall_after_seconds=node.get("stall_after"),
+        params=registry.get(node["type"]).resolve_params(node["params"]),
+        upstream=list(node["after"]),
+        downstream=downstream,
+        retry_policy=retries,
+        pending_upstreams=len(node["after"]),
+        reason=f"waiting for upstream: {', '.join(node['after'])}" if node["after"] else "",
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def close_run_if_done(run: Run, now) -> bool:
+    """Close the run when nothing more can happen in it, with its transition event.
+
+    Succeeded when every node is done; failed otherwise, the reason naming the first
+    unfinished nodes that are not merely pending (or "nodes could not run"). The caller
+    holds the run's lock. Returns True if it closed the run.
+    """
+    if run.status != Run.Status.RUNNING or _still_moving(run.pk):
+        return False
+    first_unfinished = list(
+        NodeRun.objects.filter(run_id=run.pk)
+        .exclude(status__in=NodeRun.DONE)
+        .order_by("id")
+        .values_list("node_key", "status")[:5]
+    )
+    if not first_unfinished:
+        finish_run(run, Run.Status.SUCCEEDED, "", now, ENGINE)
+        return True
+    named = [f"{key} {status}" for key, status in first_unfinished if status != "pending"]
+    finish_run(run, Run.Status.FAILED, "; ".join(named) or "nodes could not run", now, ENGINE)
+    return True
+
+
+def _still_moving(run_id: int) -> bool:
+    """Something can still happen in the run: a node is queued, running or waiting to
+    retry, or a pending node has all upstreams done (it waits for a pool slot). Pending
+    nodes behind a failed upstream cannot run and do not count."""
+    # One EXISTS per status, each a short scan of the noderun_run_status index, the
+    # first hit ending the loop. Written with OR or IN, the planner may read every node
+    # of the run instead, the finished ones too.
+    nodes = NodeRun.objects.filter(run_id=run_id)
+    return (
+        any(nodes.filter(status=status).exists() for status in sorted(NodeRun.ACTIVE))
+        or nodes.filter(status=NodeRun.Status.PENDING, pending_upstreams=0).exists()
+    )
+
+
+def finish_run(run: Run, status: str, reason: str, now, actor: str) -> None:
+    before = run.status
+    run.status = status
+    run.finished_at = now
+    run.reason = reason
+    run.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+    RunEvent.objects.create(
+        run=run,
+        kind=RunEvent.Kind.TRANSITION,
+        actor=actor,
+        reason=reason or f"run {status}",
+        before={"status": before},
+        after={"status": status},
+    )
+
+
+def cancel_run(run_id: int, *, actor: str, reason: str) -> bool:
+    """Cancel every node that has not finished and close the run as cancelled.
+
+    Queued jobs are removed from RQ and running ones stopped (RQ's stop-job command)
+    after commit; a running node also sees ``should_stop()`` at its next heartbeat,
+    and any result it still reports is rejected. Returns False if already finished.
+    """
+    return _stop_run(run_id, Run.Status.CANCELLED, f"cancelled by {actor}: {reason}", actor)
+
+
+def expire_run(run_id: int) -> bool:
+    """Fail a run that went past its deadline (the definition's ``timeout``)."""
+    return _stop_run(
+        run_id, Run.Status.FAILED, "run exceeded its timeout", ENGINE, only_if_overdue=True
+    )
+
+
+def _stop_run(
+    run_id: int, final_status: str, reason: str, actor: str, only_if_overdue=False
+) -> bool:
+    now = timezone.now()
+    with transaction.atomic():
+        run = lock_run(run_id)
+        if run.status in Run.TERMINAL:
+            return False
+        if only_if_overdue and (run.deadline is None or run.deadline > now):
+            return False
+        lock_pools(run)
+        live = list(
+            NodeRun.objects.select_for_update(no_key=True)
+            .filter(run=run, status__in=[*NodeRun.ACTIVE, NodeRun.Status.PENDING])
+            .values_list("pk", "status", "attempt", "pool")
+        )
+        to_cancel = [(pk, attempt) for pk, status, attempt, _ in live if status in NodeRun.ACTIVE]
+        NodeRun.objects.filter(pk__in=[pk for pk, *_ in live]).update(
+            status=NodeRun.Status.CANCELLED,
+            finished_at=now,
+            reason=reason[:2000],
+            updated_at=now,
+        )
+        for pk, attempt in to_cancel:
+            NodeAttempt.objects.filter(
+                node_run_id=pk, number=attempt, status__in=NodeAttempt.ACTIVE
+            ).update(
+                status=NodeAttempt.Status.CANCELLED,
+                finished_at=now,
+                updated_at=now,
+                error_type="Cancelled",
+                error_message=reason[:10_000],
+            )
+        for pool in sorted({pool for *_, pool in live if pool}):
+            fill_pool(pool, now)
+        finish_run(run, final_status, reason, now, actor)
+        job_ids = [dispatch.job_id(pk, attempt) for pk, attempt in to_cancel]
+        transaction.on_commit(lambda: dispatch.stop_jobs(job_ids))
+    return True
