@@ -158,6 +158,10 @@ if KEEL_DEFAULT_TIMEOUT > KEEL_MAX_TIMEOUT:
 # Hard timeouts are Keel's: at a node's timeout its process is asked to stop (SIGTERM), and
 # killed (SIGKILL) this many seconds later if it has not; a superseded attempt likewise.
 KEEL_KILL_GRACE_SECONDS = env_int("KEEL_KILL_GRACE_SECONDS", 5, minimum=1, maximum=300)
+# How long one compensate hook may run during a rollback before the rollback gives up.
+KEEL_COMPENSATE_TIMEOUT_SECONDS = env_int(
+    "KEEL_COMPENSATE_TIMEOUT_SECONDS", 60, minimum=1, maximum=3600
+)
 # How long the process that ran a node keeps trying to commit its outcome while the
 # database is unreachable, before it gives up and leaves the attempt to the watchdog.
 KEEL_REPORT_RETRY_SECONDS = env_int("KEEL_REPORT_RETRY_SECONDS", 600, minimum=1, maximum=86400)

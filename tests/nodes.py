@@ -155,3 +155,34 @@ def busy(ctx):
     while time.thread_time() < deadline:
         spins += sum(range(1000))
     return {"spins": spins, "cpu_seconds": time.thread_time()}
+
+
+@node_type("test.undoable", params={"undo": Param(str, default="record")}, side_effects=True)
+def undoable(ctx):
+    """A node whose compensate hook does what ``undo`` says: record, fail, hang or
+    change the run while it runs."""
+    _record(ctx)
+    return {"done": True}
+
+
+@undoable.compensate
+def undo_undoable(ctx, output):
+    from workflows.models import NodeRun, Run
+
+    how = ctx.params["undo"]
+    if how == "fail":
+        raise RuntimeError("the warehouse refused the delete")
+    if how == "hang":  # past the test's 1 s timeout, then gone without a trace
+        time.sleep(3)
+        return
+    if how == "change":  # another operator acts on the run meanwhile
+        NodeRun.objects.filter(run_id=ctx.run_id, node_key="second").update(status="failed")
+    # The hook runs outside the operator's transaction: the run's row is not locked.
+    with transaction.atomic():
+        free = Run.objects.select_for_update(nowait=True).filter(pk=ctx.run_id).exists()
+    Execution.objects.create(
+        node_key=f"undo:{ctx.node_key}:{'unlocked' if free else 'locked'}",
+        run_id=ctx.run_id,
+        attempt=0,
+        pid=os.getpid(),
+    )

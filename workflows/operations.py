@@ -412,18 +412,25 @@ def _preview(run: Run, action: str, described, *, noop: str) -> Preview:
 def _operate(
     action, run_id, *, actor, reason, request_key, make_plan, done, details=None
 ) -> Outcome:
-    """Check, lock, plan, apply, audit — in one transaction.
+    """Check, compensate, lock, plan, apply, audit.
 
     1. Check the reason and the actor's permission (a denial is recorded).
-    2. Lock the run row; a request key already used means the request was applied.
-    3. Plan from the locked rows; a plan with nothing to do changes nothing.
-    4. Apply the plan and write the audit event in the same transaction.
+    2. A request key already used means the request was applied: nothing to do.
+    3. Plan without locks and run the plan's compensate hooks (a rollback's), outside
+       any transaction: user code never holds the run's or the pools' locks.
+    4. In one transaction: lock the run, plan again from the locked rows, check the plan
+       still compensates what was compensated, apply it and write the audit event.
     """
     actor = _as_actor(actor)
     reason = _required_reason(reason, action)
     run = get_run(run_id)
     _check_permission(actor, run, action, reason)
     try:
+        if request_key and RunEvent.objects.filter(request_key=request_key).exists():
+            return Outcome(run, False, "This request was already applied; nothing changed.")
+        draft = make_plan(run, recovery.load_nodes(run, lock=False))
+        if draft.compensate and not draft.is_noop:
+            recovery.compensate(draft)
         with transaction.atomic():
             run = Run.objects.select_for_update(no_key=True).get(pk=run.pk)
             if request_key and RunEvent.objects.filter(request_key=request_key).exists():
@@ -432,6 +439,12 @@ def _operate(
             plan = make_plan(run, recovery.load_nodes(run, lock=True))
             if plan.is_noop:
                 return Outcome(run, False, plan.noop_message)
+            if plan.compensate != draft.compensate:
+                raise recovery.RecoveryError(
+                    f"Run {run.pk} changed while its compensate hooks ran "
+                    f"({', '.join(draft.compensate) or 'none'} compensated); nothing was reset. "
+                    "Preview the rollback again."
+                )
             summary = recovery.apply(plan, actor=actor.name, reason=reason)
             RunEvent.objects.create(
                 run=run,

@@ -200,6 +200,8 @@ def test_retry_rejects_a_non_boolean_downstream(api, failed_chain):
 # --- rollback ---------------------------------------------------------------------------------
 
 
+# The compensate hooks run in a thread of their own, on a connection of their own.
+@pytest.mark.django_db(transaction=True)
 def test_rollback_to_a_node_compensates_and_resumes(api, succeeded_chain):
     response = api.post(
         f"runs/{succeeded_chain.pk}/rollback", {"reason": "bad load", "to_node": "b"}

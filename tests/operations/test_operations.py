@@ -383,3 +383,61 @@ def test_failed_run_resumed_with_a_real_worker_reaches_succeeded(start_worker, s
         "failed",
         "succeeded",
     ]
+
+
+def undoable_run(start_run, undo: str):
+    """first and second succeeded; second's compensate hook does ``undo``."""
+    run = start_run(
+        {
+            "name": "Undoable",
+            "nodes": {
+                "first": {"type": "test.effect"},
+                "second": {"type": "test.undoable", "params": {"undo": undo}, "after": ["first"]},
+            },
+        }
+    )
+    work(run, "first")
+    work(run, "second")
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    return run
+
+
+def test_compensate_hooks_run_before_the_run_is_locked(start_run):
+    run = undoable_run(start_run, "record")
+
+    operations.rollback_run(run.pk, actor="carol", reason="undo", to_node="second")
+
+    assert Execution.objects.filter(node_key__startswith="undo:second").get().node_key == (
+        "undo:second:unlocked"
+    )
+    assert nodes(run)["second"].status == NodeRun.Status.QUEUED
+
+
+@pytest.mark.parametrize(
+    ("undo", "message"),
+    [
+        ("fail", "The compensate hook of node second failed: RuntimeError: the warehouse"),
+        ("hang", "The compensate hook of node second did not finish within 1s"),
+        ("change", "changed while its compensate hooks ran (second compensated)"),
+    ],
+)
+def test_a_rollback_whose_compensation_fails_or_overruns_resets_nothing(
+    start_run, settings, undo, message
+):
+    settings.KEEL_COMPENSATE_TIMEOUT_SECONDS = 1
+    run = undoable_run(start_run, undo)
+    before = {key: (node.status, node.attempt) for key, node in nodes(run).items()}
+
+    with pytest.raises(
+        operations.OperationError, match=message.replace("(", r"\(").replace(")", r"\)")
+    ) as caught:
+        operations.rollback_run(run.pk, actor="carol", reason="undo", to_node="second")
+
+    assert "Nothing was reset" in str(caught.value) or "nothing was reset" in str(caught.value)
+    after = {key: (node.status, node.attempt) for key, node in nodes(run).items()}
+    if undo != "change":
+        assert after == before
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    assert operator_events(run) == []

@@ -218,6 +218,8 @@ def test_retry_with_downstream_from_the_dashboard(operator_client, succeeded_run
     assert operator_events(succeeded_run)[0].before["downstream"] is True
 
 
+# The compensate hooks run in a thread of their own, on a connection of their own.
+@pytest.mark.django_db(transaction=True)
 def test_rollback_to_a_checkpoint_from_the_dashboard(operator_client, succeeded_run):
     a_done = Checkpoint.objects.get(run=succeeded_run, node_run__node_key="a", kind="node_done")
     response = operator_client.post(
@@ -231,6 +233,8 @@ def test_rollback_to_a_checkpoint_from_the_dashboard(operator_client, succeeded_
     assert operator_events(succeeded_run)[0].before["to_checkpoint"] == a_done.pk
 
 
+# The compensate hooks run in a thread of their own, on a connection of their own.
+@pytest.mark.django_db(transaction=True)
 def test_rollback_without_resume_leaves_the_run_cancelled(operator_client, succeeded_run):
     operator_client.post(
         action_url(succeeded_run, "rollback"),
@@ -306,6 +310,8 @@ def test_an_operation_error_is_a_400_with_its_message(operator_client, failed_ru
     assert operator_events(failed_run) == []
 
 
+# The compensate hooks run in a thread of their own, on a connection of their own.
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("slug", ACTIONS)
 def test_submitting_the_same_form_twice_changes_nothing_the_second_time(
     operator_client, start_run, slug

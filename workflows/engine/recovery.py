@@ -1,18 +1,19 @@
-"""Recovery transitions: the half of the engine that re-opens and resets runs.
+"""Recovery transitions: resume, retry, rollback, skip and mark succeeded.
 
-Operations (workflows/operations.py) build a ``Plan`` for an operator action — resume,
-retry, rollback, skip, mark succeeded — show it as a preview, and apply it here. The
-rules are the engine's (workflows/engine.py): run lock, then pool locks, then node
-rows; jobs go to RQ after commit; a late result of an attempt reset here is rejected
-by the engine's compare-and-set.
+Operations (workflows/operations.py) build a ``Plan`` for an operator action, show it as
+a preview, run its compensate hooks (``compensate``, before any lock), then lock, plan
+again and ``apply`` it. The lock order is the engine's (``common``); jobs go to RQ after
+commit; a late result of an attempt reset here is rejected by the compare-and-set.
 """
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.db import connections
 from django.db.models import Max
 from django.utils import timezone
 
@@ -245,7 +246,7 @@ class CompensationContext:
 def apply(plan: Plan, *, actor: str, reason: str) -> dict:
     """Apply a plan; the caller holds the run lock (and the plan's node rows).
 
-    1. Lock the run's pools; run compensate hooks, newest completion first.
+    1. Lock the run's pools (the compensate hooks ran before, outside the locks).
     2. End the active attempts of nodes being reset, skipped or marked.
     3. Reset, skip or mark the nodes; drop outputs and later checkpoints.
     4. Re-open the run, recount every pending node's unfinished upstreams, queue the
@@ -255,8 +256,6 @@ def apply(plan: Plan, *, actor: str, reason: str) -> dict:
     run, nodes, now = plan.run, plan.nodes, timezone.now()
     engine.lock_pools(run)
     before = {key: nodes[key].status for key in plan.affected()}
-    for key in plan.compensate:
-        _compensate(run, nodes[key])
     note = f"{plan.action} by {actor}: {reason}"[:2000]
     touched = [*plan.reset, *plan.skip, *plan.succeed]
     _end_active_attempts([nodes[key] for key in touched], note, now)
@@ -300,7 +299,19 @@ def apply(plan: Plan, *, actor: str, reason: str) -> dict:
     return {"nodes_before": before, "nodes_after": after, "run_status": run.status}
 
 
-def _compensate(run: Run, node: NodeRun) -> None:
+def compensate(plan: Plan) -> None:
+    """Run the plan's compensate hooks, newest completion first, each within
+    ``KEEL_COMPENSATE_TIMEOUT_SECONDS``.
+
+    The caller holds no lock and no transaction: a hook is user code that may call other
+    systems for a while, and must not hold the run's or the pools' locks meanwhile. A
+    hook that fails or overruns stops the rollback before anything is reset.
+    """
+    for key in plan.compensate:
+        _compensate(plan.run, plan.nodes[key], settings.KEEL_COMPENSATE_TIMEOUT_SECONDS)
+
+
+def _compensate(run: Run, node: NodeRun, timeout: float) -> None:
     hook = registry.get(node.node_type).compensate_func
     ctx = CompensationContext(
         run_id=run.pk,
@@ -310,9 +321,29 @@ def _compensate(run: Run, node: NodeRun) -> None:
         idempotency_key=node.idempotency_key,
         log=logging.getLogger(f"keel.compensate.{node.node_key}"),
     )
-    try:
-        hook(ctx, node.output)
-    except Exception as error:
+    failed: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            hook(ctx, node.output)
+        except Exception as error:
+            failed.append(error)
+        finally:
+            connections.close_all()  # this thread's own connections
+
+    # A thread, so that the timeout holds whatever the hook does; one that overruns is
+    # left to finish on its own (a daemon: it never keeps the process alive).
+    thread = threading.Thread(target=call, name=f"keel-compensate-{node.node_key}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RecoveryError(
+            f"The compensate hook of node {node.node_key} did not finish within {timeout:g}s "
+            "(KEEL_COMPENSATE_TIMEOUT_SECONDS). Nothing was reset; it may still finish on its "
+            "own. Check what it does, then roll back again (hooks must be safe to repeat)."
+        )
+    if failed:
+        error = failed[0]
         raise RecoveryError(
             f"The compensate hook of node {node.node_key} failed: {type(error).__name__}: {error}. "
             "Nothing was reset; fix the cause and roll back again (hooks must be safe to repeat)."
