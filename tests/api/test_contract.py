@@ -1,7 +1,9 @@
-"""The API against its own OpenAPI document, with schemathesis.
+"""The API against the OpenAPI document ninja generates for it, with schemathesis.
 
-Each documented operation gets generated requests — valid ones and, in the negative
-mode, invalid ones — sent through the WSGI app with a real token against real rows:
+All four phases: the examples, coverage (boundary and invalid values of each field) and
+fuzzing phases run per operation; the stateful phase chains operations by the links
+schemathesis infers (start a run, then read it, act on it, read its nodes...).
+Requests go through the WSGI app with a real token against real rows:
 run ids, node keys and slugs are often swapped for ones that exist, so that success
 responses are checked too, not only 404s. Every response must be a documented status
 with a documented JSON shape, and never a 5xx.
@@ -23,12 +25,13 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from config.api import api
 from tests.api.conftest import work
-from workflows.api import openapi
 from workflows.models import Checkpoint
 
-SCHEMA = schemathesis.openapi.from_dict(copy.deepcopy(openapi.document()))
+SCHEMA = schemathesis.openapi.from_dict(copy.deepcopy(api.get_openapi_schema()))
 SCHEMA.config.generation.update(deterministic=True, database="none")
+SCHEMA.config.phases.update(phases=["examples", "coverage", "fuzzing", "stateful"])
 APP = WSGIHandler()
 CHECKS = [
     not_a_server_error,
@@ -36,7 +39,7 @@ CHECKS = [
     content_type_conformance,
     response_schema_conformance,
 ]
-START_RUN = ("POST", "/workflows/{slug}/runs")
+START_RUN = ("POST", "/api/v1/workflows/{slug}/runs")
 
 
 class Rows:
@@ -92,16 +95,21 @@ def _swap(values, name: str, kind: type, choices: list) -> None:
 
 def never_wait(case) -> None:
     """A start request waits up to 10 s by default; no worker runs here, so ask for none."""
-    if (case.method.upper(), case.operation.path) != START_RUN or not isinstance(case.body, dict):
+    if (case.method.upper(), case.operation.path) != START_RUN:
+        return
+    if not isinstance(case.body, dict):
+        if case.body is None or type(case.body).__name__ == "NotSet":
+            case.body = {"wait": 0}  # an empty body would wait the default 10 s
         return
     wait = case.body.get("wait")
     if wait is None or (isinstance(wait, int | float) and not isinstance(wait, bool)):
         case.body["wait"] = 0
 
 
+@pytest.mark.slow
 @pytest.mark.django_db(transaction=True)
 @settings(
-    max_examples=10,
+    max_examples=25,
     deadline=None,
     suppress_health_check=list(HealthCheck),
     database=None,
@@ -114,4 +122,29 @@ def test_the_api_matches_its_openapi_document(case, rows):
         app=APP,
         headers={"Authorization": f"Bearer {rows.token}"},
         checks=CHECKS,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_sequences_of_calls_match_the_document(rows):
+    class Sequences(SCHEMA.as_state_machine()):
+        def before_call(self, case):
+            aim_at_real_rows(case, rows)
+            never_wait(case)
+
+        def get_call_kwargs(self, case):
+            return {"app": APP, "headers": {"Authorization": f"Bearer {rows.token}"}}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            case.validate_response(response, checks=CHECKS)
+
+    Sequences.run(
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=8,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
     )

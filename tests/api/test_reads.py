@@ -202,7 +202,7 @@ def test_logs_of_the_current_attempt_are_paged_and_returned_as_data(api, failed_
         (2, "<b>boom</b>"),
     ]
     response = api.get(f"runs/{failed_chain.pk}/nodes/b/logs")
-    assert response["Content-Type"] == "application/json"
+    assert response["Content-Type"].startswith("application/json")
     assert response.json()["attempt"] == 1
 
 

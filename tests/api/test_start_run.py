@@ -84,9 +84,9 @@ def test_wait_zero_answers_at_once(api, make_version):
         (
             {"params": {"value": "five"}},
             "params",
-            'params: params.value: expected an integer (the default is 1), got "five"',
+            'params.value: expected an integer (the default is 1), got "five"',
         ),
-        ({"params": {"value": True}}, "params", "params: params.value: expected an integer"),
+        ({"params": {"value": True}}, "params", "params.value: expected an integer"),
     ],
 )
 def test_bad_start_input_is_400_naming_the_field_and_starts_nothing(

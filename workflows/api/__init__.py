@@ -1,14 +1,13 @@
-"""Keel's JSON API under /api/v1/ (plain Django views, no framework).
+"""Keel's JSON API on django-ninja; config/api.py assembles it and mounts it at /api/v1/.
 
-* ``urls.py``        routes; anything else under /api/v1/ is a JSON 404.
-* ``http.py``        the ``endpoint`` decorator: method check, authentication, permission,
-                     and every failure turned into a JSON error (``errors.py``).
-* ``auth.py``        bearer tokens (only a SHA-256 is stored) and session + CSRF.
-* ``inputs.py``      request fields, declared once: validated here, documented in openapi.py.
-* ``serializers.py`` the JSON shapes of workflows, runs, nodes, attempts, logs, events.
-* ``views.py``       parse input, call one operation or read, present JSON.
-* ``openapi.py``     the OpenAPI 3 document served at /api/v1/openapi.json; the response
-                     shapes in it come from ``schemas.py``.
+* ``workflows.py``  workflows, their runs, starting a run (with a bounded wait).
+* ``runs.py``       runs, events, checkpoints, a node's attempts and logs.
+* ``actions.py``    one endpoint per operator action of the registry (workflows/actions.py).
+* ``schemas.py``    pydantic Schemas: responses, bodies, query parameters (the document).
+* ``auth.py``       bearer tokens (only a SHA-256 is stored) and session + CSRF.
+* ``errors.py``     every failure as ``{"error": {"code", "message", "field"}}``.
+* ``pages.py``, ``lookups.py``, ``idempotency.py``, ``parser.py``: keyset pages, 404s that
+  say where to look, the Idempotency-Key header, JSON-object bodies.
 
-Every change goes through workflows/operations.py, like the dashboard, admin and commands.
+Every change goes through the operations, like the dashboard, admin and commands.
 """

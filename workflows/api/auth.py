@@ -5,19 +5,27 @@
   into sending a header by another site, so token requests need no CSRF token.
 * A logged-in session: a browser sends its cookie to any site's form, so unsafe methods
   must carry Django's CSRF token (``X-CSRFToken`` header), exactly as the dashboard does.
-* Neither: 401.
+* Neither: 401 (``not_authenticated``).
+
+``BearerAuth`` and ``SessionAuth`` are the two ninja auth classes, tried in that order.
 """
 
 import hashlib
 import secrets
 from datetime import timedelta
 
+from django.conf import settings
 from django.db.models import Q
 from django.middleware.csrf import CsrfViewMiddleware, get_token
 from django.utils import timezone
+from ninja.security import APIKeyCookie, HttpBearer
 
+from workflows import operations
 from workflows.api.errors import ApiError
 from workflows.models import ApiToken
+
+VIEW_PERMISSION = "workflows.view_run"
+OPERATE_PERMISSION = operations.OPERATE_PERMISSION
 
 TOKEN_PREFIX = "keel_"
 # Characters of the token kept in clear (``keel_`` + 7): enough to tell tokens apart.
@@ -72,43 +80,75 @@ def token_for(raw: str) -> ApiToken | None:
     return token
 
 
-def authenticate(request) -> None:
-    """Set ``request.user`` from the bearer token, or keep the session's; raise ApiError.
+def require(user, *permissions: str) -> None:
+    """403 unless ``user`` has at least one of ``permissions``."""
+    if not any(user.has_perm(permission) for permission in permissions):
+        wanted = "' or '".join(permissions)
+        raise ApiError(
+            403,
+            f"{user.get_username()} lacks the '{wanted}' permission; ask an administrator "
+            "to grant it.",
+        )
 
-    A request that sends an Authorization header is judged by it alone: a wrong token
-    is a 401 even if the browser also has a session.
-    """
-    header = request.headers.get("Authorization")
-    if header is not None:
+
+class BearerAuth(HttpBearer):
+    """``Authorization: Bearer <token>``. A request that sends the header is judged by it
+    alone: a wrong token is a 401 even if the browser also has a session."""
+
+    def __call__(self, request):
+        header = request.headers.get("Authorization")
+        if header is None:
+            return None
         scheme, _, credentials = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not credentials.strip():
-            raise _unauthenticated(
+            raise unauthenticated(
                 f"The Authorization header must be 'Bearer <token>'. {HOW_TO_AUTHENTICATE}"
             )
-        token = token_for(credentials.strip())
-        if token is None:
-            raise _unauthenticated(
+        return self.authenticate(request, credentials.strip())
+
+    def authenticate(self, request, token: str):
+        found = token_for(token)
+        if found is None:
+            raise unauthenticated(
                 "This API token is unknown, revoked, or belongs to an inactive user. "
                 "Create a new one with: manage.py create_api_token USERNAME --name WHAT-FOR."
             )
-        request.user = token.user
-        request.api_token = token
-        return
-    if not request.user.is_authenticated:
-        raise _unauthenticated(f"Authentication required. {HOW_TO_AUTHENTICATE}")
-    request.api_token = None
-    if request.method in SAFE_METHODS:
-        # Makes sure the browser has the CSRF cookie it needs for its next POST.
-        get_token(request)
-        return
-    reason = _csrf_failure(request)
-    if reason:
-        raise ApiError(
-            403,
-            f"CSRF check failed ({reason}). A browser session must send the csrftoken cookie's "
-            "value in an X-CSRFToken header; scripts should use a bearer token instead.",
-            code="csrf_failed",
-        )
+        request.user = found.user
+        request.api_token = found
+        return found.user
+
+
+class SessionAuth(APIKeyCookie):
+    """A dashboard login. Unlike ninja's SessionAuth it asks who is calling before it checks
+    CSRF (no session is a 401, not a 403), answers CSRF failures in Keel's error shape, and
+    gives a reading browser the CSRF cookie it needs for its next POST."""
+
+    param_name = settings.SESSION_COOKIE_NAME
+
+    def _get_key(self, request):
+        return request.COOKIES.get(self.param_name)
+
+    def authenticate(self, request, key):
+        if not request.user.is_authenticated:
+            return None
+        request.api_token = None
+        if request.method in SAFE_METHODS:
+            get_token(request)
+            return request.user
+        reason = _csrf_failure(request)
+        if reason:
+            raise ApiError(
+                403,
+                f"CSRF check failed ({reason}). A browser session must send the csrftoken "
+                "cookie's value in an X-CSRFToken header; scripts should use a bearer token "
+                "instead.",
+                code="csrf_failed",
+            )
+        return request.user
+
+
+def not_authenticated() -> ApiError:
+    return unauthenticated(f"Authentication required. {HOW_TO_AUTHENTICATE}")
 
 
 class _CsrfCheck(CsrfViewMiddleware):
@@ -123,5 +163,5 @@ def _csrf_failure(request) -> str | None:
     return check.process_view(request, None, (), {})
 
 
-def _unauthenticated(message: str) -> ApiError:
+def unauthenticated(message: str) -> ApiError:
     return ApiError(401, message, headers={"WWW-Authenticate": 'Bearer realm="keel"'})
