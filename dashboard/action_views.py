@@ -6,7 +6,6 @@ Permission is checked by the operation itself, so a refused attempt is recorded 
 the run's history before the 403 is returned.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -18,78 +17,54 @@ from django.views.decorators.http import require_GET, require_POST
 
 from dashboard import forms, run_page
 from dashboard.views import get_run_for_user, workflow_context
-from workflows import operations
+from workflows import actions, operations
 from workflows.models import Run, Workflow
 
 
 @dataclass(frozen=True)
 class Action:
-    slug: str  # in the URL
-    name: str  # in operations.preview and the history
+    """How the dashboard shows one action of the registry: its page's title and form."""
+
+    registered: actions.Action
     title: str
-    button: str
     form: type[forms.ActionForm]
-    call: Callable  # (run_id, actor, reason, request_key, **options) -> Outcome
-    danger: bool = False
+
+    @property
+    def slug(self) -> str:  # in the URL
+        return self.registered.slug
+
+    @property
+    def name(self) -> str:  # in the preview and the history
+        return self.registered.name
+
+    @property
+    def button(self) -> str:
+        return self.registered.label
+
+    @property
+    def danger(self) -> bool:
+        return self.registered.danger
 
     @property
     def needs_node(self) -> bool:
-        return self.name in ("retry", "skip", "mark_succeeded")
+        return self.registered.acts_on_node
+
+    def call(self, run_id, **kwargs) -> operations.Outcome:
+        return self.registered.perform(run_id, **kwargs)
 
 
+PAGES = {
+    "resume": ("Resume the run", forms.ActionForm),
+    "retry": ("Retry a node", forms.RetryForm),
+    "rollback": ("Roll the run back", forms.RollbackForm),
+    "cancel": ("Cancel the run", forms.ActionForm),
+    "skip": ("Skip a node", forms.NodeActionForm),
+    "mark_succeeded": ("Mark a node succeeded", forms.MarkSucceededForm),
+}
 ACTIONS = {
     action.slug: action
     for action in (
-        Action(
-            "resume",
-            "resume",
-            "Resume the run",
-            "Resume run",
-            forms.ActionForm,
-            lambda run_id, **kw: operations.resume_run(run_id, **kw),
-        ),
-        Action(
-            "retry",
-            "retry",
-            "Retry a node",
-            "Retry node",
-            forms.RetryForm,
-            lambda run_id, node, **kw: operations.retry_node(run_id, node, **kw),
-        ),
-        Action(
-            "rollback",
-            "rollback",
-            "Roll the run back",
-            "Roll back",
-            forms.RollbackForm,
-            lambda run_id, **kw: operations.rollback_run(run_id, **kw),
-            danger=True,
-        ),
-        Action(
-            "cancel",
-            "cancel",
-            "Cancel the run",
-            "Cancel run",
-            forms.ActionForm,
-            lambda run_id, **kw: operations.cancel_run(run_id, **kw),
-            danger=True,
-        ),
-        Action(
-            "skip",
-            "skip",
-            "Skip a node",
-            "Skip node",
-            forms.NodeActionForm,
-            lambda run_id, node, **kw: operations.skip_node(run_id, node, **kw),
-        ),
-        Action(
-            "mark-succeeded",
-            "mark_succeeded",
-            "Mark a node succeeded",
-            "Mark succeeded",
-            forms.MarkSucceededForm,
-            lambda run_id, node, **kw: operations.mark_node_succeeded(run_id, node, **kw),
-        ),
+        Action(registered, *PAGES[registered.name]) for registered in actions.for_target("run")
     )
 }
 
@@ -100,7 +75,7 @@ def _action(slug: str) -> Action:
 
 def _preview_options(action: Action, options: dict) -> dict:
     """The keyword arguments operations.preview takes for this action."""
-    if action.name in ("retry", "skip", "mark_succeeded"):
+    if action.needs_node:
         keep = {"node", "downstream", "expected_attempt", "output"}
     elif action.name == "rollback":
         keep = {"to_checkpoint", "to_node", "resume"}
@@ -124,7 +99,7 @@ def _confirm_page(request, run: Run, action: Action, form, options: dict, *, sta
         error = error or "Pick a node first: open it on the run page and use its buttons."
     elif not chooser:
         try:
-            preview = operations.preview(action.name, run.pk, **_preview_options(action, options))
+            preview = action.registered.preview(run.pk, **_preview_options(action, options))
         except operations.OperationError as problem:
             error = error or str(problem)
     node = options.get("node") or options.get("to_node") or None

@@ -19,12 +19,13 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_POST
 
 from diagnostics import operations, selectors, system_report
+from workflows import actions
 
 logger = logging.getLogger(__name__)
 
 QUEUE_ACTIONS = {
     "clear": {
-        "operation": operations.clear_queue,
+        "operation": "clear_queue",
         "url_name": "dashboard:clear-queue",
         "title": "Clear queue",
         "count_key": "queued",
@@ -35,7 +36,7 @@ QUEUE_ACTIONS = {
         ),
     },
     "requeue": {
-        "operation": operations.requeue_failed,
+        "operation": "requeue_failed",
         "url_name": "dashboard:requeue-failed",
         "title": "Requeue failed jobs",
         "count_key": "failed",
@@ -91,7 +92,9 @@ def _queue_action(request, queue: str, name: str):
     reason = request.POST.get("reason", "").strip()
     if request.POST.get("confirm") == "yes" and reason:
         try:
-            outcome = action["operation"](queue, actor=request.user, reason=reason)
+            outcome = actions.get(action["operation"]).perform(
+                queue, actor=request.user, reason=reason
+            )
         except operations.QueuePermissionDenied as error:
             raise PermissionDenied(str(error)) from None
         except operations.QueueOperationError as error:

@@ -14,6 +14,7 @@ from pydantic import ConfigDict
 
 from diagnostics import operations
 from diagnostics.models import Finding
+from workflows import actions
 from workflows.api import pages
 from workflows.api.auth import VIEW_PERMISSION, require
 from workflows.api.errors import ApiError
@@ -148,7 +149,7 @@ def _queue_action(request, name: str, body: QueueAction, perform) -> dict:
     "diagnostics.operate_queues permission; audited.",
 )
 def clear_queue(request, name: str, body: QueueAction):
-    return _queue_action(request, name, body, operations.clear_queue)
+    return _queue_action(request, name, body, actions.get("clear_queue").perform)
 
 
 @router.post(
@@ -161,4 +162,4 @@ def clear_queue(request, name: str, body: QueueAction):
     "Needs the diagnostics.operate_queues permission; audited.",
 )
 def requeue_failed(request, name: str, body: QueueAction):
-    return _queue_action(request, name, body, operations.requeue_failed)
+    return _queue_action(request, name, body, actions.get("requeue_failed").perform)

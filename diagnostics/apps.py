@@ -7,6 +7,6 @@ class DiagnosticsConfig(AppConfig):
 
     def ready(self):
         # Keel's metrics are computed at scrape time; registering costs nothing until then.
-        from diagnostics import metrics
+        from diagnostics import actions, metrics  # noqa: F401  (actions registers the queue actions)
 
         metrics.register()

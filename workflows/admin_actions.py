@@ -13,7 +13,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.template.response import TemplateResponse
 
-from workflows import operations
+from workflows import actions, operations
 
 
 class ReasonForm(forms.Form):
@@ -28,10 +28,10 @@ class Target:
     options: dict  # for operations.preview and the operation
 
 
-def operate(
-    modeladmin, request, queryset, *, action: str, title: str, targets: list[Target], perform
-):
-    """Show previews and a reason form; on confirm, apply ``perform(target, actor, reason, key)``."""
+def operate(modeladmin, request, queryset, *, action: str, title: str, targets: list[Target]):
+    """Show previews and a reason form; on confirm, perform the registry's ``action`` on
+    each target, with its options."""
+    registered = actions.get(action)
     if "apply" in request.POST:
         form = ReasonForm(request.POST)
         if form.is_valid():
@@ -39,7 +39,13 @@ def operate(
             for target in targets:
                 key = f"{form.cleaned_data['request_key']}:{target.run_id}:{target.label}"
                 try:
-                    outcome = perform(target, actor, form.cleaned_data["reason"], key)
+                    outcome = registered.perform(
+                        target.run_id,
+                        actor=actor,
+                        reason=form.cleaned_data["reason"],
+                        request_key=key,
+                        **target.options,
+                    )
                 except operations.OperationError as error:
                     modeladmin.message_user(request, f"{target.label}: {error}", messages.ERROR)
                 else:
@@ -51,9 +57,7 @@ def operate(
     previews = []
     for target in targets:
         try:
-            previews.append(
-                (target, operations.preview(action, target.run_id, **target.options), "")
-            )
+            previews.append((target, registered.preview(target.run_id, **target.options), ""))
         except operations.OperationError as error:
             previews.append((target, None, str(error)))
     context = {
@@ -86,9 +90,6 @@ def resume_runs(modeladmin, request, queryset):
         action="resume",
         title="Resume runs",
         targets=targets,
-        perform=lambda t, actor, reason, key: operations.resume_run(
-            t.run_id, actor=actor, reason=reason, request_key=key
-        ),
     )
 
 
@@ -102,9 +103,6 @@ def cancel_runs(modeladmin, request, queryset):
         action="cancel",
         title="Cancel runs",
         targets=targets,
-        perform=lambda t, actor, reason, key: operations.cancel_run(
-            t.run_id, actor=actor, reason=reason, request_key=key
-        ),
     )
 
 
@@ -139,14 +137,6 @@ def _retry(modeladmin, request, queryset, *, downstream: bool):
         action="retry",
         title="Retry nodes" + (" and their downstream" if downstream else ""),
         targets=_node_targets(queryset, downstream=downstream),
-        perform=lambda t, actor, reason, key: operations.retry_node(
-            t.run_id,
-            t.options["node"],
-            actor=actor,
-            reason=reason,
-            downstream=downstream,
-            request_key=key,
-        ),
     )
 
 
@@ -159,9 +149,6 @@ def skip_nodes(modeladmin, request, queryset):
         action="skip",
         title="Skip nodes",
         targets=_node_targets(queryset),
-        perform=lambda t, actor, reason, key: operations.skip_node(
-            t.run_id, t.options["node"], actor=actor, reason=reason, request_key=key
-        ),
     )
 
 
@@ -178,9 +165,6 @@ def rollback_to_node(modeladmin, request, queryset):
         action="rollback",
         title="Roll back runs",
         targets=targets,
-        perform=lambda t, actor, reason, key: operations.rollback_run(
-            t.run_id, actor=actor, reason=reason, to_node=t.options["to_node"], request_key=key
-        ),
     )
 
 
@@ -212,11 +196,4 @@ def rollback_to_checkpoint(modeladmin, request, queryset):
         action="rollback",
         title="Roll back runs to checkpoints",
         targets=targets,
-        perform=lambda t, actor, reason, key: operations.rollback_run(
-            t.run_id,
-            actor=actor,
-            reason=reason,
-            to_checkpoint=t.options["to_checkpoint"],
-            request_key=key,
-        ),
     )

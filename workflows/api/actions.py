@@ -16,12 +16,8 @@ import pydantic
 from django.conf import settings
 from ninja import Query, Router
 
+from workflows import actions as registry
 from workflows import operations
-
-try:
-    from workflows import actions as registry
-except ImportError:  # INTERIM until workflows/actions.py lands (see _interim_actions.py)
-    from workflows.api import _interim_actions as registry
 from workflows.api import idempotency, lookups
 from workflows.api.auth import OPERATE_PERMISSION, VIEW_PERMISSION, require
 from workflows.api.errors import ApiError, from_validation, invalid

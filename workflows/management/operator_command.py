@@ -1,16 +1,23 @@
-"""The shape shared by operator commands: --reason, --dry-run (prints the preview), audit."""
+"""The shape shared by operator commands: --reason, --dry-run (prints the preview), audit.
+
+The action itself (its description, preview and operation) comes from the registry.
+"""
 
 import getpass
 
 from django.core.management.base import BaseCommand, CommandError
 
-from workflows import operations
+from workflows import actions, operations
 
 
 class OperatorCommand(BaseCommand):
     """Subclasses name the action and map options to it; this class does the rest."""
 
     action = ""
+
+    @property
+    def help(self) -> str:
+        return actions.get(self.action).description
 
     def add_arguments(self, parser):
         parser.add_argument("run_id")
@@ -28,17 +35,16 @@ class OperatorCommand(BaseCommand):
         return {}
 
     def perform(self, run_id, actor, reason, options) -> operations.Outcome:
-        raise NotImplementedError
+        return actions.get(self.action).perform(
+            run_id, actor=actor, reason=reason, **self.action_options(options)
+        )
 
     def handle(self, *args, **options):
         actor = f"cli:{getpass.getuser()}"
         try:
             if options["dry_run"]:
-                self.print_preview(
-                    operations.preview(
-                        self.action, options["run_id"], **self.action_options(options)
-                    )
-                )
+                preview = actions.get(self.action).preview
+                self.print_preview(preview(options["run_id"], **self.action_options(options)))
                 return
             outcome = self.perform(options["run_id"], actor, options["reason"], options)
         except operations.OperationError as error:

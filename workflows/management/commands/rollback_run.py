@@ -1,12 +1,7 @@
-from workflows import operations
 from workflows.management.operator_command import OperatorCommand
 
 
 class Command(OperatorCommand):
-    help = (
-        "Roll a finished run back to a checkpoint or to just before a node: compensate what completed "
-        "after it, reset those nodes and their downstream, then resume (unless --no-resume)."
-    )
     action = "rollback"
 
     def add_action_arguments(self, parser):
@@ -25,8 +20,3 @@ class Command(OperatorCommand):
             "to_node": options["to_node"],
             "resume": not options["no_resume"],
         }
-
-    def perform(self, run_id, actor, reason, options):
-        return operations.rollback_run(
-            run_id, actor=actor, reason=reason, **self.action_options(options)
-        )
