@@ -526,21 +526,15 @@ def profile_queries() -> list[str]:
         first = NodeRun.objects.filter(run=run).order_by("node_key").first()
         with CaptureQueriesContext(connection) as queries:
             executor.run_attempt(first.pk, first.attempt)
-        # A batch (workflows/sql.py) is logged as one query of several statements: on
-        # PostgreSQL it is one round trip.
-        sent = [query["sql"].split(";\n") for query in queries.captured_queries]
-        statements = [sql for query in sent for sql in query]
+        statements = [query["sql"] for query in queries.captured_queries]
         writes = sum(
             1 for sql in statements if sql.split(None, 1)[0].upper() in ("INSERT", "UPDATE")
         )
         lines.append(
             f"  {label}: {len(statements)} SQL statements ({writes} INSERT/UPDATE) "
-            f"in {len(sent)} queries per attempt, from claim to completion"
+            "per attempt, from claim to completion"
         )
-        for query in sent:
-            lines.extend(
-                f"    {'+' if index else '-'} {_shorten(sql)}" for index, sql in enumerate(query)
-            )
+        lines.extend(f"    - {_shorten(sql)}" for sql in statements)
         for job_id in NodeAttempt.objects.filter(node_run__run=run).values_list(
             "rq_job_id", flat=True
         ):

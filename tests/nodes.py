@@ -186,3 +186,21 @@ def undo_undoable(ctx, output):
         attempt=0,
         pid=os.getpid(),
     )
+
+
+@node_type("test.undo_probe", side_effects=True)
+def undo_probe(ctx):
+    """A node whose compensate hook records whether it ran inside a transaction."""
+    return {"done": True}
+
+
+@undo_probe.compensate
+def undo_probe_hook(ctx, output):
+    from django.db import connection
+
+    Execution.objects.create(
+        node_key=f"undo:{ctx.node_key}:in_atomic_block={connection.in_atomic_block}",
+        run_id=ctx.run_id,
+        attempt=0,
+        pid=os.getpid(),
+    )

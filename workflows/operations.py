@@ -6,8 +6,9 @@ Dashboard, admin, commands and the API call these functions. Each one:
 * requires a reason, and writes a RunEvent with the actor, the reason, before and after;
 * is idempotent: a request key seen before, or a state where the action has nothing
   left to do, changes nothing;
-* is safe under concurrency: it holds the run's row lock while it decides and applies,
-  so of twenty simultaneous resumes exactly one re-opens the run;
+* is safe under concurrency: it decides again and applies under the run's row lock, so
+  of twenty simultaneous resumes exactly one re-opens the run (a rollback's compensate
+  hooks run before, outside any lock: ``engine.recover``);
 * has a ``preview`` that says which nodes run again, which have side effects and no
   compensate hook, and on which version, queue and pool.
 """
@@ -20,7 +21,6 @@ from django.db import IntegrityError, transaction
 from workflows import engine
 from workflows.definitions import registry
 from workflows.definitions.versioning import latest_version
-from workflows.engine import recovery
 from workflows.models import Checkpoint, NodeRun, Run, RunEvent, Workflow
 
 OPERATE_PERMISSION = "workflows.operate_run"
@@ -163,7 +163,7 @@ def resume_run(run_id, *, actor, reason: str, request_key: str | None = None) ->
         actor=actor,
         reason=reason,
         request_key=request_key,
-        make_plan=lambda run, nodes: recovery.plan_resume(run, nodes),
+        make_plan=lambda run, nodes: engine.plan_resume(run, nodes),
         done=lambda plan: f"Run {plan.run.pk} resumed: {len(plan.reset)} node(s) will run again.",
     )
 
@@ -185,7 +185,7 @@ def retry_node(
         actor=actor,
         reason=reason,
         request_key=request_key,
-        make_plan=lambda run, nodes: recovery.plan_retry(
+        make_plan=lambda run, nodes: engine.plan_retry(
             run, nodes, node_key, downstream=downstream, expected_attempt=expected_attempt
         ),
         done=lambda plan: (
@@ -214,7 +214,7 @@ def rollback_run(
         actor=actor,
         reason=reason,
         request_key=request_key,
-        make_plan=lambda run, nodes: recovery.plan_rollback(
+        make_plan=lambda run, nodes: engine.plan_rollback(
             run, nodes, checkpoint_id=to_checkpoint, node_key=to_node, resume=resume
         ),
         done=lambda plan: (
@@ -236,7 +236,7 @@ def skip_node(
         actor=actor,
         reason=reason,
         request_key=request_key,
-        make_plan=lambda run, nodes: recovery.plan_skip(run, nodes, node_key),
+        make_plan=lambda run, nodes: engine.plan_skip(run, nodes, node_key),
         done=lambda plan: f"Node {node_key} of run {plan.run.pk} skipped.",
         details={"node": node_key},
     )
@@ -253,7 +253,7 @@ def mark_node_succeeded(
         actor=actor,
         reason=reason,
         request_key=request_key,
-        make_plan=lambda run, nodes: recovery.plan_mark_succeeded(run, nodes, node_key, output),
+        make_plan=lambda run, nodes: engine.plan_mark_succeeded(run, nodes, node_key, output),
         done=lambda plan: f"Node {node_key} of run {plan.run.pk} marked succeeded.",
         details={"node": node_key, "output": output},
     )
@@ -291,7 +291,7 @@ def cancel_run(run_id, *, actor, reason: str, request_key: str | None = None) ->
 def preview(action: str, run_id, **options) -> Preview:
     """What ``action`` would do to the run now, without changing anything."""
     run = get_run(run_id)
-    nodes = recovery.load_nodes(run, lock=False)
+    nodes = engine.load_nodes(run, lock=False)
     if action == "cancel":
         live = [
             n
@@ -308,23 +308,23 @@ def preview(action: str, run_id, **options) -> Preview:
             noop="" if run.status in Run.ACTIVE else f"Run {run.pk} is already {run.status}.",
         )
     makers: dict[str, Callable] = {
-        "resume": lambda: recovery.plan_resume(run, nodes),
-        "retry": lambda: recovery.plan_retry(
+        "resume": lambda: engine.plan_resume(run, nodes),
+        "retry": lambda: engine.plan_retry(
             run,
             nodes,
             options["node"],
             downstream=options.get("downstream", False),
             expected_attempt=options.get("expected_attempt"),
         ),
-        "rollback": lambda: recovery.plan_rollback(
+        "rollback": lambda: engine.plan_rollback(
             run,
             nodes,
             checkpoint_id=options.get("to_checkpoint"),
             node_key=options.get("to_node"),
             resume=options.get("resume", True),
         ),
-        "skip": lambda: recovery.plan_skip(run, nodes, options["node"]),
-        "mark_succeeded": lambda: recovery.plan_mark_succeeded(
+        "skip": lambda: engine.plan_skip(run, nodes, options["node"]),
+        "mark_succeeded": lambda: engine.plan_mark_succeeded(
             run, nodes, options["node"], options.get("output") or {}
         ),
     }
@@ -332,12 +332,12 @@ def preview(action: str, run_id, **options) -> Preview:
         raise OperationError(f"Unknown action {action!r}; use one of {', '.join(ACTIONS)}.")
     try:
         plan = makers[action]()
-    except recovery.RecoveryError as error:
+    except engine.RecoveryError as error:
         raise OperationError(str(error)) from None
     return _preview(run, action, _describe(plan), noop=plan.noop_message)
 
 
-def _describe(plan: recovery.Plan) -> list[tuple[NodeRun, str]]:
+def _describe(plan: engine.Plan) -> list[tuple[NodeRun, str]]:
     checkpointed = set(
         Checkpoint.objects.filter(
             node_run__in=[plan.nodes[k] for k in plan.reset],
@@ -412,61 +412,30 @@ def _preview(run: Run, action: str, described, *, noop: str) -> Preview:
 def _operate(
     action, run_id, *, actor, reason, request_key, make_plan, done, details=None
 ) -> Outcome:
-    """Check, compensate, lock, plan, apply, audit.
-
-    1. Check the reason and the actor's permission (a denial is recorded).
-    2. A request key already used means the request was applied: nothing to do.
-    3. Plan without locks and run the plan's compensate hooks (a rollback's), outside
-       any transaction: user code never holds the run's or the pools' locks.
-    4. In one transaction: lock the run, plan again from the locked rows, check the plan
-       still compensates what was compensated, apply it and write the audit event.
-    """
+    """Check the reason and the actor's permission (a denial is recorded), then let the
+    engine compensate, lock, plan again, apply and audit (``engine.recover``)."""
     actor = _as_actor(actor)
     reason = _required_reason(reason, action)
     run = get_run(run_id)
     _check_permission(actor, run, action, reason)
     try:
-        if request_key and RunEvent.objects.filter(request_key=request_key).exists():
-            return Outcome(run, False, "This request was already applied; nothing changed.")
-        draft = make_plan(run, recovery.load_nodes(run, lock=False))
-        if draft.compensate and not draft.is_noop:
-            recovery.compensate(draft)
-        with transaction.atomic():
-            run = Run.objects.select_for_update(no_key=True).get(pk=run.pk)
-            if request_key and RunEvent.objects.filter(request_key=request_key).exists():
-                return Outcome(run, False, "This request was already applied; nothing changed.")
-            before_status = run.status
-            plan = make_plan(run, recovery.load_nodes(run, lock=True))
-            if plan.is_noop:
-                return Outcome(run, False, plan.noop_message)
-            if plan.compensate != draft.compensate:
-                raise recovery.RecoveryError(
-                    f"Run {run.pk} changed while its compensate hooks ran "
-                    f"({', '.join(draft.compensate) or 'none'} compensated); nothing was reset. "
-                    "Preview the rollback again."
-                )
-            summary = recovery.apply(plan, actor=actor.name, reason=reason)
-            RunEvent.objects.create(
-                run=run,
-                kind=RunEvent.Kind.OPERATOR,
-                actor=actor.name,
-                reason=reason,
-                request_key=request_key,
-                before={
-                    "action": action,
-                    **(details or {}),
-                    "run_status": before_status,
-                    "nodes": summary["nodes_before"],
-                },
-                after={"run_status": summary["run_status"], "nodes": summary["nodes_after"]},
-            )
-    except recovery.RecoveryError as error:
+        result = engine.recover(
+            action,
+            run.pk,
+            make_plan,
+            actor=actor.name,
+            reason=reason,
+            request_key=request_key,
+            details=details,
+        )
+    except engine.RecoveryError as error:
         raise OperationError(str(error)) from None
     except IntegrityError:
         # The same request key raced in through another run's lock: it was applied once.
         return Outcome(get_run(run_id), False, "This request was already applied; nothing changed.")
-    run.refresh_from_db()
-    return Outcome(run, True, done(plan))
+    if not result.changed:
+        return Outcome(result.run, False, result.message)
+    return Outcome(result.run, True, done(result.plan))
 
 
 def _as_actor(actor) -> Actor:

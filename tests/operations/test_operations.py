@@ -8,7 +8,8 @@ import threading
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.db import connection
+from django.db import connection, transaction
+from django.db.transaction import TransactionManagementError
 
 from tests.conftest import finished
 from tests.testapp.models import Execution
@@ -441,3 +442,50 @@ def test_a_rollback_whose_compensation_fails_or_overruns_resets_nothing(
     run.refresh_from_db()
     assert run.status == Run.Status.SUCCEEDED
     assert operator_events(run) == []
+
+
+def probe_run(start_run):
+    run = start_run({"name": "Probe", "nodes": {"only": {"type": "test.undo_probe"}}})
+    work(run, "only")
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED
+    return run
+
+
+def test_compensate_hooks_run_outside_any_transaction(start_run):
+    run = probe_run(start_run)
+
+    outcome = operations.rollback_run(run.pk, actor="carol", reason="undo", to_node="only")
+
+    assert outcome.changed
+    assert list(
+        Execution.objects.filter(node_key__startswith="undo:").values_list("node_key", flat=True)
+    ) == ["undo:only:in_atomic_block=False"]
+
+
+def test_a_rollback_called_inside_a_transaction_is_refused_and_changes_nothing(start_run):
+    run = probe_run(start_run)
+
+    with (
+        pytest.raises(TransactionManagementError, match="outside any transaction"),
+        transaction.atomic(),
+    ):
+        operations.rollback_run(run.pk, actor="carol", reason="undo", to_node="only")
+
+    assert not Execution.objects.filter(node_key__startswith="undo:").exists()
+    assert nodes(run)["only"].status == NodeRun.Status.SUCCEEDED
+    assert operator_events(run) == []
+
+
+def test_a_rollback_without_compensate_hooks_applies_as_one_transaction(start_run):
+    run = start_run(
+        {"name": "Plain", "nodes": {"x": {"type": "test.record"}, "y": {"type": "test.record"}}}
+    )
+    work(run, "x")
+    work(run, "y")
+
+    with transaction.atomic():  # nothing to compensate: callers may hold a transaction
+        outcome = operations.rollback_run(run.pk, actor="carol", reason="redo", to_node="y")
+
+    assert outcome.changed
+    assert nodes(run)["y"].status == NodeRun.Status.QUEUED

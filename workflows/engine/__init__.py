@@ -3,9 +3,11 @@
 Runtime, watchdog and operations call these functions; nothing else writes a run's or
 a node's status. Modules: ``runs`` (start, close, cancel, expire), ``attempts`` (claim,
 heartbeats, checkpoints), ``outcomes`` (success, failure, abandon, retries),
-``queueing`` (queue or wait for a pool slot), ``recovery`` (resume, retry, rollback,
-skip, mark succeeded), ``sweeps`` (what the watchdog runs each tick), ``common`` (lock
-order, errors). Jobs go to RQ only after commit (``workflows.runtime.dispatch``).
+``queueing`` (queue or wait for a pool slot), ``plans`` (what resume, retry, rollback,
+skip and mark succeeded would change), ``compensation`` (a rollback's compensate
+hooks), ``recovery`` (``recover``: compensate, lock, plan again, apply), ``sweeps``
+(what the watchdog runs each tick), ``common`` (lock order, errors). Jobs go to RQ only
+after commit (``workflows.runtime.dispatch``).
 """
 
 from workflows.engine.attempts import (
@@ -29,7 +31,18 @@ from workflows.engine.outcomes import (
     complete_attempt,
     fail_attempt,
 )
+from workflows.engine.plans import (
+    Plan,
+    RecoveryError,
+    load_nodes,
+    plan_mark_succeeded,
+    plan_resume,
+    plan_retry,
+    plan_rollback,
+    plan_skip,
+)
 from workflows.engine.queueing import fill_pool, queue_or_wait
+from workflows.engine.recovery import Recovered, recover
 from workflows.engine.runs import (
     cancel_run,
     close_run_if_done,
@@ -45,6 +58,9 @@ __all__ = [
     "Claim",
     "EngineError",
     "Failure",
+    "Plan",
+    "Recovered",
+    "RecoveryError",
     "RunParamsError",
     "abandon_attempt",
     "attempt_is_running",
@@ -58,12 +74,19 @@ __all__ = [
     "fail_attempt",
     "fill_pool",
     "latest_progress_state",
+    "load_nodes",
     "lock_pools",
     "next_checkpoint_sequence",
     "note_attempt",
+    "plan_mark_succeeded",
+    "plan_resume",
+    "plan_retry",
+    "plan_rollback",
+    "plan_skip",
     "promote_due_retries",
     "queue_or_wait",
     "record_heartbeat",
+    "recover",
     "resend_lost_messages",
     "resolve_run_params",
     "run_params",

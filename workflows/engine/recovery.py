@@ -1,246 +1,120 @@
 """Recovery transitions: resume, retry, rollback, skip and mark succeeded.
 
-Operations (workflows/operations.py) build a ``Plan`` for an operator action, show it as
-a preview, run its compensate hooks (``compensate``, before any lock), then lock, plan
-again and ``apply`` it. The lock order is the engine's (``common``); jobs go to RQ after
-commit; a late result of an attempt reset here is rejected by the compare-and-set.
+Operations call ``recover`` with a planner from ``plans``; it compensates (rollback),
+then locks, plans again and ``apply``s. The lock order is the engine's (``common``);
+jobs go to RQ after commit; a late result of an attempt reset here is rejected by the
+compare-and-set.
 """
 
-import json
-import logging
-import threading
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from django.conf import settings
-from django.db import connections
-from django.db.models import Max
+from django.db import transaction
 from django.utils import timezone
 
-from workflows import engine
-from workflows.definitions import registry
-from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
+from workflows.engine.attempts import next_checkpoint_sequence
+from workflows.engine.common import lock_pools, lock_run
+from workflows.engine.compensation import compensate
+from workflows.engine.plans import Plan, RecoveryError, load_nodes
+from workflows.engine.queueing import fill_pool, queue_or_wait
+from workflows.engine.runs import cancel_run, close_run_if_done
+from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
 
-logger = logging.getLogger(__name__)
+ALREADY_APPLIED = "This request was already applied; nothing changed."
 
 
-class RecoveryError(Exception):
-    """The action cannot be applied to the run as it is; the message says what to do."""
+@dataclass(frozen=True)
+class Recovered:
+    """What ``recover`` did: the run as it is now, and the plan it applied (if any)."""
 
-
-@dataclass
-class Plan:
-    """What an operator action will change. Built from rows locked by the caller."""
-
-    action: str
     run: Run
-    nodes: dict[str, NodeRun]
-    # Nodes that go back to pending and run again.
-    reset: list[str] = field(default_factory=list)
-    # Of those, nodes that resume from their latest progress checkpoint (others start over).
-    resume_from_checkpoint: set[str] = field(default_factory=set)
-    # Checkpoints to drop: of the reset nodes, every checkpoint with an id above this.
-    drop_checkpoints_after_id: int | None = None
-    # Compensate hooks to run first, in this order (reverse completion order).
-    compensate: list[str] = field(default_factory=list)
-    skip: list[str] = field(default_factory=list)
-    succeed: dict[str, Any] = field(default_factory=dict)
-    pause_after: bool = False  # rollback without resume: leave the run cancelled
-    noop_message: str = ""
-
-    @property
-    def is_noop(self) -> bool:
-        return bool(self.noop_message)
-
-    def affected(self) -> list[str]:
-        return [
-            *self.compensate,
-            *[k for k in self.reset if k not in self.compensate],
-            *self.skip,
-            *self.succeed,
-        ]
+    changed: bool
+    message: str = ""
+    plan: Plan | None = None
 
 
-# --- Planning (reads only) --------------------------------------------------------------------
-
-
-def load_nodes(run: Run, *, lock: bool) -> dict[str, NodeRun]:
-    queryset = NodeRun.objects.filter(run=run).order_by("id")
-    if lock:
-        queryset = queryset.select_for_update(no_key=True)
-    return {node.node_key: node for node in queryset}
-
-
-def descendants(nodes: dict[str, NodeRun], keys) -> list[str]:
-    """Every node downstream of ``keys`` (not including them), in definition order."""
-    found: set[str] = set()
-    frontier = list(keys)
-    while frontier:
-        for child in nodes[frontier.pop()].downstream:
-            if child not in found:
-                found.add(child)
-                frontier.append(child)
-    return [key for key in nodes if key in found]
-
-
-def _get_node(nodes: dict[str, NodeRun], key: str, run: Run) -> NodeRun:
-    if key not in nodes:
-        raise RecoveryError(
-            f"Run {run.pk} has no node {key!r} (nodes: {', '.join(list(nodes)[:20])})."
-        )
-    return nodes[key]
-
-
-def plan_resume(run: Run, nodes: dict[str, NodeRun]) -> Plan:
-    plan = Plan("resume", run, nodes)
-    if run.status == Run.Status.SUCCEEDED:
-        plan.noop_message = f"Run {run.pk} already succeeded; nothing to resume."
-    elif run.status in Run.ACTIVE:
-        plan.noop_message = (
-            f"Run {run.pk} is {run.status}; nothing to resume (retry a node instead)."
-        )
-    else:
-        plan.reset = [key for key, node in nodes.items() if node.status not in NodeRun.DONE]
-        plan.resume_from_checkpoint = set(plan.reset)
-    return plan
-
-
-def plan_retry(
-    run: Run, nodes: dict[str, NodeRun], key: str, *, downstream: bool, expected_attempt=None
-) -> Plan:
-    node = _get_node(nodes, key, run)
-    plan = Plan("retry", run, nodes)
-    if expected_attempt is not None and node.attempt != expected_attempt:
-        plan.noop_message = (
-            f"Node {key} is at attempt {node.attempt}, not {expected_attempt}: it was retried or moved on "
-            "since you looked; nothing changed."
-        )
-        return plan
-    if node.status == NodeRun.Status.PENDING and node.pending_upstreams:
-        blockers = [up for up in node.upstream if nodes[up].status not in NodeRun.DONE]
-        raise RecoveryError(
-            f"Node {key} has not run yet: it waits for {', '.join(blockers)}. Retry "
-            f"{blockers[0]} (with its downstream) or resume the run instead."
-        )
-    plan.reset = [key]
-    # A node that did not finish resumes from its checkpoint; a succeeded one starts over.
-    if node.status != NodeRun.Status.SUCCEEDED:
-        plan.resume_from_checkpoint = {key}
-    if downstream:
-        plan.reset += [k for k in descendants(nodes, [key]) if k not in plan.reset]
-    return plan
-
-
-def plan_rollback(
-    run: Run,
-    nodes: dict[str, NodeRun],
+def recover(
+    action: str,
+    run_id: int,
+    make_plan: Callable[[Run, dict[str, NodeRun]], Plan],
     *,
-    checkpoint_id: int | None = None,
-    node_key: str | None = None,
-    resume: bool = True,
-) -> Plan:
-    """Back to a checkpoint, or to just before a node.
+    actor: str,
+    reason: str,
+    request_key: str | None = None,
+    details: dict | None = None,
+) -> Recovered:
+    """Apply one operator action to a run, with its audit event.
 
-    1. Find the point: the checkpoint's id, or just before the node's first checkpoint.
-    2. Nodes completed after the point (their node_done checkpoint is later) are
-       compensated, newest first, and reset with everything downstream of them.
-    3. Rolling back to a progress checkpoint of node X also resets X, which resumes
-       from that checkpoint; "to just before X" resets X to start over.
-    4. Every checkpoint of the reset nodes later than the point is dropped.
+    1. Plan from unlocked rows; a request key seen before, or nothing to do, changes
+       nothing. A plan the run does not allow raises ``RecoveryError``.
+    2. Run the plan's compensate hooks (a rollback's), outside any transaction and lock;
+       one that fails or overruns raises, and nothing is changed.
+    3. In one transaction: lock the run, plan again from the locked rows. If hooks ran
+       and the plan is no longer the same, raise: the run changed while compensating.
+    4. Apply the plan and write the operator's RunEvent (actor, reason, before/after).
     """
-    if (checkpoint_id is None) == (node_key is None):
-        raise RecoveryError("Give exactly one of a checkpoint or a node to roll back to.")
-    if run.status in Run.ACTIVE:
-        raise RecoveryError(f"Run {run.pk} is still {run.status}; cancel it first, then roll back.")
-    plan = Plan("rollback", run, nodes, pause_after=not resume)
-    roots: list[str] = []
-    if checkpoint_id is not None:
-        checkpoint = (
-            Checkpoint.objects.filter(pk=checkpoint_id, run=run).select_related("node_run").first()
+    run = Run.objects.get(pk=run_id)
+    if request_key and RunEvent.objects.filter(request_key=request_key).exists():
+        return Recovered(run, False, ALREADY_APPLIED)
+    draft = make_plan(run, load_nodes(run, lock=False))
+    if draft.is_noop:
+        return Recovered(run, False, draft.noop_message, draft)
+    compensate(draft)
+    with transaction.atomic():
+        run = lock_run(run_id)
+        if request_key and RunEvent.objects.filter(request_key=request_key).exists():
+            return Recovered(run, False, ALREADY_APPLIED)
+        before_status = run.status
+        try:
+            plan = make_plan(run, load_nodes(run, lock=True))
+        except RecoveryError as error:
+            if not draft.compensate:
+                raise
+            raise RecoveryError(_changed_message(draft, f" ({error})")) from None
+        if draft.compensate and _shape(plan) != _shape(draft):
+            raise RecoveryError(_changed_message(draft))
+        if plan.is_noop:
+            return Recovered(run, False, plan.noop_message, plan)
+        summary = apply(plan, actor=actor, reason=reason)
+        RunEvent.objects.create(
+            run=run,
+            kind=RunEvent.Kind.OPERATOR,
+            actor=actor,
+            reason=reason,
+            request_key=request_key,
+            before={
+                "action": action,
+                **(details or {}),
+                "run_status": before_status,
+                "nodes": summary["nodes_before"],
+            },
+            after={"run_status": summary["run_status"], "nodes": summary["nodes_after"]},
         )
-        if checkpoint is None:
-            raise RecoveryError(
-                f"Run {run.pk} has no checkpoint {checkpoint_id}; pick one from the run page."
-            )
-        point = checkpoint.pk
-        if checkpoint.kind == Checkpoint.Kind.PROGRESS and checkpoint.node_run is not None:
-            roots.append(checkpoint.node_run.node_key)
-    else:
-        node = _get_node(nodes, node_key, run)
-        first = (
-            Checkpoint.objects.filter(node_run=node)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-            .first()
-        )
-        newest = Checkpoint.objects.filter(run=run).aggregate(newest=Max("pk"))["newest"] or 0
-        point = (first - 1) if first is not None else newest
-        roots.append(node.node_key)
-    completed_after = list(
-        Checkpoint.objects.filter(
-            run=run, kind=Checkpoint.Kind.NODE_DONE, pk__gt=point, node_run__isnull=False
-        )
-        .order_by("-pk")
-        .values_list("node_run__node_key", flat=True)
+    run.refresh_from_db()
+    return Recovered(run, True, "", plan)
+
+
+def _shape(plan: Plan) -> tuple:
+    """What must not change between compensating and applying."""
+    return (
+        plan.run.status,
+        plan.noop_message,
+        tuple(plan.compensate),
+        tuple(plan.reset),
+        tuple(sorted(plan.resume_from_checkpoint)),
+        plan.drop_checkpoints_after_id,
+        tuple(plan.skip),
+        tuple(plan.succeed),
+        tuple((key, plan.nodes[key].status, plan.nodes[key].attempt) for key in plan.affected()),
     )
-    completed_now = [
-        key
-        for key in dict.fromkeys(completed_after)
-        if nodes[key].status == NodeRun.Status.SUCCEEDED
-    ]
-    plan.compensate = [
-        key for key in completed_now if registry.get(nodes[key].node_type).compensate_func
-    ]
-    starts = list(dict.fromkeys([*roots, *completed_now]))
-    plan.reset = [key for key in nodes if key in set(starts) | set(descendants(nodes, starts))]
-    plan.drop_checkpoints_after_id = point
-    plan.resume_from_checkpoint = set(plan.reset)  # from what is left after the drop
-    if not plan.reset:
-        plan.noop_message = "Nothing completed after that point; nothing to roll back."
-    return plan
 
 
-def plan_skip(run: Run, nodes: dict[str, NodeRun], key: str) -> Plan:
-    node = _get_node(nodes, key, run)
-    plan = Plan("skip", run, nodes)
-    if node.status in NodeRun.DONE:
-        plan.noop_message = f"Node {key} is already {node.status}; nothing to skip."
-    else:
-        plan.skip = [key]
-    return plan
-
-
-def plan_mark_succeeded(run: Run, nodes: dict[str, NodeRun], key: str, output) -> Plan:
-    node = _get_node(nodes, key, run)
-    plan = Plan("mark_succeeded", run, nodes)
-    try:
-        size = len(json.dumps(output))
-    except (TypeError, ValueError) as error:
-        raise RecoveryError(f"The output must be JSON: {error}") from None
-    if size > settings.KEEL_MAX_OUTPUT_BYTES:
-        raise RecoveryError(
-            f"The output is {size} bytes, over KEEL_MAX_OUTPUT_BYTES={settings.KEEL_MAX_OUTPUT_BYTES}."
-        )
-    if node.status == NodeRun.Status.SUCCEEDED:
-        plan.noop_message = f"Node {key} already succeeded; nothing to mark."
-    else:
-        plan.succeed = {key: output}
-    return plan
-
-
-# --- Applying ---------------------------------------------------------------------------------
-
-
-@dataclass
-class CompensationContext:
-    """What a compensate hook sees: ``hook(ctx, output)``."""
-
-    run_id: int
-    node_key: str
-    params: dict
-    run_params: dict
-    idempotency_key: str
-    log: logging.Logger
+def _changed_message(draft: Plan, why: str = "") -> str:
+    return (
+        f"Run {draft.run.pk} changed while its compensate hooks ran "
+        f"({', '.join(draft.compensate)} compensated){why}; nothing was reset. "
+        "Preview the rollback again."
+    )
 
 
 def apply(plan: Plan, *, actor: str, reason: str) -> dict:
@@ -254,7 +128,7 @@ def apply(plan: Plan, *, actor: str, reason: str) -> dict:
     Returns before/after node statuses for the audit event.
     """
     run, nodes, now = plan.run, plan.nodes, timezone.now()
-    engine.lock_pools(run)
+    lock_pools(run)
     before = {key: nodes[key].status for key in plan.affected()}
     note = f"{plan.action} by {actor}: {reason}"[:2000]
     touched = [*plan.reset, *plan.skip, *plan.succeed]
@@ -277,77 +151,26 @@ def apply(plan: Plan, *, actor: str, reason: str) -> dict:
             run=run,
             node_run=node,
             kind=Checkpoint.Kind.NODE_DONE,
-            sequence=engine.next_checkpoint_sequence(node.pk),
+            sequence=next_checkpoint_sequence(node.pk),
             attempt=node.attempt,
             state={"output": output},
         )
     _reopen(run, now)
     if plan.pause_after:
         # Rolled back without resuming: nothing is queued; resume_run continues later.
-        engine.cancel_run(
+        cancel_run(
             run.pk, actor=actor, reason=f"rolled back; resume the run to continue ({reason})"
         )
     else:
-        engine.queue_or_wait(run, _recount_pending(nodes, now), now)
+        queue_or_wait(run, _recount_pending(nodes, now), now)
         for pool in sorted({nodes[key].pool for key in touched if nodes[key].pool}):
-            engine.fill_pool(pool, now)
-        engine.close_run_if_done(run, now)
+            fill_pool(pool, now)
+        close_run_if_done(run, now)
     after = dict(
         NodeRun.objects.filter(run=run, node_key__in=list(before)).values_list("node_key", "status")
     )
     run.refresh_from_db()
     return {"nodes_before": before, "nodes_after": after, "run_status": run.status}
-
-
-def compensate(plan: Plan) -> None:
-    """Run the plan's compensate hooks, newest completion first, each within
-    ``KEEL_COMPENSATE_TIMEOUT_SECONDS``.
-
-    The caller holds no lock and no transaction: a hook is user code that may call other
-    systems for a while, and must not hold the run's or the pools' locks meanwhile. A
-    hook that fails or overruns stops the rollback before anything is reset.
-    """
-    for key in plan.compensate:
-        _compensate(plan.run, plan.nodes[key], settings.KEEL_COMPENSATE_TIMEOUT_SECONDS)
-
-
-def _compensate(run: Run, node: NodeRun, timeout: float) -> None:
-    hook = registry.get(node.node_type).compensate_func
-    ctx = CompensationContext(
-        run_id=run.pk,
-        node_key=node.node_key,
-        params=node.params,
-        run_params=run.params,
-        idempotency_key=node.idempotency_key,
-        log=logging.getLogger(f"keel.compensate.{node.node_key}"),
-    )
-    failed: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            hook(ctx, node.output)
-        except Exception as error:
-            failed.append(error)
-        finally:
-            connections.close_all()  # this thread's own connections
-
-    # A thread, so that the timeout holds whatever the hook does; one that overruns is
-    # left to finish on its own (a daemon: it never keeps the process alive).
-    thread = threading.Thread(target=call, name=f"keel-compensate-{node.node_key}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise RecoveryError(
-            f"The compensate hook of node {node.node_key} did not finish within {timeout:g}s "
-            "(KEEL_COMPENSATE_TIMEOUT_SECONDS). Nothing was reset; it may still finish on its "
-            "own. Check what it does, then roll back again (hooks must be safe to repeat)."
-        )
-    if failed:
-        error = failed[0]
-        raise RecoveryError(
-            f"The compensate hook of node {node.node_key} failed: {type(error).__name__}: {error}. "
-            "Nothing was reset; fix the cause and roll back again (hooks must be safe to repeat)."
-        ) from error
 
 
 def _end_active_attempts(nodes: list[NodeRun], note: str, now) -> None:
