@@ -66,7 +66,7 @@ class FindingQuery(Schema):
     )
     run: int | None = Field(None, ge=1, le=MAX_ID, description="Only findings about this run.")
     code: str | None = Field(
-        None, min_length=1, max_length=50, description="Only findings with this code."
+        None, pattern=r"^[a-z][a-z0-9_]{0,49}$", description="Only findings with this code."
     )
     before: int | None = Field(
         None, ge=1, le=MAX_ID, description="Findings older than this id (the next link sets it)."

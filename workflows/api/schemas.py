@@ -399,13 +399,14 @@ def _limit(default: int, maximum: int):
 
 
 AFTER_DESCRIPTION = "Return results after this one (the next link sets it)."
+# A workflow's slug (workflows/definitions/spec.py); the database never sees anything else.
+SLUG = r"^[a-z0-9][a-z0-9_\-]{0,99}$"
 
 
 class WorkflowQuery(Schema):
     after: str | None = Field(
         None,
-        min_length=1,
-        max_length=100,
+        pattern=SLUG,
         description="Return workflows whose slug sorts after this one (the next link sets it).",
     )
     limit: int = _limit(50, 200)
@@ -442,7 +443,7 @@ class RunQuery(Schema):
 
 class AllRunsQuery(RunQuery):
     workflow: str | None = Field(
-        None, min_length=1, max_length=100, description="Only runs of this workflow (its slug)."
+        None, pattern=SLUG, description="Only runs of this workflow (its slug)."
     )
 
 
