@@ -11,10 +11,11 @@ from django.urls import reverse
 
 from diagnostics.models import Finding, FindingSeverity
 from diagnostics.reliability import format_duration
+from workflows import actions
 
 SEVERITY_RANK = {FindingSeverity.CRITICAL: 0, FindingSeverity.WARNING: 1, FindingSeverity.INFO: 2}
-# Actions that workflows/operations.py performs, and the slug of their preview page (the
-# operator confirms there, with a reason; dashboard/action_views.py).
+# A finding's suggested action (as detectors write it) -> the registered action whose
+# preview page it links to (the operator confirms there, with a reason).
 RUN_PAGE_ACTIONS = {
     "retry_node": "retry",
     "resume_run": "resume",
@@ -57,7 +58,8 @@ def describe_action(action: dict, run_id: int | None) -> dict | None:
     run_id = action.get("run") or action.get("run_id") or run_id
     if kind in RUN_PAGE_ACTIONS and str(run_id).isdigit():
         node = action.get("node")
-        url = reverse(f"dashboard:run-{RUN_PAGE_ACTIONS[kind]}-preview", args=[int(run_id)])
+        slug = actions.get(RUN_PAGE_ACTIONS[kind]).slug
+        url = reverse(f"dashboard:run-{slug}-preview", args=[int(run_id)])
         return {
             "kind": kind,
             "label": f"{label} ({node})…" if node else f"{label}…",
