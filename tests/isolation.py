@@ -17,6 +17,9 @@ import redis
 
 # Not under rq:* or keel:*, which the clean_redis fixture deletes.
 CLAIM_KEY = "keel-test-claim"
+# Marks a database as the test suite's own: its leftovers are jobs of earlier test runs,
+# which each test clears anyway. A database without it that holds keys is someone else's.
+MARK_KEY = "keel-test-database"
 CLAIM_SECONDS = 6 * 3600  # outlives any run; a crashed run's claim expires by itself
 MARKER = "KEEL_TEST_ISOLATED"
 
@@ -51,8 +54,8 @@ def isolate() -> None:
 def claim_database(url: str) -> str:
     """The URL with a database number no other live test run holds, claimed until exit.
 
-    The URL's own number comes first; a database that holds other keys (someone's app) is
-    never claimed.
+    The URL's own number comes first. A database is taken when it is empty or marked as a
+    test database; one that holds someone else's keys is never touched.
     """
     parts = urlsplit(url)
     if parts.scheme == "unix":
@@ -65,15 +68,16 @@ def claim_database(url: str) -> str:
         candidate = redis.Redis.from_url(urlunsplit(parts._replace(path=f"/{number}")))
         if not candidate.set(CLAIM_KEY, token, nx=True, ex=CLAIM_SECONDS):
             continue
-        if candidate.dbsize() > 1:  # in use by something that does not claim
-            candidate.delete(CLAIM_KEY)
+        if candidate.dbsize() > 1 and not candidate.exists(MARK_KEY):
+            candidate.delete(CLAIM_KEY)  # someone else's data
             continue
+        candidate.set(MARK_KEY, "1")
         atexit.register(_release, candidate, token)
         return urlunsplit(parts._replace(path=f"/{number}"))
     raise RuntimeError(
-        f"No free Redis database on {parts.hostname}:{parts.port}: every one is claimed by "
-        f"another test run or holds keys. Stop the other runs, or delete the {CLAIM_KEY!r} "
-        "key of a run that crashed."
+        f"No free Redis database on {parts.hostname}:{parts.port}: each is claimed by another "
+        f"test run or holds keys that are not the test suite's. Stop the other runs, delete the "
+        f"{CLAIM_KEY!r} key of a run that crashed, or point REDIS_URL at an empty database."
     )
 
 
