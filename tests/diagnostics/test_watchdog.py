@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -14,7 +13,7 @@ from django.utils import timezone
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from diagnostics import watchdog
+from diagnostics import health, watchdog
 from diagnostics.models import Finding
 from tests.conftest import BASE_DIR, finished, subprocess_env, wait_for
 from tests.testapp.models import Execution
@@ -96,13 +95,14 @@ def test_first_seen_is_kept_and_last_seen_moves(start_run, settings):
 
     watchdog.tick()
     first = Finding.objects.get(code="no_worker")
-    time.sleep(0.05)
+    # As if the first tick had been a second ago: the second tick must move last_seen on.
+    Finding.objects.filter(pk=first.pk).update(last_seen=first.last_seen - timedelta(seconds=1))
     watchdog.tick()
 
     again = Finding.objects.get(code="no_worker")
     assert again.pk == first.pk
     assert again.first_seen == first.first_seen
-    assert again.last_seen > first.last_seen
+    assert again.last_seen > first.last_seen - timedelta(seconds=1)
     assert again.resolved_at is None
 
 
@@ -132,7 +132,10 @@ def test_two_watchdogs_acting_at_once_repair_a_lost_attempt_once(start_worker, s
     )
     wait_for(lambda: only(run).status == NodeRun.Status.RUNNING, message="running")
     worker.kill_hard()
-    time.sleep(2)  # 1.5 beats without a heartbeat from a process that is gone
+    # Two beats without a heartbeat from a process that is gone, without waiting for them.
+    NodeRun.objects.filter(pk=only(run).pk).update(
+        heartbeat_at=timezone.now() - timedelta(seconds=2)
+    )
 
     # Both act without the lock (as when Redis is down): the engine's compare-and-set
     # lets exactly one of them end the attempt.
@@ -177,7 +180,7 @@ def test_watchdog_once_prints_what_it_did(start_run, settings, capsys):
     assert "opened   no_worker queue:default: No worker listens to queue default" in out
 
 
-def test_the_watchdog_loop_stops_cleanly_on_sigterm(transactional_db, tmp_path):
+def test_the_watchdog_loop_stops_cleanly_on_sigterm(transactional_db, clean_redis, tmp_path):
     log = tmp_path / "watchdog.log"
     process = subprocess.Popen(
         [sys.executable, "manage.py", "watchdog", "--interval", "1"],
@@ -188,7 +191,8 @@ def test_the_watchdog_loop_stops_cleanly_on_sigterm(transactional_db, tmp_path):
     )
     try:
         wait_for(lambda: "one tick every 1s" in log.read_text(), message="the watchdog to start")
-        time.sleep(1.5)
+        # Stop it once it has ticked (its heartbeat key says so), between two ticks.
+        wait_for(lambda: health.watchdog_status()["alive"], message="the watchdog's first tick")
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
     finally:
