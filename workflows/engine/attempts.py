@@ -4,7 +4,7 @@ import logging
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 
 from workflows.engine.common import ENGINE
@@ -53,17 +53,20 @@ def claim_attempt(
                 started_at=now,
                 updated_at=now,
             )
-            node = NodeRun.objects.values(
-                "run_id",
-                "node_key",
-                "node_type",
-                "params",
-                "upstream",
-                "timeout_seconds",
-                "soft_timeout_seconds",
-            ).get(pk=node_run_id)
-            attempt_id = NodeAttempt.objects.values_list("pk", flat=True).get(
-                node_run_id=node_run_id, number=attempt
+            this_attempt = NodeAttempt.objects.filter(node_run_id=OuterRef("pk"), number=attempt)
+            node = (
+                NodeRun.objects.annotate(attempt_id=Subquery(this_attempt.values("pk")[:1]))
+                .values(
+                    "run_id",
+                    "node_key",
+                    "node_type",
+                    "params",
+                    "upstream",
+                    "timeout_seconds",
+                    "soft_timeout_seconds",
+                    "attempt_id",
+                )
+                .get(pk=node_run_id)
             )
     if not claimed:
         record_stale_message(node_run_id, attempt, worker, "claim")
@@ -78,7 +81,7 @@ def claim_attempt(
         upstream=node["upstream"],
         timeout_seconds=node["timeout_seconds"],
         soft_timeout_seconds=node["soft_timeout_seconds"],
-        attempt_id=attempt_id,
+        attempt_id=node["attempt_id"],
     )
 
 

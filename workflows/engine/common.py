@@ -41,7 +41,8 @@ def lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run, 
     """Lock the run, its pools, then the node: what an outcome or an abandon needs."""
     if run_id is None:
         run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
-    run = lock_run(run_id)
+    # An outcome reads only these of the run; the rest load if ever touched.
+    run = Run.objects.select_for_update(no_key=True).only("id", "status", "pools").get(pk=run_id)
     lock_pools(run)
     node = NodeRun.objects.select_for_update(no_key=True).get(pk=node_run_id)
     return run, node

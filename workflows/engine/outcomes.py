@@ -36,7 +36,9 @@ class Failure:
     ignore_retry_on: bool = False
 
 
-def complete_attempt(node_run_id: int, attempt: int, output, *, actor: str = ENGINE) -> bool:
+def complete_attempt(
+    node_run_id: int, attempt: int, output, *, actor: str = ENGINE, run_id: int | None = None
+) -> bool:
     """Apply a successful attempt and advance the run. Returns False if it was stale.
 
     1. Lock the run, its pools, then the node; reject unless running this attempt.
@@ -48,7 +50,7 @@ def complete_attempt(node_run_id: int, attempt: int, output, *, actor: str = ENG
     """
     now = timezone.now()
     with transaction.atomic():
-        run, node = lock_for_outcome(node_run_id)
+        run, node = lock_for_outcome(node_run_id, run_id)
         if node.status != NodeRun.Status.RUNNING or node.attempt != attempt:
             record_stale_message(node_run_id, attempt, actor, "success")
             return False

@@ -178,7 +178,9 @@ def report(claim: engine.Claim, outcome: Outcome, *, actor: str) -> None:
             claim.node_run_id, claim.attempt, outcome.failure, actor=actor, run_id=claim.run_id
         )
         return
-    engine.complete_attempt(claim.node_run_id, claim.attempt, outcome.output, actor=actor)
+    engine.complete_attempt(
+        claim.node_run_id, claim.attempt, outcome.output, actor=actor, run_id=claim.run_id
+    )
 
 
 def timeout_failure(timeout: int, *, stopped: bool, grace: int = 0) -> engine.Failure:
