@@ -196,7 +196,9 @@ def _patterns() -> list:
         for p in patterns
         if p.name != "api-root"  # ninja's home page; ours is the 404 below
     ]
-    return [*wrapped, path("", not_found, name="api-root"), re_path(r"^(?P<path>.*)$", not_found)]
+    # [\s\S], not ".": a path may hold a newline (%0A), and it is still an API path.
+    anything = re_path(r"^(?P<path>[\s\S]*)$", not_found)
+    return [*wrapped, path("", not_found, name="api-root"), anything]
 
 
 urls = (_patterns(), "ninja", "api")

@@ -140,7 +140,7 @@ def _queue_action(request, name: str, body: QueueAction, perform) -> dict:
 
 @router.post(
     "/queues/{name}/clear",
-    response={200: QueueOutcome, **errors(400, 404, 409)},
+    response={200: QueueOutcome, **errors(400, 404, 409, 413)},
     url_name="queue-clear",
     operation_id="clear_queue",
     summary="Remove every job waiting in a queue",
@@ -154,7 +154,7 @@ def clear_queue(request, name: str, body: QueueAction):
 
 @router.post(
     "/queues/{name}/requeue-failed",
-    response={200: QueueOutcome, **errors(400, 404, 409)},
+    response={200: QueueOutcome, **errors(400, 404, 409, 413)},
     url_name="queue-requeue-failed",
     operation_id="requeue_failed",
     summary="Put the queue's failed jobs back on it",

@@ -233,7 +233,9 @@ def test_options_lists_the_methods(client):
     assert response.status_code == 204 and response["Allow"] == "OPTIONS, POST"
 
 
-@pytest.mark.parametrize("path", ["/api/v1/", "/api/v1/nope", "/api/v1/runs/abc", "/api/v1/x/"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/", "/api/v1/nope", "/api/v1/runs/abc", "/api/v1/x/", "/api/v1/a%0Ab/c"]
+)
 def test_an_unknown_api_url_is_a_json_404_pointing_at_the_document(client, path):
     response = client.post(path)
     assert response.status_code == 404

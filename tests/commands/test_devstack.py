@@ -306,6 +306,12 @@ def test_a_killed_worker_is_restarted_and_the_system_report_shows_it(devstack):
 def test_a_stopped_then_killed_watchdog_is_restarted_with_a_longer_backoff(devstack):
     first = wait_for(lambda: devstack.running("watchdog"), message="the watchdog to be recorded")
     worker = devstack.running("worker")
+    # SIGTERM before its handler is installed (Django still loading, on a busy machine)
+    # would kill it rather than stop it: wait for the line it prints once it listens.
+    wait_for(
+        lambda: "watchdog: one tick every" in devstack.log(),
+        message="the watchdog to install its signal handlers",
+    )
 
     os.kill(first["pid"], signal.SIGTERM)  # to it alone: it stops cleanly, devstack does not
     wait_for(

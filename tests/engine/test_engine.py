@@ -8,6 +8,7 @@ import threading
 
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from workflows import engine
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, ResourcePool, Run, RunEvent
@@ -352,3 +353,79 @@ def test_the_last_success_closes_the_run_with_its_event(start_run):
     event = RunEvent.objects.filter(run=run, kind=RunEvent.Kind.TRANSITION).latest("id")
     assert (event.reason, event.after) == ("run succeeded", {"status": "succeeded"})
     assert RunEvent.objects.filter(run=run, reason="run succeeded").count() == 1
+
+
+@pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="SQLite's write transaction holds the whole file"
+)
+def test_a_recovery_locks_the_run_then_its_pools_then_its_nodes(start_run):
+    # The engine's lock order: an outcome holding a pool may lock a waiting node of this
+    # run (fill_pool); locking this run's nodes before its pools could deadlock with it.
+    run = start_run(
+        {
+            "name": "Pooled retry",
+            "pools": {"warehouse": 1},
+            "nodes": {
+                "a": {"type": "keel.noop", "pool": "warehouse"},
+                "b": {"type": "keel.noop", "after": ["a"]},
+            },
+        }
+    )
+    a = by_key(run)["a"]
+    assert claim(a)
+    assert engine.fail_attempt(a.pk, 1, engine.Failure("ValueError", "boom", retryable=False))
+
+    with CaptureQueriesContext(connection) as queries:
+        recovered = engine.recover(
+            "retry",
+            run.pk,
+            lambda run, nodes: engine.plan_retry(run, nodes, "a", downstream=False),
+            actor="alice",
+            reason="try again",
+        )
+
+    assert recovered.changed
+    locked = []
+    for query in queries.captured_queries:
+        if "FOR NO KEY UPDATE" not in query["sql"] and "FOR UPDATE" not in query["sql"]:
+            continue
+        table = query["sql"].split(" FROM ", 1)[1].split()[0].strip('"')
+        if not locked or locked[-1] != table:
+            locked.append(table)
+    assert locked[:3] == ["workflows_run", "workflows_resourcepool", "workflows_noderun"]
+
+
+def test_a_freed_pool_slot_goes_to_another_run_without_waiting_for_that_runs_lock(start_run):
+    """fill_pool queues a waiting node of another run while holding the pool: taking that
+    run's lock there (after the pool) could deadlock with that run's own outcome."""
+    if connection.vendor != "postgresql":
+        pytest.skip("row locks are a PostgreSQL matter")
+    definition = {"name": "Pooled", "pools": {"db": 1}, "nodes": {"n": {"type": "keel.noop"}}}
+    definition["nodes"]["n"]["pool"] = "db"
+    first, second = start_run(definition), start_run(definition)
+    holder, waiter = by_key(first)["n"], by_key(second)["n"]
+    assert claim(holder)
+    holding, release = threading.Event(), threading.Event()
+
+    def second_run_locked():
+        try:
+            with transaction.atomic():
+                engine.common.lock_run(second.pk)
+                holding.set()
+                release.wait(timeout=20)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=second_run_locked)
+    thread.start()
+    try:
+        assert holding.wait(timeout=10)
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+            assert engine.complete_attempt(holder.pk, 1, {})
+    finally:
+        release.set()
+        thread.join(timeout=20)
+    waiter.refresh_from_db()
+    assert (waiter.status, waiter.attempt) == (NodeRun.Status.QUEUED, 1)

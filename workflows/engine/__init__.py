@@ -6,8 +6,9 @@ heartbeats, checkpoints), ``outcomes`` (success, failure, abandon, retries),
 ``queueing`` (queue or wait for a pool slot), ``plans`` (what resume, retry, rollback,
 skip and mark succeeded would change), ``compensation`` (a rollback's compensate
 hooks), ``recovery`` (``recover``: compensate, lock, plan again, apply), ``sweeps``
-(what the watchdog runs each tick), ``common`` (lock order, errors). Jobs go to RQ only
-after commit (``workflows.runtime.dispatch``).
+(what the watchdog runs each tick), ``statements`` (the claim's and the success's named
+statements), ``common`` (lock order, errors). Jobs go to RQ only after commit
+(``workflows.runtime.dispatch``).
 """
 
 from workflows.engine.attempts import (

@@ -4,9 +4,10 @@ import logging
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import Max, OuterRef, Subquery
+from django.db.models import Max
 from django.utils import timezone
 
+from workflows.engine import statements
 from workflows.engine.common import ENGINE
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
 
@@ -32,57 +33,29 @@ class Claim:
 def claim_attempt(
     node_run_id: int, attempt: int, *, worker: str, pid: int, host: str
 ) -> Claim | None:
-    """Compare-and-set ``queued`` → ``running`` for exactly this attempt.
+    """Compare-and-set ``queued`` → ``running`` for exactly this attempt (two named
+    statements, ``statements.claim_node`` and ``claim_attempt_row``, in one transaction).
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
     very message was already delivered); that is recorded, and nothing runs.
     """
     now = timezone.now()
     with transaction.atomic():
-        claimed = NodeRun.objects.filter(
-            pk=node_run_id, status=NodeRun.Status.QUEUED, attempt=attempt
-        ).update(status=NodeRun.Status.RUNNING, started_at=now, heartbeat_at=now, updated_at=now)
-        if claimed:
-            NodeAttempt.objects.filter(
-                node_run_id=node_run_id, number=attempt, status=NodeAttempt.Status.QUEUED
-            ).update(
-                status=NodeAttempt.Status.RUNNING,
-                worker=worker,
-                pid=pid,
-                host=host,
-                started_at=now,
-                updated_at=now,
+        node = statements.claim_node(node_run_id, attempt, now)
+        if node is not None:
+            attempt_id = statements.claim_attempt_row(
+                node_run_id, attempt, worker=worker, pid=pid, host=host, now=now
             )
-            this_attempt = NodeAttempt.objects.filter(node_run_id=OuterRef("pk"), number=attempt)
-            node = (
-                NodeRun.objects.annotate(attempt_id=Subquery(this_attempt.values("pk")[:1]))
-                .values(
-                    "run_id",
-                    "node_key",
-                    "node_type",
-                    "params",
-                    "upstream",
-                    "timeout_seconds",
-                    "soft_timeout_seconds",
-                    "attempt_id",
+            if attempt_id is None:  # its row is not queued (it always is): read its id
+                attempt_id = (
+                    NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt)
+                    .values_list("pk", flat=True)
+                    .first()
                 )
-                .get(pk=node_run_id)
-            )
-    if not claimed:
+    if node is None:
         record_stale_message(node_run_id, attempt, worker, "claim")
         return None
-    return Claim(
-        node_run_id=node_run_id,
-        run_id=node["run_id"],
-        attempt=attempt,
-        node_key=node["node_key"],
-        node_type=node["node_type"],
-        params=node["params"],
-        upstream=node["upstream"],
-        timeout_seconds=node["timeout_seconds"],
-        soft_timeout_seconds=node["soft_timeout_seconds"],
-        attempt_id=node["attempt_id"],
-    )
+    return Claim(node_run_id=node_run_id, attempt=attempt, attempt_id=attempt_id, **node)
 
 
 def note_attempt(node_run_id: int, attempt: int, note: str, *, actor: str) -> None:

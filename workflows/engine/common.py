@@ -37,12 +37,18 @@ def lock_pools(run: Run) -> dict[str, int]:
     return slots
 
 
-def lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run, NodeRun]:
-    """Lock the run, its pools, then the node: what an outcome or an abandon needs."""
+def lock_run_for_outcome(node_run_id: int, run_id: int | None = None) -> Run:
+    """Lock a node's run, then the run's pools: what an outcome takes before the node."""
     if run_id is None:
         run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
     # An outcome reads only these of the run; the rest load if ever touched.
     run = Run.objects.select_for_update(no_key=True).only("id", "status", "pools").get(pk=run_id)
     lock_pools(run)
+    return run
+
+
+def lock_for_outcome(node_run_id: int, run_id: int | None = None) -> tuple[Run, NodeRun]:
+    """Lock the run, its pools, then the node: what a failure or an abandon needs."""
+    run = lock_run_for_outcome(node_run_id, run_id)
     node = NodeRun.objects.select_for_update(no_key=True).get(pk=node_run_id)
     return run, node

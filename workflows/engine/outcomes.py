@@ -13,11 +13,12 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from workflows.engine.attempts import next_checkpoint_sequence, record_stale_message
-from workflows.engine.common import ENGINE, lock_for_outcome
+from workflows.engine import statements
+from workflows.engine.attempts import record_stale_message
+from workflows.engine.common import ENGINE, lock_for_outcome, lock_run_for_outcome
 from workflows.engine.queueing import fill_pool, queue_or_wait
 from workflows.engine.runs import close_run_if_done
-from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
+from workflows.models import NodeAttempt, NodeRun, Run, RunEvent
 
 
 @dataclass(frozen=True)
@@ -41,43 +42,35 @@ def complete_attempt(
 ) -> bool:
     """Apply a successful attempt and advance the run. Returns False if it was stale.
 
-    1. Lock the run, its pools, then the node; reject unless running this attempt.
-    2. Write the node_done checkpoint, close the attempt, mark the node succeeded.
+    1. Lock the run and its pools; mark the node succeeded only if it is running this
+       attempt (compare-and-set, ``statements.succeed_node``), else reject.
+    2. Write the node_done checkpoint and close the attempt.
     3. Count the node off each downstream node (the fan-in counter); queue those left
        with nothing to wait for, as their pools allow.
     4. Give the node's pool slot to a waiting node (in any run); close the run if
-       nothing more can happen in it.
+       nothing more can happen in it (nothing can end while a node was just queued).
     """
     now = timezone.now()
     with transaction.atomic():
-        run, node = lock_for_outcome(node_run_id, run_id)
-        if node.status != NodeRun.Status.RUNNING or node.attempt != attempt:
+        run = lock_run_for_outcome(node_run_id, run_id)
+        node = statements.succeed_node(node_run_id, attempt, output, now)
+        if node is None:
             record_stale_message(node_run_id, attempt, actor, "success")
             return False
-        Checkpoint.objects.create(
-            run=run,
-            node_run=node,
-            kind=Checkpoint.Kind.NODE_DONE,
-            sequence=next_checkpoint_sequence(node.pk),
-            attempt=attempt,
-            state={"output": output},
-        )
-        NodeAttempt.objects.filter(node_run=node, number=attempt).update(
+        statements.insert_node_done_checkpoint(run.pk, node_run_id, attempt, output, now)
+        NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt).update(
             status=NodeAttempt.Status.SUCCEEDED, finished_at=now, updated_at=now
         )
-        node.status = NodeRun.Status.SUCCEEDED
-        node.output = output
-        node.finished_at = now
-        node.reason = ""
-        node.save(update_fields=["status", "output", "finished_at", "reason", "updated_at"])
-        if node.downstream:
-            downstream = NodeRun.objects.filter(run=run, node_key__in=node.downstream)
+        queued = []
+        if node["downstream"]:
+            downstream = NodeRun.objects.filter(run=run, node_key__in=node["downstream"])
             downstream.update(pending_upstreams=F("pending_upstreams") - 1, updated_at=now)
             ready = downstream.filter(status=NodeRun.Status.PENDING, pending_upstreams=0)
-            queue_or_wait(run, list(ready.order_by("id")), now)
-        if node.pool:
-            fill_pool(node.pool, now)
-        close_run_if_done(run, now)
+            queued = queue_or_wait(run, list(ready.order_by("id")), now)
+        if node["pool"]:
+            fill_pool(node["pool"], now)
+        if not queued:
+            close_run_if_done(run, now)
     return True
 
 

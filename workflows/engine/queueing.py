@@ -60,6 +60,9 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
                     status__in=[NodeRun.Status.PENDING, NodeRun.Status.RETRY_WAIT],
                     attempt=attempt,
                 )
+                # By id, not NodeRun's default ordering: that joins the run, and a lock
+                # on a join locks the run's row too (another run's, from fill_pool).
+                .order_by("pk")
                 .values_list("pk", flat=True)
             )
             if not moved:

@@ -49,8 +49,9 @@ def recover(
        nothing. A plan the run does not allow raises ``RecoveryError``.
     2. Run the plan's compensate hooks (a rollback's), outside any transaction and lock;
        one that fails or overruns raises, and nothing is changed.
-    3. In one transaction: lock the run, plan again from the locked rows. If hooks ran
-       and the plan is no longer the same, raise: the run changed while compensating.
+    3. In one transaction: lock the run, its pools, then plan again from the locked node
+       rows. If hooks ran and the plan is no longer the same, raise: the run changed
+       while compensating.
     4. Apply the plan and write the operator's RunEvent (actor, reason, before/after).
     """
     run = Run.objects.get(pk=run_id)
@@ -64,6 +65,8 @@ def recover(
         run = lock_run(run_id)
         if request_key and RunEvent.objects.filter(request_key=request_key).exists():
             return Recovered(run, False, ALREADY_APPLIED)
+        # The engine's lock order: the run, its pools, then its node rows (the plan's).
+        lock_pools(run)
         before_status = run.status
         try:
             plan = make_plan(run, load_nodes(run, lock=True))
@@ -118,17 +121,16 @@ def _changed_message(draft: Plan, why: str = "") -> str:
 
 
 def apply(plan: Plan, *, actor: str, reason: str) -> dict:
-    """Apply a plan; the caller holds the run lock (and the plan's node rows).
+    """Apply a plan; the caller holds the locks of the run, its pools and the plan's
+    node rows, taken in that order (``recover``).
 
-    1. Lock the run's pools (the compensate hooks ran before, outside the locks).
-    2. End the active attempts of nodes being reset, skipped or marked.
-    3. Reset, skip or mark the nodes; drop outputs and later checkpoints.
-    4. Re-open the run, recount every pending node's unfinished upstreams, queue the
+    1. End the active attempts of nodes being reset, skipped or marked.
+    2. Reset, skip or mark the nodes; drop outputs and later checkpoints.
+    3. Re-open the run, recount every pending node's unfinished upstreams, queue the
        ready ones (pools permitting), refill freed pool slots, close it if done.
     Returns before/after node statuses for the audit event.
     """
     run, nodes, now = plan.run, plan.nodes, timezone.now()
-    lock_pools(run)
     before = {key: nodes[key].status for key in plan.affected()}
     note = f"{plan.action} by {actor}: {reason}"[:2000]
     touched = [*plan.reset, *plan.skip, *plan.succeed]

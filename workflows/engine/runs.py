@@ -195,6 +195,7 @@ def _stop_run(
         live = list(
             NodeRun.objects.select_for_update(no_key=True)
             .filter(run=run, status__in=[*NodeRun.ACTIVE, NodeRun.Status.PENDING])
+            .order_by("pk")  # the default ordering would join (and lock) the run again
             .values_list("pk", "status", "attempt", "pool")
         )
         to_cancel = [(pk, attempt) for pk, status, attempt, _ in live if status in NodeRun.ACTIVE]

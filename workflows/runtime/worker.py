@@ -29,6 +29,7 @@ from rq.utils import now as rq_now
 from rq.worker import SimpleWorker, Worker
 
 from workflows import engine
+from workflows.engine import statements as engine_statements
 from workflows.models import NodeAttempt, NodeRun, Run
 from workflows.runtime import dispatch, executor, outages
 from workflows.runtime.executor import Phase
@@ -50,6 +51,10 @@ def warm_up() -> None:
     """
     now = timezone.now()
     with transaction.atomic():
+        # The claim's and the success's named statements, then the ORM's share of an outcome.
+        engine_statements.claim_node(-1, 0, now)
+        engine_statements.claim_attempt_row(-1, 0, worker="", pid=0, host="", now=now)
+        engine_statements.succeed_node(-1, 0, {}, now)
         list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
         list(NodeRun.objects.select_for_update(no_key=True).filter(pk=-1))
         NodeAttempt.objects.filter(node_run_id=-1, number=0).update(updated_at=now)

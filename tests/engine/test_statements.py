@@ -1,0 +1,106 @@
+"""The engine's named statements (workflows/engine/statements.py), on the database the
+suite runs against: `make test` runs them on SQLite, `.ci/run` on PostgreSQL too."""
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from workflows.engine import statements
+from workflows.models import Checkpoint, NodeAttempt, NodeRun
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PARAMS_RUN = {
+    "name": "Statements",
+    "pools": {"warehouse": 1},
+    "nodes": {
+        "a": {"type": "test.record", "pool": "warehouse"},
+        "b": {"type": "keel.noop", "after": ["a"]},
+    },
+}
+
+
+def node(run, key) -> NodeRun:
+    return NodeRun.objects.get(run=run, node_key=key)
+
+
+def test_claim_node_moves_queued_to_running_once_and_returns_python_values(start_run):
+    run = start_run(PARAMS_RUN)
+    a = node(run, "a")
+    now = timezone.now()
+
+    with transaction.atomic():
+        claimed = statements.claim_node(a.pk, 1, now)
+        again = statements.claim_node(a.pk, 1, now)
+
+    assert claimed == {
+        "run_id": run.pk,
+        "node_key": "a",
+        "node_type": "test.record",
+        "params": a.params,
+        "upstream": [],
+        "timeout_seconds": a.timeout_seconds,
+        "soft_timeout_seconds": a.soft_timeout_seconds,
+    }
+    assert isinstance(claimed["params"], dict)
+    assert again is None
+    a.refresh_from_db()
+    assert (a.status, a.started_at, a.heartbeat_at) == (NodeRun.Status.RUNNING, now, now)
+
+
+def test_claim_node_refuses_another_attempt_number(start_run):
+    a = node(start_run(PARAMS_RUN), "a")
+    with transaction.atomic():
+        assert statements.claim_node(a.pk, 2, timezone.now()) is None
+    a.refresh_from_db()
+    assert a.status == NodeRun.Status.QUEUED
+
+
+def test_claim_attempt_row_records_who_runs_it_and_returns_its_id(start_run):
+    a = node(start_run(PARAMS_RUN), "a")
+    row = NodeAttempt.objects.get(node_run=a, number=1)
+    now = timezone.now()
+
+    with transaction.atomic():
+        got = statements.claim_attempt_row(a.pk, 1, worker="w1", pid=42, host="h", now=now)
+        again = statements.claim_attempt_row(a.pk, 1, worker="w2", pid=43, host="h", now=now)
+
+    assert (got, again) == (row.pk, None)
+    row.refresh_from_db()
+    assert (row.status, row.worker, row.pid, row.started_at) == ("running", "w1", 42, now)
+
+
+def test_succeed_node_applies_only_to_the_running_attempt_and_keeps_the_output(start_run):
+    a = node(start_run(PARAMS_RUN), "a")
+    output = {"rows": 3, "name": "café ✓", "nested": [1, None, {"x": 1.5}]}
+    now = timezone.now()
+    with transaction.atomic():
+        assert statements.succeed_node(a.pk, 1, output, now) is None  # still queued
+        statements.claim_node(a.pk, 1, now)
+        assert statements.succeed_node(a.pk, 2, output, now) is None  # another attempt
+        done = statements.succeed_node(a.pk, 1, output, now)
+
+    assert done == {"downstream": ["b"], "pool": "warehouse"}
+    a.refresh_from_db()
+    assert (a.status, a.output, a.finished_at, a.reason) == ("succeeded", output, now, "")
+
+
+def test_the_node_done_checkpoint_is_numbered_after_the_last_one(start_run):
+    run = start_run(PARAMS_RUN)
+    a, b = node(run, "a"), node(run, "b")
+    Checkpoint.objects.create(
+        run=run, node_run=a, kind=Checkpoint.Kind.PROGRESS, sequence=4, attempt=1, state={}
+    )
+    now = timezone.now()
+
+    with transaction.atomic():
+        statements.insert_node_done_checkpoint(run.pk, a.pk, 1, {"n": 1}, now)
+        statements.insert_node_done_checkpoint(run.pk, b.pk, 1, None, now)
+
+    done = {c.node_run_id: c for c in Checkpoint.objects.filter(kind="node_done")}
+    assert (done[a.pk].sequence, done[a.pk].state, done[a.pk].created_at) == (
+        5,
+        {"output": {"n": 1}},
+        now,
+    )
+    assert (done[b.pk].sequence, done[b.pk].state, done[b.pk].attempt) == (1, {"output": None}, 1)

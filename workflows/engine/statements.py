@@ -1,0 +1,149 @@
+"""The engine's hand-written statements: the claim and the success of an attempt.
+
+They are the two transitions every node goes through, and each statement does what the
+ORM needs two for (an ``UPDATE … RETURNING`` instead of an update and a read; an
+``INSERT … SELECT`` that numbers the checkpoint). The same SQL text runs on PostgreSQL
+and SQLite (3.35 or later, for ``RETURNING``); values go in and out through the model
+fields, so both databases see and give back the same Python values. Why they exist (a
+measurement) is in docs/architecture.md, "Engine"; tests/engine/test_statements.py runs
+each on both databases. Callers run them inside ``transaction.atomic()``, in the
+engine's lock order.
+"""
+
+from django.db import connection
+
+from workflows.models import Checkpoint, NodeAttempt, NodeRun
+
+# The Claim's fields, read as the node is claimed.
+_CLAIMED = (
+    "run_id",
+    "node_key",
+    "node_type",
+    "params",
+    "upstream",
+    "timeout_seconds",
+    "soft_timeout_seconds",
+)
+
+
+def claim_node(node_run_id: int, attempt: int, now) -> dict | None:
+    """``queued`` → ``running`` for exactly this attempt (compare-and-set); the node's
+    fields a worker needs, or None when the node is not queued at that attempt."""
+    row = _returning(
+        f"""
+        UPDATE {_table(NodeRun)}
+           SET status = %s, started_at = %s, heartbeat_at = %s, updated_at = %s
+         WHERE id = %s AND status = %s AND attempt = %s
+        RETURNING {", ".join(_column(NodeRun, name) for name in _CLAIMED)}
+        """,
+        [
+            NodeRun.Status.RUNNING,
+            *[_datetime(now)] * 3,
+            node_run_id,
+            NodeRun.Status.QUEUED,
+            attempt,
+        ],
+    )
+    if row is None:
+        return None
+    return {name: _from_db(NodeRun, name, value) for name, value in zip(_CLAIMED, row, strict=True)}
+
+
+def claim_attempt_row(
+    node_run_id: int, attempt: int, *, worker: str, pid: int, host: str, now
+) -> int | None:
+    """Mark the queued NodeAttempt row running, with who runs it; its id (or None)."""
+    row = _returning(
+        f"""
+        UPDATE {_table(NodeAttempt)}
+           SET status = %s, worker = %s, pid = %s, host = %s, started_at = %s, updated_at = %s
+         WHERE node_run_id = %s AND number = %s AND status = %s
+        RETURNING id
+        """,
+        [
+            NodeAttempt.Status.RUNNING,
+            worker,
+            pid,
+            host,
+            *[_datetime(now)] * 2,
+            node_run_id,
+            attempt,
+            NodeAttempt.Status.QUEUED,
+        ],
+    )
+    return None if row is None else row[0]
+
+
+def succeed_node(node_run_id: int, attempt: int, output, now) -> dict | None:
+    """``running`` → ``succeeded`` with its output, for exactly this attempt
+    (compare-and-set); the node's downstream and pool, or None if it was not running it."""
+    row = _returning(
+        f"""
+        UPDATE {_table(NodeRun)}
+           SET status = %s, output = %s, finished_at = %s, reason = '', updated_at = %s
+         WHERE id = %s AND status = %s AND attempt = %s
+        RETURNING downstream, pool
+        """,
+        [
+            NodeRun.Status.SUCCEEDED,
+            _to_db(NodeRun, "output", output),
+            *[_datetime(now)] * 2,
+            node_run_id,
+            NodeRun.Status.RUNNING,
+            attempt,
+        ],
+    )
+    if row is None:
+        return None
+    return {"downstream": _from_db(NodeRun, "downstream", row[0]), "pool": row[1]}
+
+
+def insert_node_done_checkpoint(run_id: int, node_run_id: int, attempt: int, output, now) -> None:
+    """The ``node_done`` checkpoint, numbered after the node's last checkpoint."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {_table(Checkpoint)}
+                   (run_id, node_run_id, kind, sequence, attempt, state, created_at)
+            SELECT %s, %s, %s, COALESCE(MAX(sequence), 0) + 1, %s, %s, %s
+              FROM {_table(Checkpoint)}
+             WHERE node_run_id = %s
+            """,
+            [
+                run_id,
+                node_run_id,
+                Checkpoint.Kind.NODE_DONE,
+                attempt,
+                _to_db(Checkpoint, "state", {"output": output}),
+                _datetime(now),
+                node_run_id,
+            ],
+        )
+
+
+def _returning(sql: str, params: list):
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
+def _table(model) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
+
+
+def _column(model, name: str) -> str:
+    return connection.ops.quote_name(model._meta.get_field(name).column)
+
+
+def _datetime(value):
+    return connection.ops.adapt_datetimefield_value(value)
+
+
+def _to_db(model, name: str, value):
+    return model._meta.get_field(name).get_db_prep_save(value, connection)
+
+
+def _from_db(model, name: str, value):
+    field = model._meta.get_field(name)
+    from_db_value = getattr(field, "from_db_value", None)
+    return value if from_db_value is None else from_db_value(value, None, connection)
