@@ -288,15 +288,18 @@ def group_by_code(explanations: list[Explanation]) -> dict[str, list[Explanation
     return groups
 
 
-def evidence_lines(evidence: dict) -> list[tuple[str, str]]:
+def evidence_lines(evidence: dict, now: datetime | None = None) -> list[tuple[str, str]]:
+    now = now or timezone.now()
     return [
-        (label, format_value(key, evidence[key]))
+        (label, format_value(key, evidence[key], now))
         for key, label in EVIDENCE_LABELS
         if evidence.get(key) not in (None, "", [], {})
     ]
 
 
-def format_value(key: str, value) -> str:
+def format_value(key: str, value, now: datetime | None = None) -> str:
+    """One evidence value in words; a moment also says how long ago it was (findings
+    store moments, never ages, so that they do not change while nothing changes)."""
     if "seconds" in key and isinstance(value, int | float) and not isinstance(value, bool):
         return duration_words(value)
     if (
@@ -305,9 +308,13 @@ def format_value(key: str, value) -> str:
         or key == "heartbeat_age_counted_from"
     ) and isinstance(value, str):
         try:
-            return f"{datetime.fromisoformat(value):%Y-%m-%d %H:%M:%S %Z}".strip()
+            moment = datetime.fromisoformat(value)
         except ValueError:
             return value
+        words = f"{moment:%Y-%m-%d %H:%M:%S %Z}".strip()
+        if now is not None and moment.tzinfo is not None and moment <= now:
+            words += f" ({duration_words((now - moment).total_seconds())} ago)"
+        return words
     if key.endswith("_bytes") and isinstance(value, int | float):
         return f"{value / 2**20:.0f} MiB"
     if key == "progress" and isinstance(value, dict):

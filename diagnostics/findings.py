@@ -14,11 +14,13 @@ Every finding about a run is written into the run's history as a RunEvent of kin
 ``finding`` when it opens, is repaired and is resolved.
 """
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -87,53 +89,125 @@ def record(
     now: datetime,
     keep_open: set[tuple[str, str]] = frozenset(),
 ) -> RecordResult:
-    """Upsert this tick's detections and resolve the findings that no longer hold.
+    """Upsert this tick's detections and resolve the findings that no longer hold,
+    writing only what changed: at 10 000 open findings a tick stays well under a second.
 
-    1. Read every open finding of the checked codes (one query, partial index).
-    2. Refresh those detected again; open the new ones (each in a savepoint: a second
-       watchdog acting without the lock may have opened it a moment ago).
+    1. Read the open findings of the checked codes as (id, key, digest): one query.
+    2. Open the new ones in one insert (a finding a second watchdog opened a moment ago
+       is kept, not doubled) and rewrite those whose digest changed (what they say).
     3. Resolve the open ones not detected again, except those ``keep_open`` names (a
        detector ran but could not look at them, e.g. Redis memory while Redis is down).
-    4. Write a RunEvent for each finding about a run that opened or resolved.
+    4. ``last_seen = now`` for every other open finding of the checked codes: one update.
+    5. Write a RunEvent for each finding about a run that opened or resolved.
     """
     result = RecordResult()
     detections = _unique(detections)
     codes = checked_codes | {detection.code for detection in detections}
-    open_findings = {
-        (finding.code, finding.subject): finding
-        for finding in Finding.objects.filter(resolved_at__isnull=True, code__in=codes)
+    open_rows = {
+        (code, subject): (pk, digest)
+        for pk, code, subject, digest in Finding.objects.filter(
+            resolved_at__isnull=True, code__in=codes
+        ).values_list("pk", "code", "subject", "digest")
     }
-    to_update = []
+    new, changed, unchanged = [], {}, []
     for detection in detections:
-        finding = open_findings.get(detection.key)
-        if finding is None:
-            finding = _open(detection, now)
-            if finding is None:
-                continue
-            result.opened.append(finding)
+        pk, digest = open_rows.get(detection.key, (None, None))
+        if pk is None:
+            new.append(detection)
+        elif digest != digest_of(detection):
+            changed[pk] = detection
         else:
-            _apply(finding, detection, now)
-            to_update.append(finding)
-        result.by_key[detection.key] = finding
-    if to_update:
-        Finding.objects.bulk_update(to_update, UPDATED_FIELDS, batch_size=200)
-        result.updated = to_update
+            unchanged.append((pk, detection))
+    result.opened, already = _open(new, now)
+    result.updated = _rewrite(changed, now)
     seen = {detection.key for detection in detections}
     gone = [
-        finding
-        for key, finding in open_findings.items()
-        if key not in seen and finding.code in checked_codes and key not in keep_open
+        pk
+        for key, (pk, _) in open_rows.items()
+        if key not in seen and key[0] in checked_codes and key not in keep_open
     ]
     if gone:
-        Finding.objects.filter(pk__in=[finding.pk for finding in gone]).update(resolved_at=now)
-        for finding in gone:
-            finding.resolved_at = now
-        result.resolved = gone
+        Finding.objects.filter(pk__in=gone).update(resolved_at=now)
+        result.resolved = list(Finding.objects.filter(pk__in=gone).only(*EVENT_FIELDS))
+    if unchanged:
+        Finding.objects.filter(pk__in=[pk for pk, _ in unchanged]).update(last_seen=now)
+    # The findings the repairs note what they did on (an unchanged one is read only then).
+    result.by_key = {f.key: f for f in [*result.opened, *already, *result.updated]}
+    to_repair = [pk for pk, detection in unchanged if detection.repair is not None]
+    if to_repair:
+        result.by_key.update(
+            {f.key: f for f in Finding.objects.filter(pk__in=to_repair).only(*EVENT_FIELDS)}
+        )
     _write_events(result.opened, result.resolved, now)
     return result
 
 
+# Evidence that follows a node while the condition holds: kept as of the finding's last
+# change, and not a change by itself (a finding is rewritten when what it says changes).
+LIVE_EVIDENCE = frozenset({"progress", "resource_samples", "last_log_lines"})
+# What the run history and the repairs read of a finding.
+EVENT_FIELDS = ("id", "code", "subject", "title", "run_id", "node_run_id", "first_seen")
+
+
+def digest_of(detection: Detection) -> str:
+    """A hash of what a detection says (its live evidence aside)."""
+    said = [
+        detection.severity,
+        detection.title[:300],
+        detection.suggestion,
+        {k: v for k, v in detection.evidence.items() if k not in LIVE_EVIDENCE},
+        detection.action,
+        detection.run_id,
+        detection.node_run_id,
+        detection.queue[:100],
+        detection.worker[:200],
+    ]
+    encoded = json.dumps(said, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def _open(detections: list[Detection], now: datetime) -> tuple[list[Finding], list[Finding]]:
+    """Insert the new findings at once: (those opened, those a second watchdog acting
+    without the lock opened a moment ago — kept as they are: the open-finding constraint
+    skips ours)."""
+    if not detections:
+        return [], []
+    rows = []
+    for detection in detections:
+        finding = Finding(code=detection.code, subject=detection.subject[:200], first_seen=now)
+        _apply(finding, detection, now)
+        rows.append(finding)
+    Finding.objects.bulk_create(rows, batch_size=500, ignore_conflicts=True)
+    # The ids (ignore_conflicts does not return them); ours are those first seen now.
+    opened, already = [], []
+    for chunk in _chunks(detections, 500):
+        keys = {(d.code, d.subject[:200]) for d in chunk}
+        for finding in Finding.objects.filter(
+            resolved_at__isnull=True,
+            code__in={code for code, _ in keys},
+            subject__in={subject for _, subject in keys},
+        ):
+            if finding.key in keys:
+                (opened if finding.first_seen == now else already).append(finding)
+    return opened, already
+
+
+def _rewrite(changed: dict[int, Detection], now: datetime) -> list[Finding]:
+    """Rewrite the findings whose digest changed (few, unless what they say moves)."""
+    findings = Finding.objects.in_bulk(list(changed))
+    for pk, finding in findings.items():
+        _apply(finding, changed[pk], now)
+        finding.save(update_fields=UPDATED_FIELDS)
+    return list(findings.values())
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 UPDATED_FIELDS = [
+    "digest",
     "severity",
     "title",
     "suggestion",
@@ -158,6 +232,7 @@ def _unique(detections: list[Detection]) -> list[Detection]:
 
 
 def _apply(finding: Finding, detection: Detection, now: datetime) -> None:
+    finding.digest = digest_of(detection)
     finding.severity = detection.severity
     finding.title = detection.title[:300]
     finding.suggestion = detection.suggestion
@@ -193,21 +268,6 @@ def condition_began(evidence: dict) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
-
-
-def _open(detection: Detection, now: datetime) -> Finding | None:
-    finding = Finding(code=detection.code, subject=detection.subject[:200], first_seen=now)
-    _apply(finding, detection, now)
-    try:
-        with transaction.atomic():
-            finding.save()
-    except IntegrityError:
-        # Another watchdog opened it between our read and our insert: keep theirs.
-        logger.info("Finding %s on %s was opened concurrently.", detection.code, detection.subject)
-        return Finding.objects.filter(
-            code=detection.code, subject=detection.subject[:200], resolved_at__isnull=True
-        ).first()
-    return finding
 
 
 def _write_events(opened: list[Finding], resolved: list[Finding], now: datetime) -> None:

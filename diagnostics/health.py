@@ -7,6 +7,7 @@ report shows the same measurements, and ``/readyz`` uses the database and Redis 
 """
 
 import importlib
+import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +24,8 @@ from django.db.migrations.executor import MigrationExecutor
 #   SET keel:watchdog:heartbeat <ISO 8601 UTC time> EX <3 * interval + 10>
 # so the key exists exactly while some watchdog has ticked recently.
 WATCHDOG_HEARTBEAT_KEY = "keel:watchdog:heartbeat"
+# What the last acting tick took: {"at": ISO 8601, "seconds": float} (diagnostics.watchdog).
+LAST_TICK_KEY = "keel:watchdog:last_tick"
 
 MIN_FREE_DISK_BYTES = 1024**3
 MAX_CLOCK_SKEW_SECONDS = 2.0
@@ -204,13 +207,24 @@ def watchdog_status(client: redis.Redis | None = None) -> dict:
         with client.pipeline(transaction=False) as pipe:
             pipe.get(WATCHDOG_HEARTBEAT_KEY)
             pipe.ttl(WATCHDOG_HEARTBEAT_KEY)
-            raw, ttl = pipe.execute()
+            pipe.get(LAST_TICK_KEY)
+            raw, ttl, tick = pipe.execute()
     except redis.RedisError as error:
         return {"alive": None, "error": error_text(error)}
+    try:
+        tick_seconds = json.loads(tick)["seconds"] if tick else None
+    except (ValueError, KeyError, TypeError):
+        tick_seconds = None
     if raw is None:
-        return {"alive": False}
+        return {"alive": False, "tick_seconds": tick_seconds}
     last_tick = raw.decode(errors="replace")
-    status = {"alive": True, "last_tick": last_tick, "expires_in_seconds": ttl}
+    status = {
+        "alive": True,
+        "last_tick": last_tick,
+        "expires_in_seconds": ttl,
+        # How long the last acting tick took (any watchdog's).
+        "tick_seconds": tick_seconds,
+    }
     try:
         when = datetime.fromisoformat(last_tick)
         if when.tzinfo is None:

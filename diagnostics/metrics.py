@@ -119,6 +119,11 @@ METRICS = {
     "keel_database_up": ("gauge", "1 when the database answered this scrape's queries.", []),
     "keel_redis_up": ("gauge", "1 when Redis answered this scrape's reads.", []),
     "keel_watchdog_up": ("gauge", "1 when a watchdog has ticked recently.", []),
+    "keel_watchdog_tick_seconds": (
+        "gauge",
+        "How long the last acting watchdog tick took (detect, record, repair).",
+        [],
+    ),
 }
 _FAMILIES = {
     "gauge": GaugeMetricFamily,
@@ -334,7 +339,10 @@ class KeelCollector:
                 registries.add_metric([queue["name"], registry], count)
         watchdog_up = family("keel_watchdog_up")
         watchdog_up.add_metric([], 1 if watchdog.get("alive") else 0)
-        yield from (size, oldest, alive, registries, watchdog_up)
+        tick = family("keel_watchdog_tick_seconds")
+        if watchdog.get("tick_seconds") is not None:
+            tick.add_metric([], watchdog["tick_seconds"])
+        yield from (size, oldest, alive, registries, watchdog_up, tick)
 
 
 _collector: KeelCollector | None = None

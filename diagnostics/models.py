@@ -51,6 +51,11 @@ class Finding(models.Model):
     resolved_at = models.DateTimeField(null=True, blank=True)
     repaired_at = models.DateTimeField(null=True, blank=True)
     repair = models.TextField(blank=True, help_text="What the watchdog did about it automatically.")
+    digest = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="A hash of what the finding says: a tick rewrites it only when that changes.",
+    )
 
     class Meta:
         ordering = ["-last_seen", "-id"]
@@ -88,6 +93,10 @@ class Finding(models.Model):
 
     def __str__(self):
         return f"{self.code} on {self.subject}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.code, self.subject)
 
     @property
     def is_open(self) -> bool:

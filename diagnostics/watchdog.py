@@ -6,7 +6,9 @@ the engine, so even two acting at once (Redis down, no lock) cannot both win.
 """
 
 import contextlib
+import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -17,7 +19,7 @@ from django.db.models import Max
 from django.utils import timezone
 
 from diagnostics import detectors, findings, repairs
-from diagnostics.health import WATCHDOG_HEARTBEAT_KEY, error_text
+from diagnostics.health import LAST_TICK_KEY, WATCHDOG_HEARTBEAT_KEY, error_text
 from diagnostics.models import Finding
 from workflows import engine
 from workflows.models import NodeRun
@@ -107,8 +109,14 @@ def tick(
         logger.warning("Watchdog acting without its Redis lock (%s).", error)
         lock = None
     db = db if db is not None else connection
+    started = time.monotonic()
     try:
-        return _act(redis_connection=redis_connection, db=db)
+        report = _act(redis_connection=redis_connection, db=db, lock=lock)
+        _record_tick(conn, time.monotonic() - started, report)
+        return report
+    except LockLost as error:
+        logger.warning("Watchdog: %s", error)
+        return TickReport(acted=True, redis_failed=str(error))
     except DatabaseError as error:
         if not _unreachable(db):
             raise  # the database answers: a real error, for the caller to report
@@ -135,7 +143,34 @@ def _say_alive(conn, interval: float) -> None:
     conn.set(WATCHDOG_HEARTBEAT_KEY, timezone.now().isoformat(), ex=int(3 * interval + 10))
 
 
-def _act(*, redis_connection=None, db=None) -> TickReport:
+class LockLost(Exception):
+    """This tick outlived its lock: another watchdog may act now, so this one stops."""
+
+
+def _keep_lock(lock) -> None:
+    """Reset the lock's expiry between the tick's steps: a long tick keeps it, so two
+    ticks never overlap; one that lost it (a step longer than the lock) stops acting."""
+    if lock is None:
+        return
+    try:
+        lock.reacquire()
+    except redis.exceptions.LockNotOwnedError:
+        raise LockLost(
+            f"this tick outlived its {lock.timeout:g} s lock (one step took longer); it "
+            "stopped so that it never acts beside another watchdog"
+        ) from None
+
+
+def _record_tick(conn, seconds: float, report: "TickReport") -> None:
+    """What the last acting tick took, for the system page and /metrics (best effort)."""
+    if not report.acted or report.failed:
+        return
+    value = {"at": timezone.now().isoformat(), "seconds": round(seconds, 4)}
+    with contextlib.suppress(redis.RedisError):
+        conn.set(LAST_TICK_KEY, json.dumps(value), ex=24 * 3600)
+
+
+def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
     """The tick itself.
 
     1. Check the database answers; if not, remember since when and stop here. When it
@@ -167,12 +202,16 @@ def _act(*, redis_connection=None, db=None) -> TickReport:
         )
     _notice_restart(db, seen_down=seen_down)
     ctx = detectors.Context(now=now, redis_connection=redis_connection, db=db)
+    ctx.between_steps = lambda: _keep_lock(lock)
     found = detectors.run_all(ctx)
+    _keep_lock(lock)
     recorded = findings.record(
         found.detections, checked_codes=found.checked, now=now, keep_open=found.keep_open
     )
     report = repairs.RepairReport()
+    _keep_lock(lock)
     repairs.abandon_lost_attempts(found.detections, recorded.by_key, report)
+    _keep_lock(lock)
     retries = engine.promote_due_retries()
     if ctx.redis_ok:
         repairs.drop_dead_jobs(found.detections)

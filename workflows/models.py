@@ -179,6 +179,11 @@ class NodeRun(models.Model):
     )
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     progress = models.JSONField(null=True, blank=True)
+    progress_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the current attempt's reported progress last moved (done or total).",
+    )
     output = models.JSONField(null=True, blank=True)
     reason = models.TextField(blank=True, help_text="Why the node waits or failed.")
     retry_at = models.DateTimeField(null=True, blank=True)

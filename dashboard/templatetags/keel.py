@@ -123,3 +123,13 @@ def badge(status) -> str:
 def css_status(status) -> str:
     """A status safe to put in a class name: a known status, else "unknown"."""
     return status if status in STATUS_GLYPHS else "unknown"
+
+
+@register.filter
+def tick_ms(seconds) -> str:
+    """A watchdog tick's duration: "42 ms", or "1.3 s" once it is long."""
+    try:
+        seconds = float(seconds)
+    except (TypeError, ValueError):
+        return "?"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"

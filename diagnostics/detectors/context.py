@@ -1,8 +1,9 @@
 """The evidence the detectors share: one ``Context`` per tick, loaded lazily and once.
 
-It holds the running attempts (one query), the queued counts per queue, what RQ's worker
-keys say (one pipelined round trip), when the last database and Redis outages ended and,
-per attempt, a ``Liveness`` verdict: is the process running it still there? RQ's
+It holds the suspect running attempts — those a detector's SQL condition says may be
+wrong (one query; healthy running attempts are never loaded) — the queued counts per
+queue, what RQ's worker keys say (one pipelined round trip), when the last database and
+Redis outages ended and, per suspect, a ``Liveness`` verdict: is the process running it still there? RQ's
 registries are evidence, never the truth (CONVENTIONS §11): an attempt counts as lost
 only on strong evidence — its process is gone (same host), or its heartbeat went stale
 *and* RQ no longer knows its worker, or RQ ended its job — and never while its process
@@ -13,17 +14,18 @@ Redis is): a heartbeat's age is counted from the end of the last outage when tha
 later, so an outage is never read as every worker going silent at once.
 """
 
+import operator
 import re
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import cached_property
+from datetime import datetime, timedelta
+from functools import cached_property, reduce
 
 import psutil
 import redis
 from django.conf import settings
 from django.db import connection
-from django.db.models import Count, F, Min
+from django.db.models import Count, DurationField, F, Func, Min, Q
 from django.utils import timezone
 from rq.utils import utcparse
 
@@ -36,11 +38,10 @@ CRITICAL, WARNING, INFO = Finding.Severity.CRITICAL, Finding.Severity.WARNING, F
 WORKERS_KEY = "rq:workers"
 WORKER_PREFIX = "rq:worker:"
 QUEUE_PREFIX = "rq:queue:"
+STARTED_PREFIX = "rq:wip:"  # StartedJobRegistry
 SUSPENDED_KEY = "rq:suspended"
 # RQ job states in which RQ will never run the job again.
 ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
-# Where the stalled detector remembers since when each attempt's progress stood still.
-PROGRESS_MEMORY_KEY = "keel:watchdog:progress"
 # The finding subjects that record an outage of each store (see stores.py, watchdog.py).
 DB_OUTAGE = ("db_unhealthy", "database:unreachable")
 REDIS_OUTAGE = ("redis_unhealthy", "redis:unreachable")
@@ -104,9 +105,6 @@ class WorkerInfo:
             "state": self.state,
             "current_job": self.current_job,
             "rq_last_heartbeat": self.last_heartbeat,
-            "rq_heartbeat_age_seconds": (
-                round(self.heartbeat_age, 1) if self.heartbeat_age is not None else None
-            ),
             "process": self.process,
         }
 
@@ -196,6 +194,10 @@ class Context:
         self.db = db if db is not None else connection
         self.host = socket.gethostname()
         self._liveness: dict[int, Liveness] = {}
+        # The detectors' suspect conditions (run_all fills it before any detector runs).
+        self.suspect_conditions: list[Q] = []
+        # Called by run_all between detectors (the watchdog keeps its lock with it).
+        self.between_steps = lambda: None
         # Findings a detector could not re-examine this tick: left open, not resolved.
         self.keep_open: set[tuple[str, str]] = set()
 
@@ -218,7 +220,7 @@ class Context:
     def workers(self) -> dict[str, WorkerInfo]:
         """Every worker RQ lists, plus every worker a running attempt names."""
         registered = {text(key)[len(WORKER_PREFIX) :] for key in self.redis.smembers(WORKERS_KEY)}
-        names = sorted(registered | {a.worker for a in self.running if a.worker})
+        names = sorted(registered | {a.worker for a in self.suspects if a.worker})
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(WORKER_PREFIX + name)
@@ -331,19 +333,55 @@ class Context:
 
     @cached_property
     def running_jobs(self) -> dict[str, dict]:
-        return self.job_states([a.rq_job_id for a in self.running]) if self.redis_ok else {}
+        """What RQ says of each suspect's job."""
+        return self.job_states([a.rq_job_id for a in self.suspects]) if self.redis_ok else {}
+
+    @cached_property
+    def running_without_job(self) -> set[int]:
+        """Running nodes whose RQ job is gone (Redis flushed or restarted).
+
+        Cheap at any number of running nodes: their ids (one indexed query of two
+        integers) against RQ's started registries (one ZRANGE per queue); only the
+        few not in a registry have their job hash read, to tell a missing job from
+        one that has just ended.
+        """
+        running = NodeRun.objects.filter(status=NodeRun.Status.RUNNING).values_list("pk", "attempt")
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in settings.KEEL_QUEUES:
+                pipe.zrange(STARTED_PREFIX + queue, 0, -1)
+            # Members are "<job id>:<execution id>"; Keel's job ids have no colon.
+            started = {text(m).split(":", 1)[0] for found in pipe.execute() for m in found}
+        unseen = {
+            dispatch.job_id(pk, attempt): pk
+            for pk, attempt in running
+            if dispatch.job_id(pk, attempt) not in started
+        }
+        states = self.job_states(list(unseen))
+        return {pk for job_id, pk in unseen.items() if states[job_id]["status"] == "missing"}
 
     # Database -----------------------------------------------------------------------------
 
     @cached_property
-    def running(self) -> list[NodeAttempt]:
-        """The current attempt of every running node, with its node and run (one query)."""
+    def suspects(self) -> list[NodeAttempt]:
+        """The current attempt of each running node that meets a detector's suspect
+        condition, with its node and run (one query). Each detector then applies its
+        exact rule; an attempt that meets no condition cannot be reported by any."""
+        if not self.suspect_conditions:
+            return []
         return list(
             NodeAttempt.objects.filter(
                 node_run__status=NodeRun.Status.RUNNING, number=F("node_run__attempt")
             )
+            .filter(reduce(operator.or_, self.suspect_conditions))
             .select_related("node_run__run")
             .order_by("node_run_id")
+        )
+
+    def quiet_since(self, seconds: float) -> Q:
+        """Suspects: running attempts with no heartbeat (or claim) in the last ``seconds``."""
+        cutoff = self.now - timedelta(seconds=seconds)
+        return Q(node_run__heartbeat_at__lt=cutoff) | Q(
+            node_run__heartbeat_at__isnull=True, started_at__lt=cutoff
         )
 
     @cached_property
@@ -433,10 +471,7 @@ class Context:
         if process == "alive":
             alive = detail
         elif worker is not None and worker.responsive and worker.current_job == attempt.rq_job_id:
-            alive = (
-                f"worker {worker.name} heartbeats to RQ ({worker.heartbeat_age:.0f}s ago) and "
-                f"still runs job {attempt.rq_job_id}"
-            )
+            alive = f"worker {worker.name} heartbeats to RQ and still runs job {attempt.rq_job_id}"
         because = ""
         if alive:
             pass  # never lost while seen alive: a silent one is heartbeat_stale's to report
@@ -496,6 +531,38 @@ def iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
+def rq_clock(beat: str) -> str:
+    """An RQ heartbeat (UTC text) as the time of day in the server's zone."""
+    try:
+        return clock(utcparse(beat))
+    except ValueError:
+        return beat or "?"
+
+
+class Seconds(Func):
+    """A number of seconds in the database (a column, or arithmetic on one) as a duration
+    that can be subtracted from a moment, on PostgreSQL and SQLite alike."""
+
+    output_field = DurationField()
+    template = "(%(expressions)s * INTERVAL '1 second')"
+
+    def as_sqlite(self, compiler, connection, **extra):
+        # SQLite keeps a duration as whole microseconds.
+        return self.as_sql(
+            compiler, connection, template="CAST(%(expressions)s * 1000000 AS INTEGER)", **extra
+        )
+
+
+def seconds_of(expression) -> Seconds:
+    return Seconds(expression)
+
+
+def clock(moment: datetime | None) -> str:
+    """A moment as the time of day (the server's zone), for a finding's title: a title
+    says since when, never "for how long", so it stays the same while nothing changes."""
+    return f"{timezone.localtime(moment):%H:%M:%S}" if moment else "?"
+
+
 def node_subject(node_run_id: int, attempt: int | None = None) -> str:
     return f"node_run:{node_run_id}" + (f":{attempt}" if attempt is not None else "")
 
@@ -527,8 +594,6 @@ def attempt_evidence(ctx: Context, attempt: NodeAttempt) -> dict:
         "rq_job_id": attempt.rq_job_id,
         "started_at": iso(attempt.started_at),
         "heartbeat_at": iso(node.heartbeat_at),
-        "seconds_since_heartbeat": round(ctx.age(node.heartbeat_at or attempt.started_at), 1),
-        "running_for_seconds": round(ctx.age(attempt.started_at), 1),
         "heartbeat_interval_seconds": ctx.heartbeat,
         "progress": node.progress,
         "resource_samples": (attempt.resource_samples or [])[-3:],

@@ -1,40 +1,64 @@
 """Detectors about how long running nodes take: overdue, past the hard timeout, stalled."""
 
-import json
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from django.db.models import F, Window
+from django.db.models import F, Q, Window
 from django.db.models.functions import RowNumber
 
 from diagnostics.detectors.context import (
     CRITICAL,
-    PROGRESS_MEMORY_KEY,
     WARNING,
     Context,
     about_attempt,
     attempt_evidence,
+    clock,
     iso,
     node_subject,
     retry_action,
+    rq_clock,
+    seconds_of,
     setting,
-    text,
 )
 from diagnostics.detectors.registry import detector
 from diagnostics.findings import Detection
-from workflows.models import NodeAttempt
+from workflows.models import NodeAttempt, NodeRun
 
 
-@detector("overdue")
+def _overdue_suspects(ctx: Context) -> Q:
+    """Running past factor x expected, or past the p95 of its history (two beats at least)."""
+    factor = setting("KEEL_OVERDUE_FACTOR", 2)
+    suspects = Q(
+        node_run__expected_seconds__isnull=False,
+        started_at__lt=ctx.now - seconds_of(F("node_run__expected_seconds") * factor),
+    )
+    floor = ctx.now - timedelta(seconds=2 * ctx.heartbeat)
+    pairs = set(
+        NodeRun.objects.filter(status=NodeRun.Status.RUNNING, started_at__lt=floor)
+        .values_list("run__workflow_id", "node_key")
+        .distinct()
+    )
+    for (workflow_id, node_key), (p95, _) in _duration_history(ctx, pairs).items():
+        if p95 is not None:
+            limit = max(p95, 2 * ctx.heartbeat)
+            suspects |= Q(
+                node_run__run__workflow_id=workflow_id,
+                node_run__node_key=node_key,
+                started_at__lt=ctx.now - timedelta(seconds=limit),
+            )
+    return suspects
+
+
+@detector("overdue", suspects=_overdue_suspects)
 def overdue(ctx: Context) -> list[Detection]:
     """Running longer than 2 x its expected duration, or than the p95 of its own history
     once that node has ≥ 10 successful runs."""
     factor = setting("KEEL_OVERDUE_FACTOR", 2)
     history = _duration_history(
-        ctx, {(a.node_run.run.workflow_id, a.node_run.node_key) for a in ctx.running}
+        ctx, {(a.node_run.run.workflow_id, a.node_run.node_key) for a in ctx.suspects}
     )
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         if ctx.liveness(attempt).lost:
             continue  # its process is gone: worker_lost says so, and "raise the limit" is wrong
@@ -70,8 +94,8 @@ def overdue(ctx: Context) -> list[Detection]:
                 subject=node_subject(node.pk, attempt.number),
                 severity=WARNING,
                 title=(
-                    f"Node {node.node_key} of run {node.run_id} has run for {elapsed:.0f}s, "
-                    f"longer than {what}"
+                    f"Node {node.node_key} of run {node.run_id} has run since "
+                    f"{clock(attempt.started_at)}, longer than {what}"
                 ),
                 suggestion=(
                     "Check its last log lines and progress: if it is working, raise "
@@ -98,7 +122,11 @@ def overdue(ctx: Context) -> list[Detection]:
 STOP_SLACK_SECONDS = 5
 
 
-@detector("timeout_exceeded")
+def _past_timeout(ctx: Context) -> Q:
+    return Q(started_at__lt=ctx.now - seconds_of(F("node_run__timeout_seconds")))
+
+
+@detector("timeout_exceeded", suspects=_past_timeout)
 def timeout_exceeded(ctx: Context) -> list[Detection]:
     """Running past the node's hard timeout, whatever its heartbeats and progress say.
 
@@ -110,7 +138,7 @@ def timeout_exceeded(ctx: Context) -> list[Detection]:
     """
     grace = setting("KEEL_KILL_GRACE_SECONDS", 5)
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         elapsed = ctx.age(attempt.started_at)
         if not attempt.started_at or elapsed <= node.timeout_seconds:
@@ -138,7 +166,6 @@ def timeout_exceeded(ctx: Context) -> list[Detection]:
             "kill_grace_seconds": grace,
             "deadline": iso(deadline),
             "stopped_by": iso(kill_by),
-            "past_timeout_seconds": round(elapsed - node.timeout_seconds, 1),
             "process": live.process_detail,
             "rq_worker": worker.as_evidence() if worker else None,
         }
@@ -170,7 +197,9 @@ def timeout_exceeded(ctx: Context) -> list[Detection]:
                 "node runs in the worker process itself)"
             )
         elif worker is not None and worker.unresponsive:
-            cause = f"the worker is frozen (no RQ heartbeat for {worker.heartbeat_age:.0f}s)"
+            cause = (
+                f"the worker is frozen (no RQ heartbeat since {rq_clock(worker.last_heartbeat)})"
+            )
         else:
             cause = (
                 "the worker is frozen, or it is a simple worker (cannot kill a node hung in C code)"
@@ -184,9 +213,9 @@ def timeout_exceeded(ctx: Context) -> list[Detection]:
                 subject=node_subject(node.pk, attempt.number),
                 severity=CRITICAL,
                 title=(
-                    f"Node {node.node_key} of run {node.run_id} is still running "
-                    f"{elapsed - node.timeout_seconds:.0f}s past its hard timeout of "
-                    f"{node.timeout_seconds} s: the worker did not stop it"
+                    f"Node {node.node_key} of run {node.run_id} is still running past its "
+                    f"hard timeout of {node.timeout_seconds} s (due at {clock(deadline)}): "
+                    "the worker did not stop it"
                 ),
                 suggestion=(
                     f"The worker did not stop it: {cause}. Retry the node (its next attempt "
@@ -248,40 +277,50 @@ def _duration_history(ctx: Context, pairs: set[tuple[int, str]]) -> dict:
     return {pair: _HISTORY_CACHE[pair][:2] for pair in pairs}
 
 
-@detector("stalled", needs_redis=True)
+def _still(ctx: Context) -> Q:
+    """No progress for the declared ``stall_after`` (since the start, if none was ever
+    reported), or for KEEL_STALLED_BEATS beats since progress last moved."""
+    declared = ctx.now - seconds_of(F("node_run__stall_after_seconds"))
+    beats = timedelta(seconds=setting("KEEL_STALLED_BEATS", 12) * ctx.heartbeat)
+    return (
+        Q(node_run__stall_after_seconds__isnull=False, node_run__progress_at__lt=declared)
+        | Q(
+            node_run__stall_after_seconds__isnull=False,
+            node_run__progress_at__isnull=True,
+            started_at__lt=declared,
+        )
+        | Q(
+            node_run__stall_after_seconds__isnull=True,
+            node_run__progress_at__lt=ctx.now - beats,
+        )
+    )
+
+
+@detector("stalled", suspects=_still)
 def stalled(ctx: Context) -> list[Detection]:
     """Heartbeats keep coming but the reported progress has not moved for the node's
     declared ``stall_after`` seconds, or else for KEEL_STALLED_BEATS beats.
 
-    Slow is not stuck: any change of ``done`` or ``total`` restarts the clock. Since
-    when progress stood still is kept in one Redis hash shared by all watchdogs; losing
-    it (a flush) only restarts the clock, it never makes a finding. A node that declared
-    ``stall_after`` and never reported progress is stalled counting from its start; one
-    that did not declare it is not judged on progress it never promised.
+    Slow is not stuck: any change of ``done`` or ``total`` restarts the clock (the node's
+    process notes when its progress last moved, ``NodeRun.progress_at``; the claim clears
+    it). A node that declared ``stall_after`` and never reported progress is stalled
+    counting from its start; one that did not declare it is not judged on progress it
+    never promised. Nothing can be reported while the database is down: the clock starts
+    again at the end of an outage.
     """
     beats = setting("KEEL_STALLED_BEATS", 12)
-    memory = {text(k): json.loads(v) for k, v in ctx.redis.hgetall(PROGRESS_MEMORY_KEY).items()}
-    keep, found = {}, []
-    for attempt in ctx.running:
+    found = []
+    for attempt in ctx.suspects:
         node = attempt.node_run
-        progress = node.progress if isinstance(node.progress, dict) else None
         declared = node.stall_after_seconds
         if ctx.liveness(attempt).heartbeat_age > ctx.stale_after:
             continue  # silent: heartbeat_stale's to report
-        if progress is None:
-            if not declared:
-                continue
-            # Nothing could be reported while the database was down.
-            started = attempt.started_at or ctx.now
-            since = max(started, ctx.db_outage_end or started)
-        else:
-            slot = f"{node.pk}:{attempt.number}"
-            mark = json.dumps([progress.get("done"), progress.get("total")])
-            seen = memory.get(slot)
-            if seen is None or seen["mark"] != mark:
-                seen = {"mark": mark, "since": ctx.now.isoformat()}
-            keep[slot] = seen
-            since = datetime.fromisoformat(seen["since"])
+        moved = node.progress_at
+        if moved is None and not declared:
+            continue
+        progress = node.progress if moved is not None and isinstance(node.progress, dict) else None
+        since = moved or attempt.started_at or ctx.now
+        since = max(since, ctx.db_outage_end or since)
         if declared:
             limit, threshold = declared, f"declared stall_after {declared} s"
         else:
@@ -295,12 +334,12 @@ def stalled(ctx: Context) -> list[Detection]:
         if progress is None:
             title = (
                 f"Node {node.node_key} of run {node.run_id} is alive but has reported no "
-                f"progress in the {still:.0f}s since it started ({threshold})"
+                f"progress since {clock(since)} ({threshold})"
             )
         else:
             title = (
                 f"Node {node.node_key} of run {node.run_id} is alive but its progress "
-                f"({_progress_words(progress)}) has not moved for {still:.0f}s ({threshold})"
+                f"({_progress_words(progress)}) has not moved since {clock(since)} ({threshold})"
             )
         found.append(
             Detection(
@@ -322,7 +361,6 @@ def stalled(ctx: Context) -> list[Detection]:
                 evidence={
                     **attempt_evidence(ctx, attempt),
                     "progress_unchanged_since": since.isoformat(),
-                    "unchanged_for_seconds": round(still, 1),
                     "never_reported_progress": progress is None,
                     "threshold": threshold,
                     "threshold_seconds": limit,
@@ -333,12 +371,6 @@ def stalled(ctx: Context) -> list[Detection]:
                 **about_attempt(attempt),
             )
         )
-    with ctx.redis.pipeline(transaction=True) as pipe:
-        pipe.delete(PROGRESS_MEMORY_KEY)
-        if keep:
-            pipe.hset(PROGRESS_MEMORY_KEY, mapping={k: json.dumps(v) for k, v in keep.items()})
-            pipe.expire(PROGRESS_MEMORY_KEY, 24 * 3600)
-        pipe.execute()
     return found
 
 

@@ -11,6 +11,7 @@ from diagnostics.detectors.context import (
     QUEUE_PREFIX,
     WARNING,
     Context,
+    clock,
     iso,
     node_subject,
     retry_action,
@@ -73,7 +74,6 @@ def no_worker(ctx: Context) -> list[Detection]:
                     "queue": queue,
                     "queued_nodes": row["count"],
                     "oldest_queued_at": iso(row["oldest"]),
-                    "oldest_wait_seconds": round(ctx.age(row["oldest"]), 1),
                     "rq_suspended": ctx.suspended,
                     "dead_workers_for_queue": dead,
                     "frozen_workers_for_queue": [
@@ -115,8 +115,8 @@ def backlog(ctx: Context) -> list[Detection]:
                 subject=f"queue:{queue}",
                 severity=WARNING,
                 title=(
-                    f"Queue {queue} is backed up: {length} node(s) waiting, the oldest for "
-                    f"{wait / 60:.0f} min"
+                    f"Queue {queue} is backed up: {length} node(s) waiting, the oldest since "
+                    f"{clock(row['oldest'])}"
                 ),
                 suggestion=(
                     f"Add workers for queue {queue} (`manage.py rqworker {queue}`; "
@@ -128,7 +128,6 @@ def backlog(ctx: Context) -> list[Detection]:
                     "queued_nodes": row["count"],
                     "rq_queue_length": lengths.get(queue),
                     "oldest_queued_at": iso(row["oldest"]),
-                    "oldest_wait_seconds": round(wait, 1),
                     "max_length": max_length,
                     "max_age_seconds": max_age,
                     "listening_workers": listeners,
@@ -194,7 +193,6 @@ def pool_exhausted(ctx: Context) -> list[Detection]:
                     "slots": slots,
                     "waiting_nodes": [r["node_key"] for r in rows],
                     "waiting_since": iso(since),
-                    "waiting_seconds": round(ctx.age(since), 1),
                     "holders": [
                         {
                             "run": h["run_id"],

@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 import psutil
+from django.db.models import Q
 
 from diagnostics.detectors.context import (
     CRITICAL,
@@ -13,6 +14,7 @@ from diagnostics.detectors.context import (
     Context,
     about_attempt,
     attempt_evidence,
+    clock,
     iso,
     node_subject,
     retry_action,
@@ -24,24 +26,30 @@ from workflows.models import NodeAttempt, NodeRun
 from workflows.runtime import dispatch
 
 
-@detector("heartbeat_stale")
+def _stale(ctx: Context) -> Q:
+    return ctx.quiet_since(ctx.stale_after)
+
+
+@detector("heartbeat_stale", suspects=_stale)
 def heartbeat_stale(ctx: Context) -> list[Detection]:
     """Running, but no heartbeat for 3 beats (or none since the claim), and neither its
     process nor its job is known to be gone (``worker_lost``, ``job_lost``): hung, frozen,
     or on a host the watchdog cannot look into."""
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         live = ctx.liveness(attempt)
         if live.heartbeat_age <= ctx.stale_after or live.lost or live.job_status == "missing":
             continue  # fresh, or a cause is known: worker_lost / job_lost report it
         silent = (
-            f"has not sent a heartbeat since it started {ctx.age(attempt.started_at):.0f}s ago"
+            f"has sent no heartbeat since it started at {clock(attempt.started_at)}"
             if live.never_beat
-            else f"sent its last heartbeat {ctx.age(node.heartbeat_at):.0f}s ago"
+            else f"has sent no heartbeat since {clock(node.heartbeat_at)}"
         )
         if live.counted_from_outage:
-            silent += f", none in the {live.heartbeat_age:.0f}s since the database answered again"
+            silent += (
+                f", none since the database answered again at {clock(live.counted_from_outage)}"
+            )
         found.append(
             Detection(
                 code="heartbeat_stale",
@@ -70,12 +78,17 @@ def heartbeat_stale(ctx: Context) -> list[Detection]:
     return found
 
 
-@detector("worker_lost", needs_redis=True)
+def _quiet(ctx: Context) -> Q:
+    return ctx.quiet_since(min(1.5 * ctx.heartbeat, ctx.stale_after))
+
+
+@detector("worker_lost", needs_redis=True, suspects=_quiet)
 def worker_lost(ctx: Context) -> list[Detection]:
     """The process running the attempt is gone (killed, crashed, host lost): repaired by
-    abandoning the attempt, so the retry policy runs it again from its last checkpoint."""
+    abandoning the attempt, so the retry policy runs it again from its last checkpoint.
+    Every way of being lost needs 1.5 beats of silence (``Context.liveness``)."""
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         live = ctx.liveness(attempt)
         if not live.lost or live.job_status == "missing":
@@ -131,7 +144,11 @@ def worker_lost(ctx: Context) -> list[Detection]:
     return found
 
 
-@detector("job_lost", needs_redis=True)
+def _without_job(ctx: Context) -> Q:
+    return Q(node_run_id__in=ctx.running_without_job)
+
+
+@detector("job_lost", needs_redis=True, suspects=_without_job)
 def job_lost(ctx: Context) -> list[Detection]:
     """RQ will never run the node's job: it is gone (Redis flushed or restarted, the
     enqueue after commit never happened) or ended without running it."""
@@ -184,7 +201,6 @@ def job_lost(ctx: Context) -> list[Detection]:
                     "rq_job_status": status,
                     "rq_job_worker": job["worker"],
                     "queued_at": iso(node.queued_at),
-                    "queued_for_seconds": round(ctx.age(node.queued_at), 1),
                     "why": why,
                 },
                 action={"kind": "retry_node", "run": node.run_id, "node": node.node_key},
@@ -242,7 +258,7 @@ def outage_evidence(live) -> dict:
 
 def _lost_running_jobs(ctx: Context) -> list[Detection]:
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         live = ctx.liveness(attempt)
         if live.job_status != "missing":
@@ -299,7 +315,9 @@ def _lost_running_jobs(ctx: Context) -> list[Detection]:
                 )
             )
             continue
-        why = live.lost_because or f"no heartbeat for {live.heartbeat_age:.0f}s"
+        why = live.lost_because or (
+            f"no heartbeat since {clock(attempt.node_run.heartbeat_at or attempt.started_at)}"
+        )
         found.append(
             Detection(
                 code="job_lost",
@@ -328,27 +346,49 @@ def _lost_running_jobs(ctx: Context) -> list[Detection]:
     return found
 
 
-@detector("resource_pressure")
+def _pressed(ctx: Context) -> Q:
+    """The latest sample (the attempt's own columns) over a limit."""
+    cpu_limit, io_limit, near = _pressure_limits()
+    over = Q(cpu_percent__gt=cpu_limit) | Q(io_wait_percent__gt=io_limit)
+    rss_limit = setting("KEEL_RSS_LIMIT_BYTES", None)
+    if rss_limit:
+        return over | Q(rss_bytes__gte=near * rss_limit)
+    return over | Q(host=ctx.host, rss_bytes__gte=near * psutil.virtual_memory().total)
+
+
+def _pressure_limits() -> tuple[float, float, float]:
+    return (
+        setting("KEEL_PRESSURE_CPU_PERCENT", 90),
+        setting("KEEL_PRESSURE_IOWAIT_PERCENT", 50),
+        setting("KEEL_RSS_NEAR_RATIO", 0.9),
+    )
+
+
+@detector("resource_pressure", suspects=_pressed)
 def resource_pressure(ctx: Context) -> list[Detection]:
-    """From the heartbeat's samples: CPU above 90 %, IO wait above 50 % (averaged over the
-    last three beats) or RSS near KEEL_RSS_LIMIT_BYTES (or the host's memory)."""
-    cpu_limit = setting("KEEL_PRESSURE_CPU_PERCENT", 90)
-    io_limit = setting("KEEL_PRESSURE_IOWAIT_PERCENT", 50)
-    near = setting("KEEL_RSS_NEAR_RATIO", 0.9)
+    """From the heartbeat's samples: CPU above 90 % or IO wait above 50 %, in the latest
+    sample and averaged over the last three beats; or RSS near KEEL_RSS_LIMIT_BYTES (or
+    the host's memory)."""
+    cpu_limit, io_limit, near = _pressure_limits()
     found = []
-    for attempt in ctx.running:
+    for attempt in ctx.suspects:
         node = attempt.node_run
         samples = (attempt.resource_samples or [])[-3:]
         if not samples:
             continue
         problems = []
+        latest = samples[-1]
         cpu = _mean(s.get("cpu_percent") for s in samples)
-        if len(samples) >= 2 and cpu is not None and cpu > cpu_limit:
+        if _over(latest.get("cpu_percent"), cpu_limit) and len(samples) >= 2 and cpu > cpu_limit:
             problems.append(f"CPU at {cpu:.0f}% (over {cpu_limit}%)")
         io_wait = _mean(s.get("io_wait_percent") for s in samples)
-        if len(samples) >= 2 and io_wait is not None and io_wait > io_limit:
+        if (
+            _over(latest.get("io_wait_percent"), io_limit)
+            and len(samples) >= 2
+            and io_wait > io_limit
+        ):
             problems.append(f"IO wait at {io_wait:.0f}% (over {io_limit}%)")
-        rss = samples[-1].get("rss_bytes")
+        rss = latest.get("rss_bytes")
         limit = setting("KEEL_RSS_LIMIT_BYTES", None)
         if not limit and attempt.host == ctx.host:
             limit = psutil.virtual_memory().total
@@ -382,6 +422,10 @@ def resource_pressure(ctx: Context) -> list[Detection]:
             )
         )
     return found
+
+
+def _over(value, limit: float) -> bool:
+    return isinstance(value, int | float) and value > limit
 
 
 def _mean(values) -> float | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import psutil
 import redis
 from django.db import DatabaseError
-from django.db.models import F, Window
+from django.db.models import F, Q, Window
 from django.db.models.functions import RowNumber
 
 from diagnostics.detectors.context import Context, iso
@@ -23,14 +23,17 @@ class Detector:
     code: str
     func: Callable[[Context], list[Detection]]
     needs_redis: bool
+    # For detectors about running attempts: the SQL condition (on NodeAttempt) that holds
+    # for every attempt the detector may report, so that healthy ones are never loaded.
+    suspects: Callable[[Context], Q] | None = None
 
 
 DETECTORS: list[Detector] = []
 
 
-def detector(code: str, *, needs_redis: bool = False):
+def detector(code: str, *, needs_redis: bool = False, suspects=None):
     def register(func):
-        DETECTORS.append(Detector(code, func, needs_redis))
+        DETECTORS.append(Detector(code, func, needs_redis, suspects))
         return func
 
     return register
@@ -49,12 +52,23 @@ def run_all(ctx: Context, codes: set[str] | None = None) -> DetectionRun:
     """Run every detector (or those of ``codes``). A detector that cannot run (Redis down,
     an error) is reported in ``failed`` and its open findings are left alone."""
     detections, checked, failed = [], set(), {}
+    chosen = []
     for each in DETECTORS:
         if codes is not None and each.code not in codes:
             continue
         if each.needs_redis and not ctx.redis_ok:
             failed[each.code] = f"Redis did not answer ({ctx.redis_error})"
             continue
+        chosen.append(each)
+    for each in [each for each in chosen if each.suspects]:
+        try:
+            ctx.suspect_conditions.append(each.suspects(ctx))
+        except (DatabaseError, redis.RedisError) as error:
+            logger.exception("Detector %s could not choose its suspects", each.code)
+            failed[each.code] = f"{type(error).__name__}: {error}"
+            chosen.remove(each)
+    for each in chosen:
+        ctx.between_steps()
         try:
             found = each.func(ctx)
         except (DatabaseError, redis.RedisError, psutil.Error, OSError) as error:

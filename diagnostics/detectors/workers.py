@@ -1,12 +1,16 @@
 """Detectors about the workers themselves: frozen, or held by an attempt that is over."""
 
+from django.db.models import F
+
 from diagnostics.detectors.context import (
     CRITICAL,
     KEEL_JOB_ID,
     Context,
     FrozenWorker,
     WorkerInfo,
+    clock,
     iso,
+    rq_clock,
     setting,
 )
 from diagnostics.detectors.registry import detector
@@ -44,9 +48,6 @@ def worker_unresponsive(ctx: Context) -> list[Detection]:
                     "process": frozen.process,
                     "process_created": frozen.process_created,
                     "rq_last_heartbeat": frozen.last_heartbeat,
-                    "rq_heartbeat_age_seconds": (
-                        round(frozen.heartbeat_age, 1) if frozen.heartbeat_age is not None else None
-                    ),
                     "stale_after_seconds": ctx.stale_after,
                     "rq_key_exists": frozen.in_rq,
                     "queues": frozen.queues,
@@ -68,7 +69,7 @@ def _unresponsive_title(ctx: Context, frozen: FrozenWorker) -> str:
             f"its process is still here: {frozen.process}"
         )
     return (
-        f"{who} is unresponsive: no RQ heartbeat for {frozen.heartbeat_age:.0f}s; "
+        f"{who} is unresponsive: no RQ heartbeat since {rq_clock(frozen.last_heartbeat)}; "
         f"process {frozen.process}"
     )
 
@@ -119,6 +120,19 @@ def zombie_attempt(ctx: Context) -> list[Detection]:
             holders[(int(match[1]), int(match[2]))] = info
     if not holders:
         return []
+    # A busy worker holds a current attempt: tell those apart on plain values (one
+    # query), and load only the node runs of attempts that are over.
+    current = set(
+        NodeAttempt.objects.filter(
+            node_run_id__in={node_run_id for node_run_id, _ in holders},
+            status__in=NodeAttempt.ACTIVE,
+            number=F("node_run__attempt"),
+            node_run__status__in=(NodeRun.Status.QUEUED, NodeRun.Status.RUNNING),
+        ).values_list("node_run_id", "number")
+    )
+    holders = {key: info for key, info in holders.items() if key not in current}
+    if not holders:
+        return []
     attempts: dict[int, list[NodeAttempt]] = {}
     for attempt in NodeAttempt.objects.filter(
         node_run_id__in={node_run_id for node_run_id, _ in holders}
@@ -167,15 +181,14 @@ def _zombie_detection(ctx, worker: WorkerInfo, node, attempt, since, how) -> Det
     kill = f"kill -9 {pid or '<pid>'}"
     if host != ctx.host:
         kill = f"ssh {host} {kill}"
-    age = ctx.age(since)
     return Detection(
         code="zombie_attempt",
         subject=f"worker:{worker.name}:{attempt.rq_job_id}",
         severity=CRITICAL,
         title=(
             f"Worker {worker.name} on {host} (pid {pid or '?'}) still runs attempt "
-            f"{attempt.number} of node {node.node_key} (run {node.run_id}), {how} {age:.0f}s "
-            "ago: it holds the worker, nothing else runs on it"
+            f"{attempt.number} of node {node.node_key} (run {node.run_id}), {how} at "
+            f"{clock(since)}: it holds the worker, nothing else runs on it"
         ),
         suggestion=(
             f"Restart that worker: `{kill}` (the process still running the old attempt) on "
@@ -196,7 +209,6 @@ def _zombie_detection(ctx, worker: WorkerInfo, node, attempt, since, how) -> Det
             "worker_pid": worker.pid,
             "rq_job_id": attempt.rq_job_id,
             "since": iso(since),
-            "over_for_seconds": round(age, 1),
             "how_it_ended": how,
             "rq_worker": worker.as_evidence(),
             "runbook": ZOMBIE_RUNBOOK,

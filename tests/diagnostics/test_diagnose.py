@@ -63,7 +63,7 @@ def test_diagnose_a_run_with_a_frozen_node(start_worker, start_run):
     assert "What it means: The node is marked running, but the process" in text
     assert re.search(rf"\n      pid +{horse}\n", text)
     assert re.search(r"\n      progress +1 of 10 stuck on item 2\n", text)
-    assert re.search(r"\n      since heartbeat +\ds\n", text)
+    assert re.search(r"\n      last heartbeat +[-\d]+ [:\d]+ \w+ \(\d+s ago\)\n", text)
     assert "WARNING waiting for the lock on item 2" in text
     assert "What to do: The worker" in text
     assert f"Action: Retry node n of run {run.pk}" in text

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psutil
 import pytest
@@ -111,7 +111,7 @@ def test_a_worker_whose_rq_heartbeat_is_stale_is_unresponsive(clean_redis, sleep
     assert found.subject == "worker:w-quiet"
     assert found.worker == "w-quiet"
     assert found.title.startswith(
-        f"Worker w-quiet on {HOST} (pid {process.pid}) is unresponsive: no RQ heartbeat for 3"
+        f"Worker w-quiet on {HOST} (pid {process.pid}) is unresponsive: no RQ heartbeat since "
     )
     evidence = found.evidence
     assert (evidence["host"], evidence["pid"], evidence["queues"]) == (
@@ -121,7 +121,7 @@ def test_a_worker_whose_rq_heartbeat_is_stale_is_unresponsive(clean_redis, sleep
     )
     assert evidence["process"] in ("sleeping", "running")
     assert evidence["current_job"] == "keel-1-1"
-    assert evidence["rq_heartbeat_age_seconds"] >= 30
+    assert evidence["rq_last_heartbeat"]
     assert f"`kill -9 {process.pid}`" in found.suggestion
     assert "job keel-1-1 it holds does not move" in found.suggestion
     assert found.action == {"kind": "command", "command": f"kill -9 {process.pid}"}
@@ -262,14 +262,14 @@ def test_a_worker_still_running_a_retried_attempt_is_a_zombie(start_run, clean_r
         f"Worker w-zombie on {HOST} (pid {horse}) still runs attempt 1 of node n "
         f"(run {node.run_id}), "
     )
-    assert found.title.endswith("s ago: it holds the worker, nothing else runs on it")
+    assert found.title.endswith(": it holds the worker, nothing else runs on it")
     assert f"`kill -9 {horse}`" in found.suggestion
     assert "restart the worker service" in found.suggestion
     assert 'Runbook: "worker process alive but not taking work"' in found.suggestion
     evidence = found.evidence
     assert (evidence["worker"], evidence["host"], evidence["pid"]) == ("w-zombie", HOST, horse)
     assert evidence["node_attempt"] == 2
-    assert evidence["over_for_seconds"] >= 12
+    assert timezone.now() - datetime.fromisoformat(evidence["since"]) >= timedelta(seconds=12)
     assert found.action == {"kind": "command", "command": f"kill -9 {horse}"}
     assert (found.run_id, found.node_run_id, found.worker) == (node.run_id, node.pk, "w-zombie")
 
@@ -285,7 +285,7 @@ def test_a_cancelled_attempt_still_held_names_how_it_ended(start_run, clean_redi
     [found] = detect("zombie_attempt")
 
     assert "still runs attempt 1 of node n" in found.title
-    assert re.search(r", ended \(cancelled\) 3\ds ago: it holds the worker", found.title)
+    assert re.search(r", ended \(cancelled\) at \d\d:\d\d:\d\d: it holds the worker", found.title)
     assert found.evidence["how_it_ended"] == "ended (cancelled)"
 
 

@@ -114,9 +114,16 @@ def record_stale_message(node_run_id: int, attempt: int, worker: str, what: str)
 
 
 def record_heartbeat(
-    node_run_id: int, attempt: int, *, progress=None, sample=None, samples=None
+    node_run_id: int,
+    attempt: int,
+    *,
+    progress=None,
+    progress_at=None,
+    sample=None,
+    samples=None,
 ) -> bool:
-    """Write heartbeat_at (and progress, resource samples) if the attempt is still current.
+    """Write heartbeat_at (and progress with when it last moved, resource samples) if the
+    attempt is still current.
 
     Returns False when it is not (cancelled, superseded): the node should stop.
     """
@@ -124,6 +131,7 @@ def record_heartbeat(
     fields = {"heartbeat_at": now, "updated_at": now}
     if progress is not None:
         fields["progress"] = progress
+        fields["progress_at"] = progress_at or now
     current = NodeRun.objects.filter(
         pk=node_run_id, status=NodeRun.Status.RUNNING, attempt=attempt
     ).update(**fields)

@@ -32,7 +32,8 @@ def claim_node(node_run_id: int, attempt: int, now) -> dict | None:
     row = _returning(
         f"""
         UPDATE {_table(NodeRun)}
-           SET status = %s, started_at = %s, heartbeat_at = %s, updated_at = %s
+           SET status = %s, started_at = %s, heartbeat_at = %s, updated_at = %s,
+               progress_at = NULL
          WHERE id = %s AND status = %s AND attempt = %s
         RETURNING {", ".join(_column(NodeRun, name) for name in _CLAIMED)}
         """,

@@ -4,7 +4,7 @@ import json
 import logging
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -33,6 +33,7 @@ class NodeContext:
         self._next_sequence = None
         self._progress = None
         self._progress_dirty = False
+        self._progress_moved_at = None
         self._stop_requested = threading.Event()
         self._log: logging.Logger | None = None
 
@@ -104,6 +105,10 @@ class NodeContext:
 
     def progress(self, done, total=None, message: str = "") -> None:
         """Report progress; written with the next heartbeat."""
+        before = self._progress or {}
+        if (before.get("done"), before.get("total")) != (done, total) or not before:
+            # Only a change of done or total restarts the watchdog's stall clock.
+            self._progress_moved_at = timezone.now()
         self._progress = {"done": done, "total": total, "message": str(message)[:200]}
         self._progress_dirty = True
 
@@ -126,11 +131,12 @@ class NodeContext:
         if self._log is not None:
             self._log.handlers[0].flush_to_db(final=final)
 
-    def take_progress(self):
+    def take_progress(self) -> tuple[dict | None, datetime | None]:
+        """The progress reported since the last beat (or None), and when it last moved."""
         if not self._progress_dirty:
-            return None
+            return None, None
         self._progress_dirty = False
-        return self._progress
+        return self._progress, self._progress_moved_at
 
 
 def _check_json(value, what: str) -> None:

@@ -115,10 +115,12 @@ class Heartbeat:
                 self._sampler = ResourceSampler()
             sample = self._sampler.sample(watched.cpu_percent())
             watched.samples = [*watched.samples, sample][-MAX_SAMPLES:]
+            progress, progress_at = watched.ctx.take_progress()
             still_current = engine.record_heartbeat(
                 watched.node_run_id,
                 watched.attempt,
-                progress=watched.ctx.take_progress(),
+                progress=progress,
+                progress_at=progress_at,
                 sample=sample,
                 samples=watched.samples,
             )

@@ -1,0 +1,168 @@
+"""A tick's cost follows what is wrong, not what is running (issue #12).
+
+Healthy running nodes are never loaded: ten times as many of them cost the tick no more
+queries. Open findings that say the same thing are not rewritten: ten times as many cost
+no more queries either, only their ``last_seen`` moves (one update). Timing is left to
+bench/scale.py; these tests count.
+"""
+
+import re
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from rq.utils import utcformat
+
+from diagnostics import detectors, health, watchdog
+from diagnostics.detectors import registry
+from diagnostics.models import Finding
+from workflows import engine
+from workflows.models import NodeRun
+from workflows.runtime import dispatch
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FAR_HOST = "far-away-host"  # not this one: the watchdog cannot look at its processes
+WORKER = "w-far"
+
+
+def wide(count: int) -> dict:
+    return {
+        "name": f"Wide {count} {timezone.now().timestamp()}",
+        "nodes": {f"n{i:03d}": {"type": "test.record", "timeout": 3600} for i in range(count)},
+    }
+
+
+def running_nodes(start_run, redis, count: int, *, beat_ago: float = 0) -> list[NodeRun]:
+    """``count`` nodes claimed by a worker on another host that RQ knows and that beats to
+    RQ; their jobs run (RQ's started registry and job hashes say so); their last database
+    heartbeat was ``beat_ago`` seconds ago."""
+    run = start_run(wide(count))
+    nodes = list(NodeRun.objects.filter(run=run))
+    beat = timezone.now() - timedelta(seconds=beat_ago)
+    for node in nodes:
+        assert engine.claim_attempt(node.pk, 1, worker=WORKER, pid=4242, host=FAR_HOST)
+    NodeRun.objects.filter(run=run).update(heartbeat_at=beat)
+    with redis.pipeline() as pipe:
+        for node in nodes:
+            job_id = dispatch.job_id(node.pk, 1)
+            pipe.hset(f"rq:job:{job_id}", mapping={"status": "started", "worker_name": WORKER})
+            pipe.zadd("rq:wip:default", {f"{job_id}:exec-1": timezone.now().timestamp() + 3600})
+        pipe.execute()
+    return nodes
+
+
+def register_far_worker(redis) -> None:
+    redis.hset(
+        f"rq:worker:{WORKER}",
+        mapping={
+            "queues": "default",
+            "hostname": FAR_HOST,
+            "pid": 4242,
+            "state": "busy",
+            "last_heartbeat": utcformat(timezone.now()),
+        },
+    )
+    redis.sadd("rq:workers", f"rq:worker:{WORKER}")
+
+
+def tick_queries() -> int:
+    with CaptureQueriesContext(connection) as queries:
+        report = watchdog.tick()
+    assert report.acted and not report.failed, str(report)
+    return len(queries)
+
+
+def test_healthy_running_nodes_cost_the_tick_nothing(start_run, clean_redis):
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 3)
+    watchdog.tick()
+    few = tick_queries()
+
+    running_nodes(start_run, clean_redis, 30)
+    many = tick_queries()
+
+    assert many == few
+    assert not Finding.objects.filter(resolved_at__isnull=True).exists()
+    ctx = detectors.Context(now=timezone.now())
+    detectors.run_all(ctx)
+    assert ctx.suspects == [], "no detector's condition holds for a healthy node"
+    assert ctx.running_without_job == set(), "their jobs are in RQ's started registry"
+
+
+def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redis):
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 3, beat_ago=60)
+    watchdog.tick()  # opens 3 heartbeat_stale findings
+    few = tick_queries()
+
+    running_nodes(start_run, clean_redis, 30, beat_ago=60)
+    watchdog.tick()  # opens 30 more
+    before = {f.pk: (f.digest, f.title, f.evidence, f.last_seen) for f in Finding.objects.all()}
+    many = tick_queries()
+
+    assert many == few
+    after = {f.pk: (f.digest, f.title, f.evidence, f.last_seen) for f in Finding.objects.all()}
+    assert len(after) == 33
+    assert {f.code for f in Finding.objects.all()} == {"heartbeat_stale"}
+    for pk, (digest, title, evidence, last_seen) in after.items():
+        assert (digest, title, evidence) == before[pk][:3], "what it says did not change"
+        assert last_seen > before[pk][3], "seen again this tick"
+
+
+def test_a_finding_whose_words_change_is_rewritten(start_run, clean_redis):
+    register_far_worker(clean_redis)
+    [node] = running_nodes(start_run, clean_redis, 1, beat_ago=60)
+    watchdog.tick()
+    finding = Finding.objects.get(code="heartbeat_stale")
+
+    # A late heartbeat, still stale: the finding now says since when it is silent.
+    NodeRun.objects.filter(pk=node.pk).update(heartbeat_at=timezone.now() - timedelta(seconds=30))
+    watchdog.tick()
+
+    rewritten = Finding.objects.get(pk=finding.pk)
+    assert rewritten.resolved_at is None
+    assert rewritten.digest != finding.digest
+    assert rewritten.title != finding.title
+    assert rewritten.evidence["heartbeat_at"] != finding.evidence["heartbeat_at"]
+
+
+def test_the_system_page_and_metrics_say_how_long_the_last_tick_took(
+    clean_redis, client, django_user_model
+):
+    staff_client = client
+    staff_client.force_login(django_user_model.objects.create_superuser("boss", "b@x.org", "pw"))
+    watchdog.tick()
+
+    status = health.watchdog_status(clean_redis)
+    page = staff_client.get("/system/").content.decode()
+    metrics = staff_client.get("/metrics").content.decode()
+
+    assert status["alive"] is True
+    assert 0 < status["tick_seconds"] < 60
+    assert re.search(r"the last acting tick took \d+ ms", page)
+    [sample] = [line for line in metrics.splitlines() if line.startswith("keel_watchdog_tick_")]
+    assert float(sample.split()[-1]) == status["tick_seconds"]
+
+
+def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_run, clean_redis):
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 1, beat_ago=60)
+
+    def lock_expires_and_another_takes_it(ctx):
+        clean_redis.set(watchdog.LOCK_NAME, "another watchdog's token")
+        return []
+
+    # A detector that runs first and takes as long as the lock lives.
+    slow = registry.Detector("test_slow", lock_expires_and_another_takes_it, needs_redis=False)
+    registry.DETECTORS.insert(0, slow)
+    try:
+        report = watchdog.tick()
+    finally:
+        registry.DETECTORS.remove(slow)
+
+    assert report.redis_failed.startswith("this tick outlived its 30 s lock")
+    assert not Finding.objects.exists(), "it stopped before recording anything"
+    assert clean_redis.get(watchdog.LOCK_NAME) == b"another watchdog's token"
