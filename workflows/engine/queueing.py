@@ -1,9 +1,18 @@
-"""Queueing and pools: ready nodes go to ``queued`` while their pool has a free slot."""
+"""Queueing and pools: ready nodes go to ``queued`` while their pool has a free slot.
+
+Every path that queues nodes — a run's start, a success releasing its downstream, a due
+retry, a recovery, a freed pool slot — goes through ``queue_or_wait`` or ``fill_pool``
+and from there ``_queue_nodes``: a few statements per 1 000 nodes, never one per node,
+and one Redis pipeline after commit.
+"""
 
 from django.db.models import F
 
 from workflows.models import NodeAttempt, NodeRun, ResourcePool, Run
 from workflows.runtime import dispatch
+
+# Ids per statement when queueing many nodes at once (well under any parameter limit).
+QUEUE_CHUNK = 1000
 
 
 def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
@@ -15,21 +24,28 @@ def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
     if not nodes:
         return []
     free_slots = {name: _free_slots(name) for name in {node.pool for node in nodes if node.pool}}
-    to_queue, waiting = [], []
+    to_queue, waiting = [], {}
     for node in nodes:
         if node.pool and free_slots[node.pool] <= 0:
-            waiting.append(node)
+            waiting.setdefault(node.pool, []).append(node)
             continue
         if node.pool:
             free_slots[node.pool] -= 1
         to_queue.append(node)
-    for node in waiting:
-        node.status = NodeRun.Status.PENDING
-        node.reason = f"waiting for pool {node.pool} (all slots in use)"
-        NodeRun.objects.filter(pk=node.pk).update(
-            status=node.status, retry_at=None, reason=node.reason, updated_at=now
-        )
-    return _queue_nodes(run, to_queue, now)
+    for pool, group in waiting.items():
+        reason = f"waiting for pool {pool} (all slots in use)"
+        for node in group:
+            node.status = NodeRun.Status.PENDING
+            node.reason = reason
+        for chunk in _chunks([node.pk for node in group]):
+            NodeRun.objects.filter(pk__in=chunk).update(
+                status=NodeRun.Status.PENDING, retry_at=None, reason=reason, updated_at=now
+            )
+    return _queue_nodes(to_queue, now)
+
+
+def _chunks(items: list, size: int = QUEUE_CHUNK) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _free_slots(pool_name: str) -> int:
@@ -38,21 +54,20 @@ def _free_slots(pool_name: str) -> int:
     return slots - used
 
 
-def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
+def _queue_nodes(nodes: list[NodeRun], now) -> list[NodeRun]:
     """Move nodes to ``queued`` with a new attempt number and enqueue them after commit.
 
     Only nodes still waiting (pending or retry_wait) at the attempt the caller saw move:
     they are locked first, so a node another transaction already moved is left alone.
     Per chunk of ids and attempt number, one SELECT … FOR NO KEY UPDATE and one UPDATE;
-    one INSERT for all the attempts.
+    one bulk INSERT for all the attempts; one Redis pipeline for all the jobs.
     """
     by_attempt: dict[int, list[NodeRun]] = {}
     for node in nodes:
         by_attempt.setdefault(node.attempt, []).append(node)
     queued = []
     for attempt, group in by_attempt.items():
-        for start in range(0, len(group), QUEUE_CHUNK):
-            chunk = group[start : start + QUEUE_CHUNK]
+        for chunk in _chunks(group):
             moved = set(
                 NodeRun.objects.select_for_update(no_key=True)
                 .filter(
@@ -81,6 +96,8 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
                     node.attempt += 1
                     node.status = NodeRun.Status.QUEUED
                     queued.append(node)
+    if not queued:
+        return []
     NodeAttempt.objects.bulk_create(
         [
             NodeAttempt(
@@ -99,15 +116,12 @@ def _queue_nodes(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
     return queued
 
 
-# Ids per statement when queueing many nodes at once (well under any parameter limit).
-QUEUE_CHUNK = 1000
-
-
 def fill_pool(name: str, now) -> None:
     """Give free slots of a pool to ready nodes waiting for it, oldest first, in any run.
 
     The caller holds the pool's lock. Waiting nodes of other runs are moved with a
-    conditional update, without taking their run's lock (see the lock order above).
+    conditional update, without taking their run's lock (see the lock order above),
+    all of them in one ``_queue_nodes``.
     """
     free = _free_slots(name)
     if free <= 0:
@@ -118,9 +132,6 @@ def fill_pool(name: str, now) -> None:
             status=NodeRun.Status.PENDING,
             pending_upstreams=0,
             run__status=Run.Status.RUNNING,
-        )
-        .select_related("run")
-        .order_by("id")[:free]
+        ).order_by("id")[:free]
     )
-    for node in waiting:
-        _queue_nodes(node.run, [node], now)
+    _queue_nodes(waiting, now)

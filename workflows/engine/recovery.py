@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from workflows.engine.attempts import next_checkpoint_sequence
@@ -176,17 +177,21 @@ def apply(plan: Plan, *, actor: str, reason: str) -> dict:
 
 
 def _end_active_attempts(nodes: list[NodeRun], note: str, now) -> None:
+    # One UPDATE per attempt number, not per node: a wide resume ends them all at once.
+    by_attempt: dict[int, list[int]] = {}
     for node in nodes:
         if node.status in NodeRun.ACTIVE:
-            NodeAttempt.objects.filter(
-                node_run=node, number=node.attempt, status__in=NodeAttempt.ACTIVE
-            ).update(
-                status=NodeAttempt.Status.ABANDONED,
-                finished_at=now,
-                updated_at=now,
-                error_type="ResetByOperator",
-                error_message=note,
-            )
+            by_attempt.setdefault(node.attempt, []).append(node.pk)
+    for number, ids in by_attempt.items():
+        NodeAttempt.objects.filter(
+            node_run_id__in=ids, number=number, status__in=NodeAttempt.ACTIVE
+        ).update(
+            status=NodeAttempt.Status.ABANDONED,
+            finished_at=now,
+            updated_at=now,
+            error_type="ResetByOperator",
+            error_message=note,
+        )
 
 
 def _reset(plan: Plan, note: str, now) -> None:
@@ -198,19 +203,23 @@ def _reset(plan: Plan, note: str, now) -> None:
         ).delete()
     fresh = [nodes[key].pk for key in plan.reset if key not in plan.resume_from_checkpoint]
     Checkpoint.objects.filter(node_run_id__in=fresh).delete()
+    reset = {
+        "status": NodeRun.Status.PENDING,
+        "output": None,
+        "finished_at": None,
+        "retry_at": None,
+        "heartbeat_at": None,
+        "progress": None,
+        "reason": note,
+        "updated_at": now,
+    }
+    # Retries count from here: each node's own attempt, so one UPDATE for all of them.
+    NodeRun.objects.filter(pk__in=ids).update(**reset, attempts_base=F("attempt"))
     for key in plan.reset:
         node = nodes[key]
-        _set(
-            node,
-            status=NodeRun.Status.PENDING,
-            output=None,
-            finished_at=None,
-            retry_at=None,
-            heartbeat_at=None,
-            progress=None,
-            reason=note,
-            attempts_base=node.attempt,
-        )
+        for name, value in reset.items():
+            setattr(node, name, value)
+        node.attempts_base = node.attempt
 
 
 def _set(node: NodeRun, **fields) -> None:
@@ -230,7 +239,7 @@ def _reopen(run: Run, now) -> None:
 def _recount_pending(nodes: dict[str, NodeRun], now) -> list[NodeRun]:
     """Set each pending node's count of unfinished upstreams; return those with none."""
     done = {key for key, node in nodes.items() if node.status in NodeRun.DONE}
-    ready = []
+    ready, changed = [], []
     for node in nodes.values():
         if node.status != NodeRun.Status.PENDING:
             continue
@@ -244,7 +253,9 @@ def _recount_pending(nodes: dict[str, NodeRun], now) -> list[NodeRun]:
             else node.reason
         )
         if node.pending_upstreams != len(waiting) or node.reason != reason:
-            _set(node, pending_upstreams=len(waiting), reason=reason)
+            node.pending_upstreams, node.reason, node.updated_at = len(waiting), reason, now
+            changed.append(node)
         if not waiting:
             ready.append(node)
+    NodeRun.objects.bulk_update(changed, ["pending_upstreams", "reason", "updated_at"])
     return ready

@@ -67,6 +67,7 @@ def send_after_commit(dispatches: list[Dispatch]) -> None:
 def send(dispatches: list[Dispatch]) -> bool:
     """Put the messages on their queues. Returns False when Redis could not be reached.
 
+    All of them in one pipeline (one round trip, MULTI/EXEC), whatever their queues.
     A failure here loses nothing: the nodes stay ``queued`` in the database and the
     watchdog re-sends every queued node whose job RQ does not have.
     """
@@ -74,23 +75,25 @@ def send(dispatches: list[Dispatch]) -> bool:
     for dispatch in dispatches:
         by_queue[dispatch.queue].append(dispatch)
     try:
-        for queue_name, items in by_queue.items():
-            queue = get_queue(queue_name)
-            queue.enqueue_many(
-                [
-                    Queue.prepare_data(
-                        EXECUTOR_FUNC,
-                        args=(item.node_run_id, item.attempt),
-                        timeout=item.timeout,
-                        job_id=job_id(item.node_run_id, item.attempt),
-                        result_ttl=RESULT_TTL,
-                        failure_ttl=FAILURE_TTL,
-                        description=item.description
-                        or f"node-run {item.node_run_id} attempt {item.attempt}",
-                    )
-                    for item in items
-                ]
-            )
+        with redis_connection().pipeline() as pipe:
+            for queue_name, items in by_queue.items():
+                get_queue(queue_name).enqueue_many(
+                    [
+                        Queue.prepare_data(
+                            EXECUTOR_FUNC,
+                            args=(item.node_run_id, item.attempt),
+                            timeout=item.timeout,
+                            job_id=job_id(item.node_run_id, item.attempt),
+                            result_ttl=RESULT_TTL,
+                            failure_ttl=FAILURE_TTL,
+                            description=item.description
+                            or f"node-run {item.node_run_id} attempt {item.attempt}",
+                        )
+                        for item in items
+                    ],
+                    pipeline=pipe,
+                )
+            pipe.execute()
     except redis.RedisError as error:
         logger.warning(
             "Could not reach Redis at %s to enqueue %d node(s): %s. They stay queued in the "
