@@ -117,15 +117,23 @@ class WorkerProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-@pytest.fixture
-def clean_redis():
-    """Remove Keel's and RQ's keys from the test Redis (never FLUSHALL a shared server)."""
-    redis = dispatch.redis_connection()
+def _remove_keel_keys(redis) -> None:
     for pattern in ("rq:*", "keel:*"):
         keys = list(redis.scan_iter(pattern, count=1000))
         for start in range(0, len(keys), 500):
             redis.delete(*keys[start : start + 500])
-    return redis
+
+
+@pytest.fixture
+def clean_redis():
+    """Remove Keel's and RQ's keys from the test Redis (never FLUSHALL a shared server),
+    before the test and after it: a worker a test registered must not show up in the
+    next test, which may not ask for a clean Redis."""
+    redis = dispatch.redis_connection()
+    _remove_keel_keys(redis)
+    yield redis
+    with contextlib.suppress(Exception):  # a test may have stopped this Redis on purpose
+        _remove_keel_keys(redis)
 
 
 @pytest.fixture
