@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from django.conf import settings
+from django.db.models import Q
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from pydantic import ConfigDict
@@ -106,7 +107,11 @@ def finding_list(request, query: Query[FindingQuery]):
     if query.state == "open":
         findings = findings.filter(resolved_at__isnull=True)
     else:
-        findings = findings.filter(last_seen__gte=timezone.now() - RECENT)
+        # Open, or resolved within the window: both sides have a partial index
+        # (finding_open, finding_resolved), where last_seen has none.
+        findings = findings.filter(
+            Q(resolved_at__isnull=True) | Q(resolved_at__gte=timezone.now() - RECENT)
+        )
     if query.run is not None:
         findings = findings.filter(run_id=query.run)
     if query.code:

@@ -14,23 +14,26 @@ and how fast it comes back.
   its end to the end of the workflow's next succeeded run (failures not yet followed by a
   success are counted in ``unrestored``).
 
-Five aggregate queries and one bounded read (the window's latest failed runs, at most
-MAX_FAILURES_FOR_RESTORE, each with its next success found by a subquery).
+Three aggregate queries, however many runs fail: the runs that finished in the window
+(counts, and each failure's next success by a window function; from the run_workflow_finished
+index alone), the workflow's first run, and the findings first seen or resolved in the
+window (detect and recover times together). Each reads the window's rows once.
 """
 
 from datetime import timedelta
 
 from django.db.models import (
     Avg,
+    Case,
     Count,
     DateTimeField,
     DurationField,
     ExpressionWrapper,
     F,
     Min,
-    OuterRef,
     Q,
-    Subquery,
+    When,
+    Window,
 )
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
@@ -46,8 +49,6 @@ WINDOWS = {
     "90d": timedelta(days=90),
 }
 DEFAULT_WINDOW = "7d"
-# Bounds the restore-time query: the latest failures of the window are enough for a mean.
-MAX_FAILURES_FOR_RESTORE = 1000
 # evidence["since"] as detectors write it (datetime.isoformat() of an aware time). Anything
 # else is skipped rather than cast: a failed cast would fail the whole query.
 SINCE_PATTERN = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:\d{2}|Z)$"
@@ -83,8 +84,8 @@ def _seconds(value) -> float | None:
     return value.total_seconds() if value is not None else None
 
 
-def _duration(end: str, start: str) -> ExpressionWrapper:
-    return ExpressionWrapper(F(end) - F(start), output_field=DurationField())
+def _duration(end, start) -> ExpressionWrapper:
+    return ExpressionWrapper(end - start, output_field=DurationField())
 
 
 def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, now=None) -> dict:
@@ -92,33 +93,17 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
     window = parse_window(window)
     now = now or timezone.now()
     start = now - WINDOWS[window]
-    finished = Run.objects.filter(workflow=workflow, finished_at__gt=start, finished_at__lte=now)
-    counts = finished.aggregate(
-        finished=Count("pk"),
-        failed=Count("pk", filter=Q(status=Run.Status.FAILED)),
-        succeeded=Count("pk", filter=Q(status=Run.Status.SUCCEEDED)),
-        cancelled=Count("pk", filter=Q(status=Run.Status.CANCELLED)),
-    )
-    judged = counts["failed"] + counts["succeeded"]
-    failure_rate = counts["failed"] / judged if judged else None
+    runs = _run_figures(workflow, start, now)
+    judged = runs["failed"] + runs["succeeded"]
+    failure_rate = runs["failed"] / judged if judged else None
 
     first_run = Run.objects.filter(workflow=workflow).aggregate(first=Min("created_at"))["first"]
     observed_from = max(start, first_run) if first_run else None
     observed = (now - observed_from).total_seconds() if observed_from else 0.0
-    mtbf = observed / counts["failed"] if counts["failed"] else None
+    mtbf = observed / runs["failed"] if runs["failed"] else None
 
-    findings = Finding.objects.filter(run__workflow=workflow)
-    detect = (
-        with_known_start(findings.filter(first_seen__gt=start, first_seen__lte=now))
-        .annotate(elapsed=_duration("first_seen", "began"))
-        .aggregate(mean=Avg("elapsed"), samples=Count("pk"))
-    )
-    recover = (
-        findings.filter(resolved_at__gt=start, resolved_at__lte=now)
-        .annotate(elapsed=_duration("resolved_at", "first_seen"))
-        .aggregate(mean=Avg("elapsed"), samples=Count("pk"))
-    )
-    restore = _time_to_restore(finished.filter(status=Run.Status.FAILED), workflow)
+    findings = _finding_figures(workflow, start, now)
+    restore = _seconds(runs["restore"])
 
     figures = {
         "workflow": workflow.slug,
@@ -126,51 +111,86 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
         "windows": list(WINDOWS),
         "since": start,
         "until": now,
-        "runs_finished": counts["finished"],
-        "runs_failed": counts["failed"],
-        "runs_succeeded": counts["succeeded"],
-        "runs_cancelled": counts["cancelled"],
+        "runs_finished": runs["finished"],
+        "runs_failed": runs["failed"],
+        "runs_succeeded": runs["succeeded"],
+        "runs_cancelled": runs["cancelled"],
         "failure_rate": failure_rate,
         "observed_seconds": observed,
         "mtbf_seconds": mtbf,
-        "mttd_seconds": _seconds(detect["mean"]),
-        "mttd_samples": detect["samples"],
-        "mttr_seconds": _seconds(recover["mean"]),
-        "mttr_samples": recover["samples"],
-        "restore_seconds": restore["mean"],
-        "restore_samples": restore["samples"],
-        "unrestored": restore["unrestored"],
+        "mttd_seconds": _seconds(findings["mttd"]),
+        "mttd_samples": findings["mttd_samples"],
+        "mttr_seconds": _seconds(findings["mttr"]),
+        "mttr_samples": findings["mttr_samples"],
+        "restore_seconds": restore,
+        "restore_samples": runs["restored"],
+        "unrestored": runs["failed"] - runs["restored"],
     }
     figures["display"] = {
         "failure_rate": f"{failure_rate:.1%}" if failure_rate is not None else "—",
         "mtbf": format_duration(mtbf) if mtbf is not None else "no failures",
         "mttd": format_duration(figures["mttd_seconds"]),
         "mttr": format_duration(figures["mttr_seconds"]),
-        "restore": format_duration(restore["mean"]),
+        "restore": format_duration(restore),
     }
     return figures
 
 
-def _time_to_restore(failed_runs, workflow: Workflow) -> dict:
-    """Mean time from a failed run's end to the end of the next succeeded run."""
-    next_success = (
-        Run.objects.filter(
-            workflow=workflow,
-            status=Run.Status.SUCCEEDED,
-            finished_at__gt=OuterRef("finished_at"),
+def _run_figures(workflow: Workflow, start, now) -> dict:
+    """Runs finished in the window by status, and the mean time from a failure to the end
+    of the next succeeded run, in one query.
+
+    1. Read the workflow's runs that finished after ``start`` (later ones too: a failure's
+       next success may come after ``now``), newest first, from run_workflow_finished.
+    2. Give each the earliest success that finished strictly later: a running minimum over
+       the rows before it. Ties on finish time are ordered by status ("failed" before
+       "succeeded"), so a success at the very same moment is not later than a failure.
+    3. Count and average over the rows that finished in the window. (Counting status, not
+       the id, keeps every column the query reads in the index.)
+    """
+    in_window = Q(finished_at__lte=now)
+    failed = in_window & Q(status=Run.Status.FAILED)
+    return (
+        Run.objects.filter(workflow=workflow, finished_at__gt=start)
+        .annotate(
+            restored_at=Window(
+                Min(Case(When(status=Run.Status.SUCCEEDED, then=F("finished_at")))),
+                order_by=[F("finished_at").desc(), F("status").asc()],
+            )
         )
-        .order_by("finished_at")
-        .values("finished_at")[:1]
+        .aggregate(
+            finished=Count("status", filter=in_window),
+            failed=Count("status", filter=failed),
+            succeeded=Count("status", filter=in_window & Q(status=Run.Status.SUCCEEDED)),
+            cancelled=Count("status", filter=in_window & Q(status=Run.Status.CANCELLED)),
+            restored=Count("restored_at", filter=failed),
+            restore=Avg(_duration(F("restored_at"), F("finished_at")), filter=failed),
+        )
     )
-    rows = list(
-        failed_runs.order_by("-finished_at")
-        .annotate(restored_at=Subquery(next_success))
-        .values_list("finished_at", "restored_at")[:MAX_FAILURES_FOR_RESTORE]
+
+
+def _finding_figures(workflow: Workflow, start, now) -> dict:
+    """Mean time to detect and to recover over the workflow's findings, in one query.
+
+    Only the findings first seen or resolved in the window are read; the evidence's
+    "since" is checked, then cast, only for those first seen in it.
+    """
+    detected = Q(first_seen__gt=start, first_seen__lte=now)
+    resolved = Q(resolved_at__gt=start, resolved_at__lte=now)
+    known_start = detected & Q(evidence__since__regex=SINCE_PATTERN)
+    began = Cast(KT("evidence__since"), DateTimeField())
+    return (
+        Finding.objects.filter(run__workflow=workflow)
+        .filter(detected | resolved)
+        .aggregate(
+            mttd=Avg(
+                Case(
+                    When(known_start, then=_duration(F("first_seen"), began)),
+                    output_field=DurationField(),
+                )
+            ),
+            mttd_samples=Count("pk", filter=known_start),
+            mttr=Avg(_duration(F("resolved_at"), F("first_seen")), filter=resolved),
+            mttr_samples=Count("pk", filter=resolved),
+        )
     )
-    gaps = [(restored - failed).total_seconds() for failed, restored in rows if restored]
-    unrestored = sum(1 for _failed, restored in rows if restored is None)
-    return {
-        "mean": sum(gaps) / len(gaps) if gaps else None,
-        "samples": len(gaps),
-        "unrestored": unrestored,
-    }

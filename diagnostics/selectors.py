@@ -3,10 +3,10 @@
 import json
 from collections import Counter
 from datetime import UTC, datetime
-from itertools import groupby
 from urllib.parse import urlencode
 
-from django.db.models import Case, Count, IntegerField, Value, When
+from django.db.models import Case, Count, F, IntegerField, Value, When, Window
+from django.db.models.functions import RowNumber
 from django.urls import reverse
 
 from diagnostics.models import Finding, FindingSeverity
@@ -14,6 +14,9 @@ from diagnostics.reliability import format_duration
 from workflows import actions
 
 SEVERITY_RANK = {FindingSeverity.CRITICAL: 0, FindingSeverity.WARNING: 1, FindingSeverity.INFO: 2}
+# How many findings of one cause the "Stuck & findings" page shows (with the cause's count):
+# each costs about a third of a millisecond to render.
+SHOWN_PER_CAUSE = 25
 # A finding's suggested action (as detectors write it) -> the registered action whose
 # preview page it links to (the operator confirms there, with a reason).
 RUN_PAGE_ACTIONS = {
@@ -119,29 +122,73 @@ def _finding_row(finding: Finding, now: datetime) -> dict:
     }
 
 
-def findings_by_cause(limit: int = 500) -> dict:
-    """The "Stuck & findings" page: open findings grouped by cause, worst cause first."""
-    now = datetime.now(UTC)
-    findings = open_findings(limit + 1)
-    truncated = len(findings) > limit
-    groups = []
-    for code, members in groupby(findings[:limit], key=lambda finding: finding.code):
-        rows = [_finding_row(finding, now) for finding in members]
-        groups.append(
-            {
-                "code": code,
-                "count": len(rows),
-                "severity": min(
-                    (row["severity"] for row in rows), key=lambda s: SEVERITY_RANK.get(s, 9)
-                ),
-                "findings": rows,
-            }
+def open_findings_per_cause(per_cause: int):
+    """The first ``per_cause`` open findings of each cause (worst, then oldest first), in
+    the order of open_findings(); two queries whatever the number of open findings.
+
+    The ids come first, on their own: joined to the rows in one statement, PostgreSQL
+    expects every open finding back from the ranking and joins them all.
+    """
+    ranked = (
+        Finding.objects.filter(resolved_at__isnull=True)
+        .annotate(
+            place=Window(
+                RowNumber(),
+                partition_by=F("code"),
+                order_by=[_severity_order().asc(), F("first_seen").asc(), F("id").asc()],
+            )
         )
+        .filter(place__lte=per_cause)
+        .values_list("pk", flat=True)
+    )
+    return list(
+        Finding.objects.filter(pk__in=list(ranked))
+        .select_related("run__workflow", "node_run")
+        .annotate(severity_rank=_severity_order())
+        .order_by("code", "severity_rank", "first_seen", "id")
+    )
+
+
+def _open_counts() -> list[tuple[str, str, int]]:
+    """(code, severity, how many) over every open finding."""
+    return list(
+        Finding.objects.filter(resolved_at__isnull=True)
+        .values_list("code", "severity")
+        .annotate(count=Count("id"))
+        .order_by()
+    )
+
+
+def findings_by_cause(per_cause: int = SHOWN_PER_CAUSE) -> dict:
+    """The "Stuck & findings" page: open findings grouped by cause, worst cause first.
+
+    Each cause has its full count and shows its first ``per_cause`` findings: in a mass
+    incident one cause can hold thousands, and it must not hide the others.
+    """
+    now = datetime.now(UTC)
+    counts: dict[str, Counter] = {}
+    for code, severity, count in _open_counts():
+        counts.setdefault(code, Counter())[severity] += count
+    rows: dict[str, list[dict]] = {}
+    for finding in open_findings_per_cause(per_cause):
+        rows.setdefault(finding.code, []).append(_finding_row(finding, now))
+    groups = [
+        {
+            "code": code,
+            "count": sum(by_severity.values()),
+            "severity": min(by_severity, key=lambda s: SEVERITY_RANK.get(s, 9)),
+            "findings": rows.get(code, []),
+        }
+        for code, by_severity in sorted(counts.items())
+    ]
+    for group in groups:
+        group["hidden"] = max(group["count"] - len(group["findings"]), 0)
     groups.sort(key=lambda group: (SEVERITY_RANK.get(group["severity"], 9), -group["count"]))
     return {
         "groups": groups,
         "total": sum(group["count"] for group in groups),
-        "truncated": truncated,
+        "per_cause": per_cause,
+        "truncated": any(group["hidden"] > 0 for group in groups),
     }
 
 

@@ -71,7 +71,10 @@ class Run(models.Model):
 
     Priority = RunPriority
 
-    workflow = models.ForeignKey(Workflow, on_delete=models.PROTECT, related_name="runs")
+    # Indexed by run_workflow_id (and the other run_workflow_* indexes), which start with it.
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.PROTECT, related_name="runs", db_index=False
+    )
     version = models.ForeignKey(WorkflowVersion, on_delete=models.PROTECT, related_name="runs")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     params = models.JSONField(default=dict, blank=True)
@@ -98,6 +101,10 @@ class Run(models.Model):
         indexes = [
             # Run lists filtered by workflow, newest first.
             models.Index(fields=["workflow", "-created_at"], name="run_workflow_created"),
+            # In place of the foreign key's own index: the dashboard's runs list filtered by
+            # workflow (keyset on id), and a workflow's run ids without reading the table
+            # (the reliability figures' findings).
+            models.Index(fields=["workflow", "-id"], name="run_workflow_id"),
             # Run lists filtered by status; the overview's counts.
             models.Index(fields=["status", "-created_at"], name="run_status_created"),
             # The watchdog's "runs past their deadline" sweep reads only live runs.
@@ -106,6 +113,15 @@ class Run(models.Model):
             ),
             # /metrics (diagnostics.metrics): runs that finished in the last hour.
             models.Index(fields=["finished_at"], name="run_finished"),
+            # GET /api/v1/runs: every run, newest first, paged by (created_at, id) cursor.
+            models.Index(fields=["-created_at", "-id"], name="run_created"),
+            # The workflow page's reliability (diagnostics.reliability): a workflow's runs
+            # finished in a window, newest first, with their status, from the index alone.
+            models.Index(
+                fields=["workflow", "-finished_at", "status"],
+                name="run_workflow_finished",
+                condition=Q(finished_at__isnull=False),
+            ),
         ]
 
     def __str__(self):
@@ -375,7 +391,7 @@ class RunEvent(models.Model):
 
     Kind = RunEventKind
 
-    # Indexed by runevent_run_at, which starts with it.
+    # Indexed by runevent_run_id, which starts with it.
     run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="events", db_index=False)
     node_run = models.ForeignKey(
         NodeRun, on_delete=models.CASCADE, null=True, blank=True, related_name="events"
@@ -401,7 +417,12 @@ class RunEvent(models.Model):
                 condition=Q(kind__in=RunEventKind.values), name="runevent_kind_valid"
             ),
         ]
-        indexes = [models.Index(fields=["run", "at"], name="runevent_run_at")]
+        indexes = [
+            # A run's events: GET /api/v1/runs/{id}/events pages them by id (by (run, at),
+            # PostgreSQL walked the whole table's ids to reach a big run's events); the run
+            # page's history sorts one run's events.
+            models.Index(fields=["run", "id"], name="runevent_run_id"),
+        ]
 
     def __str__(self):
         return f"{self.kind} on run {self.run_id} by {self.actor}"

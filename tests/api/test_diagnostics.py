@@ -1,10 +1,13 @@
 """The diagnostics part of the API: findings, and the audited queue actions."""
 
+from datetime import timedelta
+
 import pytest
 from django.contrib.auth.models import Permission
+from django.utils import timezone
 
 from diagnostics import watchdog
-from diagnostics.models import AuditEvent
+from diagnostics.models import AuditEvent, Finding
 from tests.api.conftest import Api
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -54,6 +57,35 @@ def test_findings_filter_by_code_and_run_and_page_by_id(api, no_worker_finding, 
     if first["next"]:
         second = api.get(first["next"]).json()
         assert all(f["id"] < first["results"][0]["id"] for f in second["results"])
+
+
+def test_recent_findings_are_the_open_ones_and_those_resolved_within_a_day(api):
+    now = timezone.now()
+
+    def finding(subject, *, seen_ago_hours, resolved_ago_hours=None):
+        seen = now - timedelta(hours=seen_ago_hours)
+        resolved = resolved_ago_hours is not None
+        return Finding.objects.create(
+            code="heartbeat_stale",
+            subject=subject,
+            title=subject,
+            suggestion="Retry it.",
+            first_seen=seen - timedelta(hours=1),
+            last_seen=seen,
+            resolved_at=now - timedelta(hours=resolved_ago_hours) if resolved else None,
+        )
+
+    finding("open, the watchdog stopped two days ago", seen_ago_hours=48)
+    finding("resolved an hour ago", seen_ago_hours=1, resolved_ago_hours=1)
+    finding("resolved two days ago", seen_ago_hours=48, resolved_ago_hours=48)
+
+    recent = api.get("findings", {"state": "recent"}).json()["results"]
+    assert [f["title"] for f in recent] == [
+        "resolved an hour ago",
+        "open, the watchdog stopped two days ago",
+    ]
+    opened = api.get("findings").json()["results"]
+    assert [f["title"] for f in opened] == ["open, the watchdog stopped two days ago"]
 
 
 def test_a_viewer_without_run_permission_sees_no_findings(client, nobody, token_for):

@@ -3,9 +3,11 @@
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
-from tests.api.conftest import CHAIN, work
-from workflows.models import Run, Workflow
+from diagnostics.models import Finding
+from tests.api.conftest import CHAIN, nodes, work
+from workflows.models import Checkpoint, LogLine, NodeAttempt, Run, RunEvent, Workflow
 
 pytestmark = pytest.mark.django_db
 
@@ -134,6 +136,12 @@ def test_bad_list_parameters_are_400_naming_the_field(api, params, field):
     assert response.json()["error"]["message"].startswith(f"{field}: ")
 
 
+def test_pages_of_runs_created_at_the_same_moment_have_no_gaps_or_repeats(api, many_runs):
+    Run.objects.update(created_at=Run.objects.earliest("created_at").created_at)
+    every = all_pages(api, "runs", {"limit": 2})
+    assert [run["id"] for run in every] == sorted(Run.objects.values_list("id", flat=True))[::-1]
+
+
 def test_the_run_list_costs_the_same_number_of_queries_at_any_size(api, start_run, make_version):
     chain = make_version(CHAIN)
     start_run(chain)
@@ -242,3 +250,87 @@ def test_an_unknown_node_or_attempt_is_404_naming_what_exists(api, failed_chain)
     response = api.get(f"runs/{failed_chain.pk}/nodes/b/logs", {"attempt": 7})
     assert response.status_code == 404
     assert "has no attempt 7" in response.json()["error"]["message"]
+
+
+# --- Every list: the same queries at any size -------------------------------------------------
+
+LISTS = [
+    "workflows",
+    "runs",
+    "runs?status=failed,running",
+    "workflows/chain/runs",
+    "runs/{run}/events",
+    "runs/{run}/checkpoints",
+    "runs/{run}/nodes/b/attempts",
+    "runs/{run}/nodes/b/logs",
+    "runs/{run}/nodes/b/logs?attempt=1",
+    "findings",
+    "findings?state=recent",
+    "findings?run={run}&code=heartbeat_stale",
+]
+
+
+def grow(run, count: int) -> None:
+    """``count`` more rows of every kind the lists return, about ``run`` where they can be."""
+    b = nodes(run)["b"]
+    now = timezone.now()
+    base = Workflow.objects.count()
+    Workflow.objects.bulk_create(
+        Workflow(slug=f"grown-{base + index}", name="Grown") for index in range(count)
+    )
+    Run.objects.bulk_create(
+        Run(workflow=run.workflow, version=run.version, status=Run.Status.FAILED, trigger="t")
+        for _ in range(count)
+    )
+    RunEvent.objects.bulk_create(
+        RunEvent(run=run, node_run=b, kind=RunEvent.Kind.OPERATOR, actor="t", reason="grown")
+        for _ in range(count)
+    )
+    first = Checkpoint.objects.filter(node_run=b).count() + 100
+    Checkpoint.objects.bulk_create(
+        Checkpoint(run=run, node_run=b, kind="progress", sequence=first + n, attempt=1, state={})
+        for n in range(count)
+    )
+    attempt = NodeAttempt.objects.get(node_run=b, number=1)
+    number = NodeAttempt.objects.filter(node_run=b).count() + 100
+    NodeAttempt.objects.bulk_create(
+        NodeAttempt(node_run=b, number=number + n, status="failed", rq_job_id="x", queue="q")
+        for n in range(count)
+    )
+    seq = LogLine.objects.filter(attempt=attempt).count() + 100
+    LogLine.objects.bulk_create(
+        LogLine(attempt=attempt, seq=seq + n, at=now, level="INFO", message="grown")
+        for n in range(count)
+    )
+    seen = Finding.objects.count()
+    Finding.objects.bulk_create(
+        Finding(
+            code="heartbeat_stale",
+            subject=f"grown:{seen + n}",
+            run=run,
+            node_run=b,
+            title="Stale",
+            suggestion="Retry it.",
+            first_seen=now,
+            last_seen=now,
+            resolved_at=now if n % 2 else None,
+        )
+        for n in range(count)
+    )
+
+
+def test_every_list_costs_the_same_number_of_queries_with_five_times_the_rows(api, failed_chain):
+    def queries() -> dict[str, int]:
+        counts = {}
+        for path in LISTS:
+            with CaptureQueriesContext(connection) as captured:
+                response = api.get(path.format(run=failed_chain.pk))
+            assert response.status_code == 200, (path, response.content)
+            assert len(response.json()["results"]) >= 2, path
+            counts[path] = len(captured)
+        return counts
+
+    grow(failed_chain, 4)
+    few = queries()
+    grow(failed_chain, 16)
+    assert queries() == few

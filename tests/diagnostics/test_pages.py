@@ -8,6 +8,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from diagnostics import selectors
 from diagnostics.models import AuditEvent, Finding
 
 DEFINITION = {
@@ -105,6 +106,44 @@ def test_findings_page_makes_a_fixed_number_of_queries(staff_client, start_run):
     with CaptureQueriesContext(connection) as many:
         response = staff_client.get("/findings/")
     assert response.context["findings"]["total"] == 21
+    assert len(many) == len(few)
+
+
+@pytest.mark.django_db
+def test_findings_page_shows_each_causes_count_and_its_oldest_findings(staff_client):
+    """A cause with thousands open (a mass incident) hides neither its count nor the others."""
+    shown = selectors.SHOWN_PER_CAUSE
+    stale = [make_finding(title=f"stale {n}", ago=1000 - n) for n in range(shown + 5)]
+    make_finding(code="job_lost", title="Job gone", ago=5)
+
+    response = staff_client.get("/findings/")
+    page = response.content.decode()
+    groups = {group["code"]: group for group in response.context["findings"]["groups"]}
+    assert response.context["findings"]["total"] == shown + 6
+    assert (groups["heartbeat_stale"]["count"], groups["job_lost"]["count"]) == (shown + 5, 1)
+    assert [row["id"] for row in groups["heartbeat_stale"]["findings"]] == [
+        finding.pk for finding in stale[:shown]
+    ]
+    assert f"stale {shown - 1}<" in page and f"stale {shown}<" not in page
+    assert "…and 5 more heartbeat_stale findings not shown here." in page
+    assert "Job gone" in page
+
+
+@pytest.mark.django_db
+def test_system_report_page_makes_a_fixed_number_of_queries(staff_client, start_run):
+    run = start_run(DEFINITION)
+    node = run.nodes.first()
+    make_finding(node_run=node)
+    with CaptureQueriesContext(connection) as few:
+        assert staff_client.get("/system/").status_code == 200
+    for index in range(20):
+        make_finding(code=f"code_{index % 4}", subject=f"node_run:{node.pk}:{index}", run=run)
+        AuditEvent.objects.create(
+            actor="boss", action="clear_queue", target="queue:low", reason="x", before={}
+        )
+    with CaptureQueriesContext(connection) as many:
+        response = staff_client.get("/system/")
+    assert 'href="/findings/#cause-code_3"' in response.content.decode()
     assert len(many) == len(few)
 
 

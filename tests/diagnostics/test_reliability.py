@@ -139,16 +139,63 @@ def test_an_unknown_window_falls_back_to_the_default(version):
     assert figures(version, "1y")["window"] == "7d"
 
 
-def test_figures_cost_a_fixed_number_of_queries(version):
-    with CaptureQueriesContext(connection) as few:
-        figures(version)
-    for ago in range(1, 40):
-        make_run(
-            version, Run.Status.FAILED if ago % 3 else Run.Status.SUCCEEDED, finished_ago=ago * 60
+def test_each_failure_counts_until_the_first_success_after_it(version):
+    make_run(version, Run.Status.FAILED, finished_ago=3600)
+    make_run(version, Run.Status.CANCELLED, finished_ago=3000)  # neither failure nor success
+    make_run(version, Run.Status.FAILED, finished_ago=2400)
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=1800)
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=600)
+    result = figures(version)
+    # 3600 - 1800 and 2400 - 1800 seconds: both end at the first success after them.
+    assert (result["restore_seconds"], result["restore_samples"]) == (1200.0, 2)
+    assert result["unrestored"] == 0
+
+
+def test_a_success_at_the_same_moment_does_not_restore_a_failure(version):
+    make_run(version, Run.Status.FAILED, finished_ago=600)
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=600)
+    result = figures(version)
+    assert (result["restore_samples"], result["unrestored"]) == (0, 1)
+
+
+def test_a_failure_in_the_window_is_restored_by_a_success_after_it(version):
+    make_run(version, Run.Status.FAILED, finished_ago=8 * DAY)  # before the window: not counted
+    make_run(version, Run.Status.FAILED, finished_ago=3600)
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=-600)  # after the window's end
+    result = figures(version)
+    assert (result["restore_seconds"], result["restore_samples"]) == (4200.0, 1)
+    assert (result["runs_failed"], result["runs_succeeded"]) == (1, 0)
+
+
+def failures_with_findings(version, count: int) -> None:
+    """``count`` failed runs, each followed by a success and with a resolved finding."""
+    for index in range(count):
+        run = make_run(version, Run.Status.FAILED, finished_ago=DAY + index * 600)
+        make_run(version, Run.Status.SUCCEEDED, finished_ago=DAY + index * 600 - 300)
+        first_seen = run.finished_at - timedelta(seconds=120)
+        make_finding(
+            run=run,
+            evidence={"since": (first_seen - timedelta(seconds=10)).isoformat()},
+            first_seen=first_seen,
+            last_seen=run.finished_at,
+            resolved_at=run.finished_at,
         )
+
+
+def test_figures_cost_three_queries_however_many_runs_fail(version):
+    failures_with_findings(version, 4)
+    with CaptureQueriesContext(connection) as few:
+        assert figures(version)["runs_failed"] == 4
+    failures_with_findings(version, 16)
     with CaptureQueriesContext(connection) as many:
-        figures(version)
-    assert len(many) == len(few)
+        result = figures(version)
+    assert (result["runs_failed"], result["restore_samples"], result["mttr_samples"]) == (
+        20,
+        20,
+        20,
+    )
+    assert result["restore_seconds"] == 300.0 and result["mttd_seconds"] == 10.0
+    assert len(many) == len(few) == 3
 
 
 def test_the_partial_renders_the_figures_without_queries(version):

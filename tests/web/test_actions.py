@@ -8,7 +8,9 @@ Every action URL refuses GET (405), refuses a user without the operate permissio
 import re
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from tests.web.conftest import CHAIN, PASSWORD, nodes, work
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
@@ -179,6 +181,58 @@ def test_preview_of_a_noop_says_nothing_would_change(operator_client, succeeded_
     page = operator_client.get(f"/runs/{succeeded_run.pk}/resume/preview/").content.decode()
     assert "already succeeded; nothing to resume" in page
     assert 'name="reason"' not in page
+
+
+WIDE = {
+    "name": "Wide",
+    "slug": "wide",
+    "nodes": {
+        "a": {"type": "test.effect"},
+        "b": {"type": "test.effect", "after": ["a"]},
+        **{f"c{i}": {"type": "test.effect", "after": ["b"]} for i in range(30)},
+    },
+}
+PREVIEWS = [
+    "resume/preview/",
+    "retry/preview/?node=b",
+    "retry/preview/?node=b&downstream=on",
+    "rollback/preview/",
+    "rollback/preview/?to_node=a",
+    "cancel/preview/",
+    "skip/preview/?node=c0",
+    "mark-succeeded/preview/?node=b",
+]
+
+
+def preview_queries(client, run) -> list[int]:
+    counts = []
+    for preview in PREVIEWS:
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get(f"/runs/{run.pk}/{preview}").status_code == 200, preview
+        counts.append(len(captured))
+    return counts
+
+
+def test_previews_keep_a_constant_number_of_queries(operator_client, start_run):
+    """A run of 32 nodes with 40 checkpoints costs what a run of 3 nodes does."""
+    small = start_run(CHAIN)
+    work(small, "a")
+    work(small, "b", checkpoint={"row": 1}, fail="ValueError")
+    wide = start_run(WIDE)
+    work(wide, "a", checkpoint={"row": 0})
+    work(wide, "b", checkpoint={"row": 1}, fail="ValueError")
+    Checkpoint.objects.bulk_create(
+        Checkpoint(
+            run=wide,
+            node_run=nodes(wide)["a"],
+            kind=Checkpoint.Kind.PROGRESS,
+            sequence=100 + index,
+            attempt=1,
+            state={"row": index},
+        )
+        for index in range(40)
+    )
+    assert preview_queries(operator_client, wide) == preview_queries(operator_client, small)
 
 
 def test_viewer_sees_the_preview_but_no_confirm_form(viewer_client, failed_run):

@@ -157,6 +157,17 @@ def test_diff_of_a_version_with_itself_says_identical(operator_client, make_vers
     assert "identical" in page
 
 
+def test_version_diff_keeps_a_constant_number_of_queries(operator_client, make_version):
+    make_version(CHAIN)
+    make_version({**CHAIN, "description": "second"})
+    few = queries(operator_client, "/workflows/chain/diff/")
+    for number in range(10):
+        wider = {f"n{i}": {"type": "keel.noop"} for i in range(number * 5)}
+        make_version({**CHAIN, "nodes": {**CHAIN["nodes"], **wider}})
+    assert queries(operator_client, "/workflows/chain/diff/") == few
+    assert queries(operator_client, "/workflows/chain/diff/?from=1&to=12") == few
+
+
 # --- The run page -----------------------------------------------------------------------------
 
 

@@ -84,7 +84,11 @@ def run_page(request, query, workflow) -> dict:
         runs = runs.filter(status__in=query.status)
     if query.cursor:
         created_at, pk = pages.decode_cursor(query.cursor)
-        runs = runs.filter(Q(created_at__lt=created_at) | Q(created_at=created_at, pk__lt=pk))
+        # (created_at, id) < cursor, with the created_at bound stated alone so that the
+        # run_created index starts at the cursor instead of reading every newer run.
+        runs = runs.filter(
+            Q(created_at__lte=created_at), Q(created_at__lt=created_at) | Q(pk__lt=pk)
+        )
     rows, more = pages.page(runs, query.limit)
     cursor = pages.encode_cursor(rows[-1]) if more else None
     return {"results": rows, "next": pages.next_url(request, cursor=cursor) if more else None}
