@@ -142,9 +142,11 @@ def record(
     return result
 
 
-# Evidence that follows a node while the condition holds: kept as of the finding's last
-# change, and not a change by itself (a finding is rewritten when what it says changes).
-LIVE_EVIDENCE = frozenset({"progress", "resource_samples", "last_log_lines"})
+# Evidence that follows a node or a worker while the condition holds, at any depth: kept
+# as of the finding's last change, and not a change by itself (a finding is rewritten when
+# what it says changes). A live worker's RQ heartbeat moves every few seconds: were it
+# counted, a mass incident would rewrite every finding on every tick.
+LIVE_EVIDENCE = frozenset({"progress", "resource_samples", "last_log_lines", "rq_last_heartbeat"})
 # What the run history and the repairs read of a finding.
 EVENT_FIELDS = ("id", "code", "subject", "title", "run_id", "node_run_id", "first_seen")
 
@@ -155,7 +157,7 @@ def digest_of(detection: Detection) -> str:
         detection.severity,
         detection.title[:300],
         detection.suggestion,
-        {k: v for k, v in detection.evidence.items() if k not in LIVE_EVIDENCE},
+        _lasting(detection.evidence),
         detection.action,
         detection.run_id,
         detection.node_run_id,
@@ -164,6 +166,15 @@ def digest_of(detection: Detection) -> str:
     ]
     encoded = json.dumps(said, sort_keys=True, default=str).encode()
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def _lasting(evidence):
+    """Evidence without its live parts, at any depth."""
+    if isinstance(evidence, dict):
+        return {k: _lasting(v) for k, v in evidence.items() if k not in LIVE_EVIDENCE}
+    if isinstance(evidence, list):
+        return [_lasting(v) for v in evidence]
+    return evidence
 
 
 def _open(detections: list[Detection], now: datetime) -> tuple[list[Finding], list[Finding]]:

@@ -101,6 +101,7 @@ def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redi
     running_nodes(start_run, clean_redis, 30, beat_ago=60)
     watchdog.tick()  # opens 30 more
     before = {f.pk: (f.digest, f.title, f.evidence, f.last_seen) for f in Finding.objects.all()}
+    register_far_worker(clean_redis)  # the worker beats to RQ again, as a live one does
     many = tick_queries()
 
     assert many == few
@@ -108,7 +109,8 @@ def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redi
     assert len(after) == 33
     assert {f.code for f in Finding.objects.all()} == {"heartbeat_stale"}
     for pk, (digest, title, evidence, last_seen) in after.items():
-        assert (digest, title, evidence) == before[pk][:3], "what it says did not change"
+        assert digest == before[pk][0], "what it says did not change"
+        assert (title, evidence) == before[pk][1:3], "so it was not rewritten"
         assert last_seen > before[pk][3], "seen again this tick"
 
 
