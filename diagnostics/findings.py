@@ -130,7 +130,17 @@ def record(
         Finding.objects.filter(pk__in=gone).update(resolved_at=now)
         result.resolved = list(Finding.objects.filter(pk__in=gone).only(*EVENT_FIELDS))
     if unchanged:
-        Finding.objects.filter(pk__in=[pk for pk, _ in unchanged]).update(last_seen=now)
+        # The open findings of these codes not yet seen now are the unchanged ones (those
+        # gone are resolved, new and rewritten ones seen now) and those kept open: one
+        # update by condition, not a list of 10 000 ids, in a mass incident.
+        seen_again = Finding.objects.filter(
+            resolved_at__isnull=True,
+            code__in={detection.code for _, detection in unchanged},
+            last_seen__lt=now,
+        )
+        for code, subject in keep_open - seen:
+            seen_again = seen_again.exclude(code=code, subject=subject)
+        seen_again.update(last_seen=now)
     # The findings the repairs note what they did on (an unchanged one is read only then).
     result.by_key = {f.key: f for f in [*result.opened, *already, *result.updated]}
     to_repair = [pk for pk, detection in unchanged if detection.repair is not None]

@@ -310,6 +310,10 @@ class NodeAttempt(models.Model):
         indexes = [
             # /metrics (diagnostics.metrics): attempts that finished in the last hour.
             models.Index(fields=["finished_at"], name="attempt_finished"),
+            # Watchdog: running attempts whose latest resource sample is over a limit.
+            models.Index(
+                fields=["node_run"], name="attempt_running", condition=Q(status="running")
+            ),
         ]
 
     def __str__(self):

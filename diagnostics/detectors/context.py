@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Count, DurationField, F, Func, Min, Q
 from django.utils import timezone
-from rq.utils import utcparse
+from rq.utils import utcformat, utcparse
 
 from diagnostics.models import Finding
 from workflows.models import NodeAttempt, NodeRun
@@ -45,6 +45,39 @@ ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
 # The finding subjects that record an outage of each store (see stores.py, watchdog.py).
 DB_OUTAGE = ("db_unhealthy", "database:unreachable")
 REDIS_OUTAGE = ("redis_unhealthy", "redis:unreachable")
+# One pass over RQ's workers inside Redis (one round trip; a hash leaves Redis only when
+# it matters): the keys of the workers whose key is gone, that shut down, or whose last
+# heartbeat is older than ARGV[1] (RQ writes UTC text that sorts as time does), and of the
+# others on this host (ARGV[2]: the watchdog looks at their processes); the Keel job each
+# busy worker runs; how many of the rest listen to each queue. At 10 000 workers that is a
+# short pair per busy worker and a few keys, not 10 000 hashes.
+WORKER_SWEEP = """
+local unwell, nearby, busy, well, order = {}, {}, {}, {}, {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local f = redis.call('HMGET', key, 'last_heartbeat', 'death', 'current_job', 'queues',
+                       'hostname')
+  if not f[1] or f[2] or f[1] < ARGV[1] then
+    unwell[#unwell + 1] = key
+  elseif f[5] == ARGV[2] then
+    nearby[#nearby + 1] = key
+  else
+    for queue in string.gmatch(f[4] or '', '[^,]+') do
+      if not well[queue] then well[queue] = 0; order[#order + 1] = queue end
+      well[queue] = well[queue] + 1
+    end
+  end
+  if f[3] and string.sub(f[3], 1, 5) == 'keel-' then
+    busy[#busy + 1] = key
+    busy[#busy + 1] = f[3]
+  end
+end
+local counts = {}
+for _, queue in ipairs(order) do
+  counts[#counts + 1] = queue
+  counts[#counts + 1] = well[queue]
+end
+return {unwell, nearby, busy, counts}
+"""
 # A Keel job id: keel-<node run id>-<attempt> (workflows/dispatch.job_id).
 KEEL_JOB_ID = re.compile(r"^keel-(\d+)-(\d+)$")
 
@@ -107,6 +140,16 @@ class WorkerInfo:
             "rq_last_heartbeat": self.last_heartbeat,
             "process": self.process,
         }
+
+
+@dataclass
+class WorkerSweep:
+    """What one pass over RQ's workers found (``WORKER_SWEEP``)."""
+
+    unwell: list[str]  # names: key gone, shut down, or quiet for the stale threshold
+    nearby: list[str]  # names: the others on this host
+    busy: dict[str, str]  # name: the Keel job it runs
+    well_by_queue: dict[str, int]  # queue: how many of the rest listen to it
 
 
 @dataclass
@@ -230,6 +273,7 @@ class Context:
         self.db = db if db is not None else connection
         self.host = socket.gethostname()
         self._liveness: dict[int, Liveness] = {}
+        self._workers: dict[str, WorkerInfo] = {}
         # The detectors' suspect conditions (run_all fills it before any detector runs).
         self.suspect_conditions: list[Q] = []
         # Called by run_all between detectors (the watchdog keeps its lock with it).
@@ -252,42 +296,82 @@ class Context:
     def redis_ok(self) -> bool:
         return not self.redis_error
 
+    def worker_infos(self, names) -> dict[str, WorkerInfo]:
+        """What RQ's keys say of these workers (one pipelined round trip for those not
+        read yet this tick)."""
+        wanted = sorted({name for name in names if name})
+        unread = [name for name in wanted if name not in self._workers]
+        if unread:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for name in unread:
+                    pipe.hgetall(WORKER_PREFIX + name)
+                    pipe.sismember(WORKERS_KEY, WORKER_PREFIX + name)
+                replies = pipe.execute()
+            for index, name in enumerate(unread):
+                raw, registered = replies[2 * index], replies[2 * index + 1]
+                self._workers[name] = self._worker_info(name, bool(registered), raw)
+        return {name: self._workers[name] for name in wanted}
+
+    def _worker_info(self, name: str, registered: bool, raw: dict) -> WorkerInfo:
+        data = {text(k): text(v) for k, v in raw.items()}
+        info = WorkerInfo(
+            name=name,
+            registered=registered,
+            exists=bool(data),
+            queues=[q for q in data.get("queues", "").split(",") if q],
+            hostname=data.get("hostname", ""),
+            pid=int(data["pid"]) if data.get("pid", "").isdigit() else None,
+            state=data.get("state", ""),
+            current_job=data.get("current_job", ""),
+            last_heartbeat=data.get("last_heartbeat", ""),
+            died=data.get("death", ""),
+        )
+        if info.exists and info.hostname == self.host and info.pid:
+            info.process, _ = process_state(info.pid, None)
+        if info.last_heartbeat:
+            try:
+                beat = utcparse(info.last_heartbeat)
+            except ValueError:
+                beat = None
+            if beat is not None:
+                info.heartbeat_age = self.age(max(beat, self.rq_outage_end or beat))
+                info.unresponsive = info.heartbeat_age > self.stale_after
+        return info
+
+    @cached_property
+    def worker_sweep(self) -> WorkerSweep:
+        """One pass over every worker RQ lists, inside Redis (WORKER_SWEEP)."""
+        cutoff = utcformat(self.now - timedelta(seconds=self.stale_after))
+        unwell, nearby, busy, well = self.redis.eval(
+            WORKER_SWEEP, 1, WORKERS_KEY, cutoff, self.host
+        )
+        return WorkerSweep(
+            unwell=[text(key)[len(WORKER_PREFIX) :] for key in unwell],
+            nearby=[text(key)[len(WORKER_PREFIX) :] for key in nearby],
+            busy={
+                text(busy[i])[len(WORKER_PREFIX) :]: text(busy[i + 1])
+                for i in range(0, len(busy), 2)
+            },
+            well_by_queue={text(well[i]): int(well[i + 1]) for i in range(0, len(well), 2)},
+        )
+
+    @cached_property
+    def looked_at_workers(self) -> dict[str, WorkerInfo]:
+        """The workers read in full: those whose key is gone, that shut down, or that went
+        quiet for the stale threshold by RQ's heartbeat, and those on this host (their
+        processes are looked at). A few, unless it is a mass incident."""
+        return self.worker_infos([*self.worker_sweep.unwell, *self.worker_sweep.nearby])
+
+    @cached_property
+    def suspect_workers(self) -> dict[str, WorkerInfo]:
+        return self.worker_infos(a.worker for a in self.suspects)
+
     @cached_property
     def workers(self) -> dict[str, WorkerInfo]:
-        """Every worker RQ lists, plus every worker a running attempt names."""
+        """Every worker RQ lists, plus every worker a suspect names: a hash per worker, so
+        read only for the evidence of a queue no worker takes work from."""
         registered = {text(key)[len(WORKER_PREFIX) :] for key in self.redis.smembers(WORKERS_KEY)}
-        names = sorted(registered | {a.worker for a in self.suspects if a.worker})
-        with self.redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hgetall(WORKER_PREFIX + name)
-            hashes = pipe.execute()
-        workers = {}
-        for name, raw in zip(names, hashes, strict=True):
-            data = {text(k): text(v) for k, v in raw.items()}
-            info = WorkerInfo(
-                name=name,
-                registered=name in registered,
-                exists=bool(data),
-                queues=[q for q in data.get("queues", "").split(",") if q],
-                hostname=data.get("hostname", ""),
-                pid=int(data["pid"]) if data.get("pid", "").isdigit() else None,
-                state=data.get("state", ""),
-                current_job=data.get("current_job", ""),
-                last_heartbeat=data.get("last_heartbeat", ""),
-                died=data.get("death", ""),
-            )
-            if info.exists and info.hostname == self.host and info.pid:
-                info.process, _ = process_state(info.pid, None)
-            if info.last_heartbeat:
-                try:
-                    beat = utcparse(info.last_heartbeat)
-                except ValueError:
-                    beat = None
-                if beat is not None:
-                    info.heartbeat_age = self.age(max(beat, self.rq_outage_end or beat))
-                    info.unresponsive = info.heartbeat_age > self.stale_after
-            workers[name] = info
-        return workers
+        return self.worker_infos(registered | {a.worker for a in self.suspects})
 
     @cached_property
     def frozen_workers(self) -> list["FrozenWorker"]:
@@ -308,13 +392,17 @@ class Context:
                 process_created=(process_created(info.pid) if info.hostname == self.host else None),
                 state=info.state,
             )
-            for info in self.workers.values()
+            for info in self.looked_at_workers.values()
             if info.exists and not info.died and info.unresponsive and _serves_keel(info.queues)
         ]
-        listed = {info.name for info in self.workers.values() if info.exists}
-        for finding in Finding.objects.filter(
-            code="worker_unresponsive", resolved_at__isnull=True
-        ).only("subject", "evidence"):
+        earlier = Finding.objects.filter(code="worker_unresponsive", resolved_at__isnull=True).only(
+            "subject", "evidence"
+        )
+        names = {
+            (f.evidence or {}).get("name") or f.subject.removeprefix("worker:") for f in earlier
+        }
+        listed = {name for name, info in self.worker_infos(names).items() if info.exists}
+        for finding in earlier:
             seen = finding.evidence or {}
             name = seen.get("name") or finding.subject.removeprefix("worker:")
             pid, host = seen.get("pid"), seen.get("host")
@@ -344,12 +432,21 @@ class Context:
     def suspended(self) -> bool:
         return bool(self.redis.exists(SUSPENDED_KEY))
 
-    def live_listeners(self, queue: str) -> list[str]:
-        """Workers that take work from the queue: alive, and not frozen."""
-        return sorted(
-            w.name
-            for w in self.workers.values()
+    def live_listeners(self, queue: str) -> int:
+        """How many workers take work from the queue: alive, and not frozen. Those the
+        sweep found well elsewhere, and those read in full that are (an unwell one may be
+        well after all: its silence counts from the end of an outage)."""
+        looked_at = sum(
+            1
+            for w in self.looked_at_workers.values()
             if w.alive and not w.unresponsive and queue in w.queues
+        )
+        return self.worker_sweep.well_by_queue.get(queue, 0) + looked_at
+
+    def dead_workers(self, queue: str) -> list[str]:
+        """Workers of the queue that RQ says are gone, or whose process is gone."""
+        return sorted(
+            w.name for w in self.looked_at_workers.values() if queue in w.queues and not w.alive
         )
 
     def job_states(self, job_ids: list[str]) -> dict[str, dict]:
@@ -373,6 +470,17 @@ class Context:
         return self.job_states([a.rq_job_id for a in self.suspects]) if self.redis_ok else {}
 
     @cached_property
+    def running_job_ids(self) -> dict[str, int]:
+        """{job id: node run id} of the current attempt of every running node (one indexed
+        query of two integers per node)."""
+        running = (
+            NodeRun.objects.filter(status=NodeRun.Status.RUNNING)
+            .order_by()
+            .values_list("pk", "attempt")
+        )
+        return {dispatch.job_id(pk, attempt): pk for pk, attempt in running}
+
+    @cached_property
     def running_without_job(self) -> set[int]:
         """Running nodes whose RQ job is gone (Redis flushed or restarted).
 
@@ -381,16 +489,13 @@ class Context:
         few not in a registry have their job hash read, to tell a missing job from
         one that has just ended.
         """
-        running = NodeRun.objects.filter(status=NodeRun.Status.RUNNING).values_list("pk", "attempt")
         with self.redis.pipeline(transaction=False) as pipe:
             for queue in settings.KEEL_QUEUES:
                 pipe.zrange(STARTED_PREFIX + queue, 0, -1)
             # Members are "<job id>:<execution id>"; Keel's job ids have no colon.
             started = {text(m).split(":", 1)[0] for found in pipe.execute() for m in found}
         unseen = {
-            dispatch.job_id(pk, attempt): pk
-            for pk, attempt in running
-            if dispatch.job_id(pk, attempt) not in started
+            job_id: pk for job_id, pk in self.running_job_ids.items() if job_id not in started
         }
         states = self.job_states(list(unseen))
         return {pk for job_id, pk in unseen.items() if states[job_id]["status"] == "missing"}
@@ -404,22 +509,29 @@ class Context:
         exact rule; an attempt that meets no condition cannot be reported by any."""
         if not self.suspect_conditions:
             return []
+        # The conditions are on the node runs alone (the claim gives a node its current
+        # attempt's start): one pass over the running ones, no join per running node.
+        nodes = (
+            NodeRun.objects.filter(status=NodeRun.Status.RUNNING)
+            .filter(reduce(operator.or_, self.suspect_conditions))
+            .order_by()
+            .values("pk")
+        )
         return list(
             NodeAttempt.objects.filter(
-                node_run__status=NodeRun.Status.RUNNING, number=F("node_run__attempt")
+                node_run_id__in=nodes,
+                node_run__status=NodeRun.Status.RUNNING,
+                number=F("node_run__attempt"),
             )
-            .filter(reduce(operator.or_, self.suspect_conditions))
             .select_related("node_run__run")
             .only(*SUSPECT_FIELDS)
             .order_by("node_run_id")
         )
 
     def quiet_since(self, seconds: float) -> Q:
-        """Suspects: running attempts with no heartbeat (or claim) in the last ``seconds``."""
+        """Suspects: running nodes with no heartbeat (or claim) in the last ``seconds``."""
         cutoff = self.now - timedelta(seconds=seconds)
-        return Q(node_run__heartbeat_at__lt=cutoff) | Q(
-            node_run__heartbeat_at__isnull=True, started_at__lt=cutoff
-        )
+        return Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
 
     @cached_property
     def outage_ends(self) -> dict[tuple[str, str], datetime]:
@@ -494,7 +606,7 @@ class Context:
             process, detail = "unknown", f"runs on host {attempt.host or '?'}, not this one"
         worker = job_status = None
         if self.redis_ok:
-            worker = self.workers.get(attempt.worker)
+            worker = self.suspect_workers.get(attempt.worker)
             job_status = self.running_jobs.get(attempt.rq_job_id, {}).get("status")
         age = self.beat_age(beat)
         outage = (

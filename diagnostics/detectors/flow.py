@@ -36,7 +36,7 @@ def no_worker(ctx: Context) -> list[Detection]:
         listeners = ctx.live_listeners(queue)
         if listeners and not ctx.suspended:
             continue
-        dead = sorted(w.name for w in ctx.workers.values() if queue in w.queues and not w.alive)
+        dead = ctx.dead_workers(queue)
         frozen = [w for w in ctx.frozen_workers if queue in w.queues]
         if ctx.suspended:
             title = f"Workers are suspended: {row['count']} node(s) wait on queue {queue}"
@@ -80,6 +80,7 @@ def no_worker(ctx: Context) -> list[Detection]:
                         f"{w.name} (pid {w.pid or '?'} on {w.host or '?'}: {w.process})"
                         for w in frozen
                     ],
+                    # Read in full only now: no worker takes this queue's work.
                     "workers": [w.as_evidence() for w in ctx.workers.values()][:20],
                 },
                 action=action,
@@ -108,7 +109,7 @@ def backlog(ctx: Context) -> list[Detection]:
         wait = ctx.age(row["oldest"])
         if length < max_length and wait < max_age:
             continue
-        listeners = ctx.live_listeners(queue) if ctx.redis_ok else []
+        listeners = ctx.live_listeners(queue) if ctx.redis_ok else 0
         found.append(
             Detection(
                 code="backlog",
@@ -120,7 +121,7 @@ def backlog(ctx: Context) -> list[Detection]:
                 ),
                 suggestion=(
                     f"Add workers for queue {queue} (`manage.py rqworker {queue}`; "
-                    f"{len(listeners)} listen now), or move urgent runs to the high priority "
+                    f"{listeners} listen now), or move urgent runs to the high priority "
                     "and bulk ones to low."
                 ),
                 evidence={
@@ -219,7 +220,9 @@ def blocked_upstream(ctx: Context) -> list[Detection]:
         for node in NodeRun.objects.filter(
             run__status=Run.Status.RUNNING,
             status__in=[NodeRun.Status.FAILED, NodeRun.Status.TIMED_OUT, NodeRun.Status.CANCELLED],
-        ).only(
+        )
+        .order_by()
+        .only(
             "id", "run_id", "node_key", "status", "downstream", "reason", "attempt", "finished_at"
         )
         if node.downstream

@@ -10,7 +10,6 @@ from diagnostics.detectors.context import (
     ENDED_JOB_STATES,
     INFO,
     WARNING,
-    WORKER_PREFIX,
     Context,
     about_attempt,
     attempt_evidence,
@@ -145,7 +144,7 @@ def worker_lost(ctx: Context) -> list[Detection]:
 
 
 def _without_job(ctx: Context) -> Q:
-    return Q(node_run_id__in=ctx.running_without_job)
+    return Q(pk__in=ctx.running_without_job)
 
 
 @detector("job_lost", needs_redis=True, suspects=_without_job)
@@ -223,11 +222,7 @@ def lost_job_grace() -> float:
 def _worker_alive(ctx: Context, name: str) -> bool:
     if not name:
         return False
-    info = ctx.workers.get(name)
-    if info is None:
-        raw = ctx.redis.hgetall(WORKER_PREFIX + name)
-        return bool(raw) and b"death" not in raw
-    return info.alive
+    return ctx.worker_infos([name])[name].alive
 
 
 def _heartbeats_from_a_live_process(ctx: Context, attempt: NodeAttempt, live) -> bool:
@@ -347,13 +342,17 @@ def _lost_running_jobs(ctx: Context) -> list[Detection]:
 
 
 def _pressed(ctx: Context) -> Q:
-    """The latest sample (the attempt's own columns) over a limit."""
+    """The latest sample (the running attempt's own columns) over a limit."""
     cpu_limit, io_limit, near = _pressure_limits()
     over = Q(cpu_percent__gt=cpu_limit) | Q(io_wait_percent__gt=io_limit)
     rss_limit = setting("KEEL_RSS_LIMIT_BYTES", None)
     if rss_limit:
-        return over | Q(rss_bytes__gte=near * rss_limit)
-    return over | Q(host=ctx.host, rss_bytes__gte=near * psutil.virtual_memory().total)
+        over |= Q(rss_bytes__gte=near * rss_limit)
+    else:
+        over |= Q(host=ctx.host, rss_bytes__gte=near * psutil.virtual_memory().total)
+    # Evaluated once (the attempt_running index), not per running node.
+    pressed = NodeAttempt.objects.filter(over, status=NodeAttempt.Status.RUNNING).order_by()
+    return Q(pk__in=pressed.values("node_run_id"))
 
 
 def _pressure_limits() -> tuple[float, float, float]:

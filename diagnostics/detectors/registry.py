@@ -23,8 +23,9 @@ class Detector:
     code: str
     func: Callable[[Context], list[Detection]]
     needs_redis: bool
-    # For detectors about running attempts: the SQL condition (on NodeAttempt) that holds
-    # for every attempt the detector may report, so that healthy ones are never loaded.
+    # For detectors about running attempts: the SQL condition on NodeRun (a running node's
+    # started_at is its current attempt's) that holds for every node whose attempt the
+    # detector may report, so that healthy ones are never loaded.
     suspects: Callable[[Context], Q] | None = None
 
 

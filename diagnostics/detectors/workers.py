@@ -113,8 +113,12 @@ def zombie_attempt(ctx: Context) -> list[Detection]:
     Nothing of that attempt is applied (the engine rejects a superseded attempt's
     outcome); the harm is the worker it holds.
     """
+    # Busy workers whose job is not a running node's current attempt (the sweep read
+    # what each runs); only those are read in full.
+    current = ctx.running_job_ids
+    held = {name: job for name, job in ctx.worker_sweep.busy.items() if job not in current}
     holders: dict[tuple[int, int], WorkerInfo] = {}
-    for info in ctx.workers.values():
+    for info in ctx.worker_infos(held).values():
         match = KEEL_JOB_ID.match(info.current_job)
         if match and info.exists and not info.died and info.process != "dead":
             holders[(int(match[1]), int(match[2]))] = info

@@ -168,3 +168,50 @@ def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_
     assert report.redis_failed.startswith("this tick outlived its 30 s lock")
     assert not Finding.objects.exists(), "it stopped before recording anything"
     assert clean_redis.get(watchdog.LOCK_NAME) == b"another watchdog's token"
+
+
+def worker_hashes_read(monkeypatch) -> list[str]:
+    """Record the worker hashes a tick reads in full (HGETALL rq:worker:…), pipelined
+    or not."""
+    from redis.client import Pipeline, Redis
+
+    read = []
+
+    def note(args):
+        if args and args[0] == "HGETALL" and str(args[1]).startswith("rq:worker:"):
+            read.append(str(args[1]).removeprefix("rq:worker:"))
+
+    plain, queued = Redis.execute_command, Pipeline.pipeline_execute_command
+
+    def execute_command(self, *args, **options):
+        note(args)
+        return plain(self, *args, **options)
+
+    def pipeline_execute_command(self, *args, **options):
+        note(args)
+        return queued(self, *args, **options)
+
+    monkeypatch.setattr(Redis, "execute_command", execute_command)
+    monkeypatch.setattr(Pipeline, "pipeline_execute_command", pipeline_execute_command)
+    return read
+
+
+def test_a_tick_reads_no_healthy_worker_only_those_gone_quiet(start_run, clean_redis, monkeypatch):
+    from tests.diagnostics.test_worker_findings import register_worker
+
+    for index in range(20):
+        register_worker(clean_redis, f"w-fine-{index}", pid=5000 + index, host=FAR_HOST)
+    running_nodes(start_run, clean_redis, 3)  # run by w-far, which beats
+    register_far_worker(clean_redis)
+    read = worker_hashes_read(monkeypatch)
+
+    watchdog.tick()
+    assert read == [], "a worker that beats to RQ is counted inside Redis, never read"
+
+    register_worker(clean_redis, "w-quiet", pid=4343, host=FAR_HOST, beat_seconds_ago=60)
+    read.clear()
+    watchdog.tick()
+
+    assert read == ["w-quiet"]
+    [found] = Finding.objects.filter(code="worker_unresponsive", resolved_at__isnull=True)
+    assert found.subject == "worker:w-quiet"
