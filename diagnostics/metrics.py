@@ -17,6 +17,7 @@ A part that cannot be read is left out and reported by ``keel_database_up`` /
 """
 
 import logging
+import socket
 import threading
 from datetime import timedelta
 
@@ -318,8 +319,16 @@ class KeelCollector:
         up = family("keel_redis_up")
         client = health.probe_client()
         try:
-            workers = rq_state.read_workers(client)
-            queues = rq_state.read_queues(client, workers, list(settings.KEEL_QUEUES))
+            # Counted inside Redis: a scrape reads in full only the workers gone quiet and
+            # those on this host, not every worker's hash.
+            stale_after = settings.KEEL_STALE_BEATS * settings.KEEL_HEARTBEAT_SECONDS
+            sweep = rq_state.sweep_workers(
+                client,
+                quiet_before=timezone.now() - timedelta(seconds=stale_after),
+                host=socket.gethostname(),
+            )
+            looked_at = rq_state.read_workers(client, [*sweep.unwell, *sweep.nearby])
+            queues = rq_state.read_queues(client, looked_at, list(settings.KEEL_QUEUES))
             watchdog = health.watchdog_status(client)
         except redis.RedisError as error:
             logger.warning("metrics: Redis unreadable: %s", health.error_text(error))
@@ -334,7 +343,7 @@ class KeelCollector:
             labels = [queue["name"]]
             size.add_metric(labels, queue["length"])
             oldest.add_metric(labels, queue["oldest_age_seconds"] or 0.0)
-            alive.add_metric(labels, len(queue["workers"]))
+            alive.add_metric(labels, len(queue["workers"]) + sweep.well_by_queue.get(labels[0], 0))
             for registry, count in queue["registries"].items():
                 registries.add_metric([queue["name"], registry], count)
         watchdog_up = family("keel_watchdog_up")

@@ -5,6 +5,7 @@ and fires failure callbacks); workers are read from their hashes. Evidence, neve
 """
 
 import socket
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import psutil
@@ -21,7 +22,7 @@ from rq.registry import (
     ScheduledJobRegistry,
     StartedJobRegistry,
 )
-from rq.utils import utcparse
+from rq.utils import utcformat, utcparse
 from rq.worker import Worker
 from rq.worker_registration import REDIS_WORKER_KEYS
 
@@ -37,6 +38,69 @@ REGISTRIES = {
 }
 WORKER_KEY_PREFIX = Worker.redis_worker_namespace_prefix
 QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix
+
+# One pass over RQ's workers inside Redis, for the watchdog and /metrics (one round trip;
+# a hash leaves Redis only when it matters): the keys of the workers whose key is gone,
+# that shut down, or whose last heartbeat is older than ARGV[1] (RQ writes UTC text that
+# sorts as time does), and of the others on this host (ARGV[2]: their processes can be
+# looked at); the Keel job each busy worker runs; how many of the rest listen to each
+# queue. At 10 000 workers: a short pair per busy worker and a few keys, not 10 000 hashes.
+WORKER_SWEEP = """
+local unwell, nearby, busy, well, order = {}, {}, {}, {}, {}
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local f = redis.call('HMGET', key, 'last_heartbeat', 'death', 'current_job', 'queues',
+                       'hostname')
+  if not f[1] or f[2] or f[1] < ARGV[1] then
+    unwell[#unwell + 1] = key
+  elseif f[5] == ARGV[2] then
+    nearby[#nearby + 1] = key
+  else
+    for queue in string.gmatch(f[4] or '', '[^,]+') do
+      if not well[queue] then well[queue] = 0; order[#order + 1] = queue end
+      well[queue] = well[queue] + 1
+    end
+  end
+  if f[3] and string.sub(f[3], 1, 5) == 'keel-' then
+    busy[#busy + 1] = key
+    busy[#busy + 1] = f[3]
+  end
+end
+local counts = {}
+for _, queue in ipairs(order) do
+  counts[#counts + 1] = queue
+  counts[#counts + 1] = well[queue]
+end
+return {unwell, nearby, busy, counts}
+"""
+
+
+@dataclass
+class WorkerSweep:
+    """What one pass over RQ's workers found (``WORKER_SWEEP``)."""
+
+    unwell: list[str]  # names: key gone, shut down, or quiet for the stale threshold
+    nearby: list[str]  # names: the others on this host
+    busy: dict[str, str]  # name: the Keel job it runs
+    well_by_queue: dict[str, int]  # queue: how many of the rest listen to it
+
+
+def sweep_workers(client: redis.Redis, *, quiet_before: datetime, host: str) -> WorkerSweep:
+    """Every worker RQ lists, looked at inside Redis (``WORKER_SWEEP``): those to read in
+    full by name, what each busy one runs, how many of the rest listen to each queue."""
+
+    def text(value) -> str:
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    unwell, nearby, busy, well = client.eval(
+        WORKER_SWEEP, 1, REDIS_WORKER_KEYS, utcformat(quiet_before), host
+    )
+    prefix = len(WORKER_KEY_PREFIX)
+    return WorkerSweep(
+        unwell=[text(key)[prefix:] for key in unwell],
+        nearby=[text(key)[prefix:] for key in nearby],
+        busy={text(busy[i])[prefix:]: text(busy[i + 1]) for i in range(0, len(busy), 2)},
+        well_by_queue={text(well[i]): int(well[i + 1]) for i in range(0, len(well), 2)},
+    )
 
 
 def _rq_time(raw: str | None) -> datetime | None:
@@ -73,14 +137,18 @@ def worker_is_alive(fields: dict, now: datetime) -> bool:
     return True
 
 
-def read_workers(client: redis.Redis) -> list[dict]:
-    """Every worker RQ has registered: what it does, its counts, whether it is alive.
+def read_workers(client: redis.Redis, names: list[str] | None = None) -> list[dict]:
+    """Every worker RQ has registered (or those named): what it does, its counts, whether
+    it is alive.
 
     Reads the hashes directly rather than through ``rq.Worker.all``: building Worker
     objects raises the client's socket timeout to ~7 minutes (RQ sizes it for BLPOP),
     which would turn a probe of a hung Redis into a hung probe. Raises redis.RedisError.
     """
-    keys = sorted(key.decode() for key in client.smembers(REDIS_WORKER_KEYS))
+    if names is None:
+        keys = sorted(key.decode() for key in client.smembers(REDIS_WORKER_KEYS))
+    else:
+        keys = sorted(WORKER_KEY_PREFIX + name for name in set(names))
     if not keys:
         return []
     with client.pipeline(transaction=False) as pipe:

@@ -27,9 +27,10 @@ from django.conf import settings
 from django.db import connection
 from django.db.models import Count, DurationField, F, Func, Min, Q
 from django.utils import timezone
-from rq.utils import utcformat, utcparse
+from rq.utils import utcparse
 
 from diagnostics.models import Finding
+from diagnostics.rq_state import WorkerSweep, sweep_workers
 from workflows.models import NodeAttempt, NodeRun
 from workflows.runtime import dispatch
 
@@ -45,39 +46,6 @@ ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
 # The finding subjects that record an outage of each store (see stores.py, watchdog.py).
 DB_OUTAGE = ("db_unhealthy", "database:unreachable")
 REDIS_OUTAGE = ("redis_unhealthy", "redis:unreachable")
-# One pass over RQ's workers inside Redis (one round trip; a hash leaves Redis only when
-# it matters): the keys of the workers whose key is gone, that shut down, or whose last
-# heartbeat is older than ARGV[1] (RQ writes UTC text that sorts as time does), and of the
-# others on this host (ARGV[2]: the watchdog looks at their processes); the Keel job each
-# busy worker runs; how many of the rest listen to each queue. At 10 000 workers that is a
-# short pair per busy worker and a few keys, not 10 000 hashes.
-WORKER_SWEEP = """
-local unwell, nearby, busy, well, order = {}, {}, {}, {}, {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', key, 'last_heartbeat', 'death', 'current_job', 'queues',
-                       'hostname')
-  if not f[1] or f[2] or f[1] < ARGV[1] then
-    unwell[#unwell + 1] = key
-  elseif f[5] == ARGV[2] then
-    nearby[#nearby + 1] = key
-  else
-    for queue in string.gmatch(f[4] or '', '[^,]+') do
-      if not well[queue] then well[queue] = 0; order[#order + 1] = queue end
-      well[queue] = well[queue] + 1
-    end
-  end
-  if f[3] and string.sub(f[3], 1, 5) == 'keel-' then
-    busy[#busy + 1] = key
-    busy[#busy + 1] = f[3]
-  end
-end
-local counts = {}
-for _, queue in ipairs(order) do
-  counts[#counts + 1] = queue
-  counts[#counts + 1] = well[queue]
-end
-return {unwell, nearby, busy, counts}
-"""
 # A Keel job id: keel-<node run id>-<attempt> (workflows/dispatch.job_id).
 KEEL_JOB_ID = re.compile(r"^keel-(\d+)-(\d+)$")
 
@@ -140,16 +108,6 @@ class WorkerInfo:
             "rq_last_heartbeat": self.last_heartbeat,
             "process": self.process,
         }
-
-
-@dataclass
-class WorkerSweep:
-    """What one pass over RQ's workers found (``WORKER_SWEEP``)."""
-
-    unwell: list[str]  # names: key gone, shut down, or quiet for the stale threshold
-    nearby: list[str]  # names: the others on this host
-    busy: dict[str, str]  # name: the Keel job it runs
-    well_by_queue: dict[str, int]  # queue: how many of the rest listen to it
 
 
 @dataclass
@@ -340,20 +298,9 @@ class Context:
 
     @cached_property
     def worker_sweep(self) -> WorkerSweep:
-        """One pass over every worker RQ lists, inside Redis (WORKER_SWEEP)."""
-        cutoff = utcformat(self.now - timedelta(seconds=self.stale_after))
-        unwell, nearby, busy, well = self.redis.eval(
-            WORKER_SWEEP, 1, WORKERS_KEY, cutoff, self.host
-        )
-        return WorkerSweep(
-            unwell=[text(key)[len(WORKER_PREFIX) :] for key in unwell],
-            nearby=[text(key)[len(WORKER_PREFIX) :] for key in nearby],
-            busy={
-                text(busy[i])[len(WORKER_PREFIX) :]: text(busy[i + 1])
-                for i in range(0, len(busy), 2)
-            },
-            well_by_queue={text(well[i]): int(well[i + 1]) for i in range(0, len(well), 2)},
-        )
+        """One pass over every worker RQ lists, inside Redis (rq_state.sweep_workers)."""
+        cutoff = self.now - timedelta(seconds=self.stale_after)
+        return sweep_workers(self.redis, quiet_before=cutoff, host=self.host)
 
     @cached_property
     def looked_at_workers(self) -> dict[str, WorkerInfo]:
