@@ -56,6 +56,7 @@ def prepare_stores(
     prefix: str = "keel_start",
     redis_url: str = DEFAULT_REDIS_URL,
     postgres_only: bool = False,
+    keep: bool = False,
 ) -> str:
     """Point Django at a throwaway database and an empty Redis database; return a label."""
     os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings"
@@ -67,7 +68,8 @@ def prepare_stores(
     if urlsplit(database_url).scheme in ("postgres", "postgresql"):
         name = f"{prefix}_{os.getpid()}"
         os.environ["DATABASE_URL"] = _create_postgres_database(database_url, name)
-        stack.callback(_drop_postgres_database, database_url, name)
+        if not keep:
+            stack.callback(_drop_postgres_database, database_url, name)
         label = f"PostgreSQL, throwaway database {name}"
     elif postgres_only:
         raise SystemExit(f"This bench needs PostgreSQL; DATABASE_URL is {database_url!r}.")
