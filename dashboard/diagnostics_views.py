@@ -80,6 +80,7 @@ def system_report_page(request):
             "report": report,
             "settings_json": json.dumps(report["settings"], indent=2, cls=DjangoJSONEncoder),
             "can_operate": request.user.has_perm(operations.PERMISSION),
+            "shown_workers": system_report.SHOWN_WORKERS,
         },
     )
 

@@ -152,7 +152,8 @@ def record(
     return result
 
 
-# Evidence that follows a node or a worker while the condition holds, at any depth: kept
+# Evidence that follows a node or a worker while the condition holds (in the evidence or
+# an object in it): kept
 # as of the finding's last change, and not a change by itself (a finding is rewritten when
 # what it says changes). A live worker's RQ heartbeat moves every few seconds: were it
 # counted, a mass incident would rewrite every finding on every tick.
@@ -178,13 +179,13 @@ def digest_of(detection: Detection) -> str:
     return hashlib.blake2b(encoded, digest_size=16).hexdigest()
 
 
-def _lasting(evidence):
-    """Evidence without its live parts, at any depth."""
-    if isinstance(evidence, dict):
-        return {k: _lasting(v) for k, v in evidence.items() if k not in LIVE_EVIDENCE}
-    if isinstance(evidence, list):
-        return [_lasting(v) for v in evidence]
-    return evidence
+def _lasting(evidence: dict) -> dict:
+    """Evidence without its live parts, in it and in the objects it holds (a worker's)."""
+    return {
+        k: _lasting(v) if isinstance(v, dict) else v
+        for k, v in evidence.items()
+        if k not in LIVE_EVIDENCE
+    }
 
 
 def _open(detections: list[Detection], now: datetime) -> tuple[list[Finding], list[Finding]]:

@@ -434,11 +434,14 @@ def _redis_checks(status: dict) -> list[Check]:
     return checks
 
 
-def _worker_checks(workers: list[dict] | None, error: str = "") -> list[Check]:
+def _worker_checks(
+    workers: list[dict] | None, error: str = "", live_elsewhere: dict[str, int] | None = None
+) -> list[Check]:
     checks = []
     listening = live_workers_by_queue(workers or [], settings.KEEL_QUEUES)
     for queue in settings.KEEL_QUEUES:
         names = listening[queue]
+        live = len(names) + (live_elsewhere or {}).get(queue, 0)
         if workers is None:
             checks.append(
                 Check(
@@ -448,9 +451,9 @@ def _worker_checks(workers: list[dict] | None, error: str = "") -> list[Check]:
                     "Fix Redis first.",
                 )
             )
-        elif names:
-            shown = ", ".join(names[:3]) + (" …" if len(names) > 3 else "")
-            checks.append(Check(f"worker for queue {queue}", True, f"{len(names)} alive: {shown}"))
+        elif live:
+            shown = ", ".join(names[:3]) + (" …" if live > len(names[:3]) else "")
+            checks.append(Check(f"worker for queue {queue}", True, f"{live} alive: {shown}"))
         else:
             checks.append(
                 Check(
@@ -545,7 +548,9 @@ def verdicts(
     ]
     checks += _database_checks(measured["database"])
     checks += _redis_checks(measured["redis"])
-    checks += _worker_checks(measured["workers"], measured.get("workers_error", ""))
+    checks += _worker_checks(
+        measured["workers"], measured.get("workers_error", ""), measured.get("live_elsewhere")
+    )
     checks.append(_watchdog_check(measured["watchdog"]))
     checks.append(_disk_check(measured["disk"], min_free_bytes))
     checks.append(_clock_check(measured["clock"], max_clock_skew))

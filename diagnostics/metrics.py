@@ -328,7 +328,9 @@ class KeelCollector:
                 host=socket.gethostname(),
             )
             looked_at = rq_state.read_workers(client, [*sweep.unwell, *sweep.nearby])
-            queues = rq_state.read_queues(client, looked_at, list(settings.KEEL_QUEUES))
+            queues = rq_state.read_queues(
+                client, looked_at, list(settings.KEEL_QUEUES), live_elsewhere=sweep.well_by_queue
+            )
             watchdog = health.watchdog_status(client)
         except redis.RedisError as error:
             logger.warning("metrics: Redis unreadable: %s", health.error_text(error))
@@ -343,7 +345,7 @@ class KeelCollector:
             labels = [queue["name"]]
             size.add_metric(labels, queue["length"])
             oldest.add_metric(labels, queue["oldest_age_seconds"] or 0.0)
-            alive.add_metric(labels, len(queue["workers"]) + sweep.well_by_queue.get(labels[0], 0))
+            alive.add_metric(labels, queue["live"])
             for registry, count in queue["registries"].items():
                 registries.add_metric([queue["name"], registry], count)
         watchdog_up = family("keel_watchdog_up")

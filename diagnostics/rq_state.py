@@ -39,21 +39,25 @@ REGISTRIES = {
 WORKER_KEY_PREFIX = Worker.redis_worker_namespace_prefix
 QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix
 
-# One pass over RQ's workers inside Redis, for the watchdog and /metrics (one round trip;
-# a hash leaves Redis only when it matters): the keys of the workers whose key is gone,
-# that shut down, or whose last heartbeat is older than ARGV[1] (RQ writes UTC text that
-# sorts as time does), and of the others on this host (ARGV[2]: their processes can be
-# looked at); the Keel job each busy worker runs; how many of the rest listen to each
-# queue. At 10 000 workers: a short pair per busy worker and a few keys, not 10 000 hashes.
+# One pass over RQ's workers inside Redis, for the watchdog, /metrics and the system page
+# (one round trip; a hash leaves Redis only when it matters): the keys of the workers whose
+# key is gone, that shut down, or whose last heartbeat is older than ARGV[1] (RQ writes
+# UTC text that sorts as time does), and of the others on this host (ARGV[2]: their
+# processes can be looked at); the Keel job each busy worker runs; up to ARGV[3] keys of
+# the rest (for a page to show); how many of the others listen to each queue; how many
+# workers RQ lists. At 10 000 workers: a short pair per busy worker and a few keys.
 WORKER_SWEEP = """
-local unwell, nearby, busy, well, order = {}, {}, {}, {}, {}
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+local unwell, nearby, busy, well, order, sample = {}, {}, {}, {}, {}, {}
+local members = redis.call('SMEMBERS', KEYS[1])
+for _, key in ipairs(members) do
   local f = redis.call('HMGET', key, 'last_heartbeat', 'death', 'current_job', 'queues',
                        'hostname')
   if not f[1] or f[2] or f[1] < ARGV[1] then
     unwell[#unwell + 1] = key
   elseif f[5] == ARGV[2] then
     nearby[#nearby + 1] = key
+  elseif #sample < tonumber(ARGV[3]) then
+    sample[#sample + 1] = key
   else
     for queue in string.gmatch(f[4] or '', '[^,]+') do
       if not well[queue] then well[queue] = 0; order[#order + 1] = queue end
@@ -70,7 +74,7 @@ for _, queue in ipairs(order) do
   counts[#counts + 1] = queue
   counts[#counts + 1] = well[queue]
 end
-return {unwell, nearby, busy, counts}
+return {unwell, nearby, busy, counts, sample, #members}
 """
 
 
@@ -81,18 +85,23 @@ class WorkerSweep:
     unwell: list[str]  # names: key gone, shut down, or quiet for the stale threshold
     nearby: list[str]  # names: the others on this host
     busy: dict[str, str]  # name: the Keel job it runs
-    well_by_queue: dict[str, int]  # queue: how many of the rest listen to it
+    sample: list[str]  # names: the first ``sample`` of the rest (for a page to show)
+    well_by_queue: dict[str, int]  # queue: how many of the rest after those listen to it
+    registered: int  # how many workers RQ lists
 
 
-def sweep_workers(client: redis.Redis, *, quiet_before: datetime, host: str) -> WorkerSweep:
+def sweep_workers(
+    client: redis.Redis, *, quiet_before: datetime, host: str, sample: int = 0
+) -> WorkerSweep:
     """Every worker RQ lists, looked at inside Redis (``WORKER_SWEEP``): those to read in
-    full by name, what each busy one runs, how many of the rest listen to each queue."""
+    full by name, what each busy one runs, how many of the rest listen to each queue, and
+    up to ``sample`` of the rest by name (not counted in ``well_by_queue``)."""
 
     def text(value) -> str:
         return value.decode() if isinstance(value, bytes) else str(value)
 
-    unwell, nearby, busy, well = client.eval(
-        WORKER_SWEEP, 1, REDIS_WORKER_KEYS, utcformat(quiet_before), host
+    unwell, nearby, busy, well, some, registered = client.eval(
+        WORKER_SWEEP, 1, REDIS_WORKER_KEYS, utcformat(quiet_before), host, sample
     )
     prefix = len(WORKER_KEY_PREFIX)
     return WorkerSweep(
@@ -100,6 +109,8 @@ def sweep_workers(client: redis.Redis, *, quiet_before: datetime, host: str) -> 
         nearby=[text(key)[prefix:] for key in nearby],
         busy={text(busy[i])[prefix:]: text(busy[i + 1]) for i in range(0, len(busy), 2)},
         well_by_queue={text(well[i]): int(well[i + 1]) for i in range(0, len(well), 2)},
+        sample=[text(key)[prefix:] for key in some],
+        registered=int(registered),
     )
 
 
@@ -202,9 +213,15 @@ def queue_names(client: redis.Redis) -> list[str]:
 
 
 def read_queues(
-    client: redis.Redis, workers: list[dict], names: list[str] | None = None
+    client: redis.Redis,
+    workers: list[dict],
+    names: list[str] | None = None,
+    *,
+    live_elsewhere: dict[str, int] | None = None,
 ) -> list[dict]:
     """Length, oldest job's age, listening workers and registry sizes of each queue.
+    ``workers`` are those read in full; ``live_elsewhere`` counts, per queue, the live
+    workers a sweep counted without reading them (``live`` is the total).
 
     Two round trips whatever the number of queues. Raises redis.RedisError.
     """
@@ -242,6 +259,7 @@ def read_queues(
                 "oldest_enqueued_at": oldest,
                 "oldest_age_seconds": round((now - oldest).total_seconds(), 1) if oldest else None,
                 "workers": listening.get(name, []),
+                "live": len(listening.get(name, [])) + (live_elsewhere or {}).get(name, 0),
                 "dead_workers": sorted(
                     set(registered.get(name, [])) - set(listening.get(name, []))
                 ),

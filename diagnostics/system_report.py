@@ -13,7 +13,7 @@ import platform
 import re
 import socket
 import tomllib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -23,13 +23,16 @@ import psutil
 import redis
 from django.conf import settings
 from django.db import DatabaseError
+from django.utils import timezone
 
 from diagnostics import health
 from diagnostics.models import AuditEvent
-from diagnostics.rq_state import read_queues, read_workers
+from diagnostics.rq_state import read_queues, read_workers, sweep_workers
 from diagnostics.selectors import findings_summary
 
 MASK = "********"
+# Workers the report lists besides those gone quiet and those on this host (all are counted).
+SHOWN_WORKERS = 50
 # As Django's SafeExceptionReporterFilter, plus words our URLs and tokens use.
 SECRET_NAMES = re.compile(
     r"API|AUTH|TOKEN|KEY|SECRET|PASS|SIGNATURE|CREDENTIAL|PRIVATE|COOKIE", re.IGNORECASE
@@ -206,16 +209,28 @@ def measure(client: redis.Redis | None = None) -> dict:
     """Read the database, Redis, workers, watchdog, disk and clocks once each."""
     client = client or health.probe_client()
     measured = {"database": health.database_status(), "redis": health.redis_status(client)}
-    workers, workers_error = None, ""
+    workers, workers_error, sweep = None, "", None
     if measured["redis"]["reachable"]:
         try:
-            workers = read_workers(client)
+            # Every worker is counted inside Redis; read in full are those gone quiet,
+            # those on this host and up to SHOWN_WORKERS others (at 10 000 workers a
+            # page of every hash took seconds).
+            stale_after = settings.KEEL_STALE_BEATS * settings.KEEL_HEARTBEAT_SECONDS
+            sweep = sweep_workers(
+                client,
+                quiet_before=timezone.now() - timedelta(seconds=stale_after),
+                host=socket.gethostname(),
+                sample=SHOWN_WORKERS,
+            )
+            workers = read_workers(client, [*sweep.unwell, *sweep.nearby, *sweep.sample])
         except redis.RedisError as error:
             workers_error = health.error_text(error)
     else:
         workers_error = measured["redis"].get("error", "")
     measured.update(
         workers=workers,
+        workers_registered=sweep.registered if sweep else None,
+        live_elsewhere=sweep.well_by_queue if sweep else {},
         workers_error=workers_error,
         watchdog=health.watchdog_status(client),
         disk=health.disk_status(),
@@ -235,7 +250,9 @@ def build_report(client: redis.Redis | None = None, *, findings_limit: int = 100
     queues, queues_error = [], measured["workers_error"]
     if measured["workers"] is not None:
         try:
-            queues = read_queues(client, measured["workers"])
+            queues = read_queues(
+                client, measured["workers"], live_elsewhere=measured["live_elsewhere"]
+            )
         except redis.RedisError as error:
             queues_error = health.error_text(error)
     try:
@@ -258,6 +275,7 @@ def build_report(client: redis.Redis | None = None, *, findings_limit: int = 100
         "queues": queues,
         "queues_error": queues_error,
         "workers": measured["workers"] or [],
+        "workers_registered": measured["workers_registered"],
         "supervision": supervision(),
         "findings": findings,
         "queue_actions": audit,

@@ -18,8 +18,9 @@ import operator
 import re
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from functools import cached_property, reduce
+from datetime import UTC, datetime, timedelta
+from functools import cache, cached_property, reduce
+from types import SimpleNamespace
 
 import psutil
 import redis
@@ -46,6 +47,8 @@ ENDED_JOB_STATES = {"finished", "failed", "stopped", "canceled"}
 # The finding subjects that record an outage of each store (see stores.py, watchdog.py).
 DB_OUTAGE = ("db_unhealthy", "database:unreachable")
 REDIS_OUTAGE = ("redis_unhealthy", "redis:unreachable")
+# What the watchdog reads of an RQ worker's hash.
+WORKER_FIELDS = ("queues", "hostname", "pid", "state", "current_job", "last_heartbeat", "death")
 # A Keel job id: keel-<node run id>-<attempt> (workflows/dispatch.job_id).
 KEEL_JOB_ID = re.compile(r"^keel-(\d+)-(\d+)$")
 
@@ -185,29 +188,25 @@ def process_state(pid: int | None, since: datetime | None) -> tuple[str, str]:
     return "alive", f"pid {pid} is running"
 
 
-# What the detectors read of a suspect: at 10 000 suspects (a mass incident) the fields
-# left out (outputs, params, timestamps nobody reads) are most of the cost of loading.
-SUSPECT_FIELDS = (
-    *(
-        f"node_run__{name}"
-        for name in (
-            "run_id",
-            "node_key",
-            "node_type",
-            "status",
-            "attempt",
-            "attempts_base",
-            "max_attempts",
-            "timeout_seconds",
-            "expected_seconds",
-            "stall_after_seconds",
-            "heartbeat_at",
-            "started_at",
-            "progress",
-            "progress_at",
-        )
-    ),
-    "node_run__run__workflow_id",
+# What the detectors read of a suspect, as plain values: at 10 000 suspects (a mass
+# incident) model instances and the fields nobody reads were most of the cost of loading.
+SUSPECT_NODE_FIELDS = (
+    "run_id",
+    "node_key",
+    "node_type",
+    "status",
+    "attempt",
+    "attempts_base",
+    "max_attempts",
+    "timeout_seconds",
+    "expected_seconds",
+    "stall_after_seconds",
+    "heartbeat_at",
+    "started_at",
+    "progress",
+    "progress_at",
+)
+SUSPECT_ATTEMPT_FIELDS = (
     "node_run_id",
     "number",
     "status",
@@ -219,6 +218,23 @@ SUSPECT_FIELDS = (
     "started_at",
     "resource_samples",
 )
+
+
+class Suspect(SimpleNamespace):
+    """A running node's current attempt as the detectors read it: ``attempt.pk``,
+    ``attempt.node_run.heartbeat_at``, ``attempt.node_run.run.workflow_id``… (the names of
+    NodeAttempt, NodeRun and Run), plain values only."""
+
+
+def _suspect(row: tuple) -> Suspect:
+    pk, *values = row
+    attempt = dict(zip(SUSPECT_ATTEMPT_FIELDS, values, strict=False))
+    node = dict(zip(SUSPECT_NODE_FIELDS, values[len(SUSPECT_ATTEMPT_FIELDS) :], strict=False))
+    run = SimpleNamespace(pk=node["run_id"], id=node["run_id"], workflow_id=values[-1])
+    node_run = SimpleNamespace(
+        pk=attempt["node_run_id"], id=attempt["node_run_id"], run=run, **node
+    )
+    return Suspect(pk=pk, id=pk, node_run=node_run, **attempt)
 
 
 class Context:
@@ -261,13 +277,13 @@ class Context:
         unread = [name for name in wanted if name not in self._workers]
         if unread:
             with self.redis.pipeline(transaction=False) as pipe:
+                pipe.smismember(WORKERS_KEY, [WORKER_PREFIX + name for name in unread])
                 for name in unread:
-                    pipe.hgetall(WORKER_PREFIX + name)
-                    pipe.sismember(WORKERS_KEY, WORKER_PREFIX + name)
-                replies = pipe.execute()
-            for index, name in enumerate(unread):
-                raw, registered = replies[2 * index], replies[2 * index + 1]
-                self._workers[name] = self._worker_info(name, bool(registered), raw)
+                    pipe.hmget(WORKER_PREFIX + name, WORKER_FIELDS)
+                registered, *replies = pipe.execute()
+            for name, listed, values in zip(unread, registered, replies, strict=True):
+                raw = {f: v for f, v in zip(WORKER_FIELDS, values, strict=True) if v is not None}
+                self._workers[name] = self._worker_info(name, bool(listed), raw)
         return {name: self._workers[name] for name in wanted}
 
     def _worker_info(self, name: str, registered: bool, raw: dict) -> WorkerInfo:
@@ -288,7 +304,7 @@ class Context:
             info.process, _ = process_state(info.pid, None)
         if info.last_heartbeat:
             try:
-                beat = utcparse(info.last_heartbeat)
+                beat = rq_time(info.last_heartbeat)
             except ValueError:
                 beat = None
             if beat is not None:
@@ -413,8 +429,24 @@ class Context:
 
     @cached_property
     def running_jobs(self) -> dict[str, dict]:
-        """What RQ says of each suspect's job."""
-        return self.job_states([a.rq_job_id for a in self.suspects]) if self.redis_ok else {}
+        """What RQ says of each suspect's job: "started" for those in a started registry
+        (RQ keeps a job there exactly while a worker runs it); the others' hashes are read."""
+        if not self.redis_ok:
+            return {}
+        ids = [a.rq_job_id for a in self.suspects]
+        started = self.started_job_ids
+        states = self.job_states([job_id for job_id in ids if job_id not in started])
+        states.update({job_id: {"status": "started"} for job_id in ids if job_id in started})
+        return states
+
+    @cached_property
+    def started_job_ids(self) -> set[str]:
+        """The jobs in RQ's started registries (one ZRANGE per queue)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for queue in settings.KEEL_QUEUES:
+                pipe.zrange(STARTED_PREFIX + queue, 0, -1)
+            # Members are "<job id>:<execution id>"; Keel's job ids have no colon.
+            return {text(m).split(":", 1)[0] for found in pipe.execute() for m in found}
 
     @cached_property
     def running_job_ids(self) -> dict[str, int]:
@@ -436,11 +468,7 @@ class Context:
         few not in a registry have their job hash read, to tell a missing job from
         one that has just ended.
         """
-        with self.redis.pipeline(transaction=False) as pipe:
-            for queue in settings.KEEL_QUEUES:
-                pipe.zrange(STARTED_PREFIX + queue, 0, -1)
-            # Members are "<job id>:<execution id>"; Keel's job ids have no colon.
-            started = {text(m).split(":", 1)[0] for found in pipe.execute() for m in found}
+        started = self.started_job_ids
         unseen = {
             job_id: pk for job_id, pk in self.running_job_ids.items() if job_id not in started
         }
@@ -450,7 +478,7 @@ class Context:
     # Database -----------------------------------------------------------------------------
 
     @cached_property
-    def suspects(self) -> list[NodeAttempt]:
+    def suspects(self) -> list[Suspect]:
         """The current attempt of each running node that meets a detector's suspect
         condition, with its node and run (one query). Each detector then applies its
         exact rule; an attempt that meets no condition cannot be reported by any."""
@@ -464,16 +492,21 @@ class Context:
             .order_by()
             .values("pk")
         )
-        return list(
+        rows = (
             NodeAttempt.objects.filter(
                 node_run_id__in=nodes,
                 node_run__status=NodeRun.Status.RUNNING,
                 number=F("node_run__attempt"),
             )
-            .select_related("node_run__run")
-            .only(*SUSPECT_FIELDS)
             .order_by("node_run_id")
+            .values_list(
+                "pk",
+                *SUSPECT_ATTEMPT_FIELDS,
+                *(f"node_run__{name}" for name in SUSPECT_NODE_FIELDS),
+                "node_run__run__workflow_id",
+            )
         )
+        return [_suspect(row) for row in rows]
 
     def quiet_since(self, seconds: float) -> Q:
         """Suspects: running nodes with no heartbeat (or claim) in the last ``seconds``."""
@@ -584,7 +617,7 @@ class Context:
         self._liveness[attempt.pk] = verdict
         return verdict
 
-    @property
+    @cached_property
     def stale_after(self) -> float:
         return setting("KEEL_STALE_BEATS", 3) * self.heartbeat
 
@@ -627,6 +660,13 @@ def iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 
 
+def rq_time(value: str) -> datetime:
+    """RQ's UTC text ("2026-12-05T11:43:14.123456Z") as an aware datetime; ValueError if
+    it is not that (fromisoformat: far cheaper than RQ's strptime at 10 000 workers)."""
+    moment = datetime.fromisoformat(value)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 def rq_clock(beat: str) -> str:
     """An RQ heartbeat (UTC text) as the time of day in the server's zone."""
     try:
@@ -656,7 +696,13 @@ def seconds_of(expression) -> Seconds:
 def clock(moment: datetime | None) -> str:
     """A moment as the time of day (the server's zone), for a finding's title: a title
     says since when, never "for how long", so it stays the same while nothing changes."""
-    return f"{timezone.localtime(moment):%H:%M:%S}" if moment else "?"
+    # The server's zone (the default one: the watchdog activates none), read once.
+    return f"{moment.astimezone(_server_zone()):%H:%M:%S}" if moment else "?"
+
+
+@cache
+def _server_zone():
+    return timezone.get_default_timezone()
 
 
 def node_subject(node_run_id: int, attempt: int | None = None) -> str:

@@ -185,3 +185,24 @@ def test_a_frozen_worker_is_shown_frozen_and_listens_to_nothing(clean_redis):
     workers = {row["name"]: row for row in report["workers"]}
     assert workers["w-frozen"]["unresponsive"] and not workers["w-fine"]["unresponsive"]
     assert queue(report, "default")["workers"] == ["w-fine"]
+
+
+@pytest.mark.django_db
+def test_with_many_workers_every_one_is_counted_and_a_few_are_listed(clean_redis):
+    """At 10 000 workers the page read every hash (seconds): now a pass inside Redis counts
+    them all, and only the unwell ones and SHOWN_WORKERS others are read and listed."""
+    from tests.diagnostics.test_worker_findings import register_worker
+
+    many = system_report.SHOWN_WORKERS + 10
+    for index in range(many):
+        register_worker(clean_redis, f"w-{index:03d}", pid=7000 + index, host="far-host")
+    register_worker(clean_redis, "w-quiet", pid=6999, host="far-host", beat_seconds_ago=60)
+
+    report = system_report.build_report(clean_redis)
+
+    assert report["workers_registered"] == many + 1
+    listed = {row["name"] for row in report["workers"]}
+    assert len(listed) == system_report.SHOWN_WORKERS + 1 and "w-quiet" in listed
+    assert queue(report, "default")["live"] == many, "the frozen one does not count"
+    [check] = [c for c in report["checks"] if c["name"] == "worker for queue default"]
+    assert check["ok"] and check["detail"].startswith(f"{many} alive: ")

@@ -171,14 +171,14 @@ def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_
 
 
 def worker_hashes_read(monkeypatch) -> list[str]:
-    """Record the worker hashes a tick reads in full (HGETALL rq:worker:…), pipelined
+    """Record the worker hashes a tick reads (HGETALL or HMGET rq:worker:…), pipelined
     or not."""
     from redis.client import Pipeline, Redis
 
     read = []
 
     def note(args):
-        if args and args[0] == "HGETALL" and str(args[1]).startswith("rq:worker:"):
+        if args and args[0] in ("HGETALL", "HMGET") and str(args[1]).startswith("rq:worker:"):
             read.append(str(args[1]).removeprefix("rq:worker:"))
 
     plain, queued = Redis.execute_command, Pipeline.pipeline_execute_command

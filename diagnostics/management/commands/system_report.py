@@ -86,7 +86,7 @@ def render(report: dict, *, markdown: bool) -> str:
                 queue["name"],
                 queue["length"],
                 queue["oldest_age_seconds"] if queue["oldest_age_seconds"] is not None else "—",
-                ", ".join(queue["workers"]) or "NONE",
+                _live_workers(queue),
                 *queue["registries"].values(),
             ]
             for queue in report["queues"]
@@ -191,3 +191,12 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(report, indent=2, cls=DjangoJSONEncoder))
         else:
             self.stdout.write(render(report, markdown=options["markdown"]))
+
+
+def _live_workers(queue: dict) -> str:
+    """ "3: w1, w2, w3"; at most ten names (every live worker is counted)."""
+    if not queue["live"]:
+        return "NONE"
+    names = ", ".join(queue["workers"][:10])
+    more = " …" if queue["live"] > len(queue["workers"][:10]) else ""
+    return f"{queue['live']}: {names}{more}" if names else str(queue["live"])
