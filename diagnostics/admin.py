@@ -4,11 +4,13 @@ Findings are written by the watchdog and audit events by diagnostics/operations.
 edit here would falsify the history that detection and recovery times are computed from.
 """
 
+from django.conf import settings
 from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html
 
 from diagnostics.models import AuditEvent, Finding
+from workflows.admin_lists import LargeListMixin, choices_filter
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -37,8 +39,18 @@ class OpenFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _codes():
+    from diagnostics.detectors import registry
+
+    return sorted({d.code for d in registry.DETECTORS})
+
+
+def _queues():
+    return settings.KEEL_QUEUES
+
+
 @admin.register(Finding)
-class FindingAdmin(ReadOnlyAdmin):
+class FindingAdmin(LargeListMixin, ReadOnlyAdmin):
     list_display = [
         "code",
         "severity",
@@ -51,10 +63,15 @@ class FindingAdmin(ReadOnlyAdmin):
         "resolved_at",
         "repaired_at",
     ]
-    list_filter = [OpenFilter, "code", "severity", "queue"]
+    list_filter = [
+        OpenFilter,
+        choices_filter("code", "code", _codes),
+        "severity",
+        choices_filter("queue", "queue", _queues),
+    ]
+    ordering = ["-id"]  # newest first, by the primary key (last_seen has no index of its own)
     list_select_related = ["run__workflow", "node_run"]
     search_fields = ["code", "subject", "title", "suggestion", "queue", "worker"]
-    date_hierarchy = "first_seen"
     readonly_fields = [
         "code",
         "severity",

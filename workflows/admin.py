@@ -1,8 +1,10 @@
+from django.conf import settings
 from django.contrib import admin, messages
 from django.urls import reverse
 from django.utils.html import format_html
 
 from workflows import admin_actions
+from workflows.admin_lists import LargeListMixin, choices_filter
 from workflows.api import auth as api_auth
 from workflows.models import (
     ApiToken,
@@ -92,8 +94,20 @@ class RunEventInline(ReadOnlyInline):
     show_change_link = False
 
 
+def _queues():
+    return settings.KEEL_QUEUES
+
+
+def _pools():
+    return ResourcePool.objects.order_by("name").values_list("name", flat=True)
+
+
+QueueFilter = choices_filter("queue", "queue", _queues)
+PoolFilter = choices_filter("pool", "pool", _pools)
+
+
 @admin.register(Run)
-class RunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin):
     actions = [admin_actions.resume_runs, admin_actions.cancel_runs]
     list_display = [
         "id",
@@ -108,7 +122,6 @@ class RunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
     list_filter = ["status", "workflow", "created_at"]
     list_select_related = ["workflow", "version"]
     search_fields = ["=id", "workflow__slug", "trigger", "reason"]
-    date_hierarchy = "created_at"
     readonly_fields = [
         "workflow",
         "version",
@@ -166,7 +179,7 @@ class NodeEventInline(RunEventInline):
 
 
 @admin.register(NodeRun)
-class NodeRunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+class NodeRunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin):
     actions = [
         admin_actions.retry_nodes,
         admin_actions.retry_nodes_with_downstream,
@@ -184,8 +197,9 @@ class NodeRunAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
         "pool",
         "heartbeat_at",
     ]
-    list_filter = ["status", "queue", "pool", "run__workflow"]
+    list_filter = ["status", QueueFilter, PoolFilter, "run__workflow"]
     list_select_related = ["run", "run__workflow"]
+    ordering = ["-id"]  # newest first, by the primary key (the model's order joins runs)
     search_fields = ["node_key", "node_type", "=run__id", "reason"]
     readonly_fields = [f.name for f in NodeRun._meta.fields]
     inlines = [AttemptInline, CheckpointInline, NodeEventInline]
@@ -221,7 +235,7 @@ class CheckpointAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
 
 
 @admin.register(NodeAttempt)
-class NodeAttemptAdmin(admin.ModelAdmin):
+class NodeAttemptAdmin(LargeListMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "node_run",
@@ -233,13 +247,16 @@ class NodeAttemptAdmin(admin.ModelAdmin):
         "finished_at",
         "error_type",
     ]
-    list_filter = ["status", "queue", "error_type"]
+    # error_type is searched, not filtered: its choices would be a DISTINCT over every attempt.
+    list_filter = ["status", QueueFilter]
     list_select_related = ["node_run", "node_run__run", "node_run__run__workflow"]
+    ordering = ["-id"]
     search_fields = [
         "=node_run__run__id",
         "node_run__node_key",
         "worker",
         "rq_job_id",
+        "error_type",
         "error_message",
     ]
     readonly_fields = [f.name for f in NodeAttempt._meta.fields]
@@ -250,7 +267,7 @@ class NodeAttemptAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunEvent)
-class RunEventAdmin(admin.ModelAdmin):
+class RunEventAdmin(LargeListMixin, admin.ModelAdmin):
     list_display = ["at", "run", "node_run", "kind", "actor", "reason"]
     list_filter = ["kind"]
     list_select_related = ["run", "run__workflow", "node_run", "node_run__run"]
