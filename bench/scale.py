@@ -315,6 +315,15 @@ def settle_started_runs(slug: str) -> int | None:
 # --- Timing -----------------------------------------------------------------------------------
 
 
+def analyze() -> None:
+    """What autovacuum does after this many new rows (a server may run without it: this
+    machine's does), so that plans see the incident's findings."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -534,6 +543,7 @@ def run_bench(args) -> str:
             )
         )
         wide = settle_started_runs(f"start-{args.start_nodes}")
+        analyze()
 
     registered = fill_redis(timezone.now())
     print(f"Registered {registered:,} busy workers in Redis", flush=True)
@@ -552,6 +562,7 @@ def run_bench(args) -> str:
         now = timezone.now()
         set_running(now - timedelta(seconds=25), now - timedelta(seconds=20))
         first = time_tick(1)
+        analyze()
         opened = Finding.objects.filter(resolved_at__isnull=True).count()
         _tick_row(rows, f"tick opening {opened - open_now:,} findings", first, None)
         steady = time_tick(args.repeat)

@@ -215,10 +215,12 @@ def findings_summary(limit: int = 100) -> dict:
 
 
 def latest_open(*, run=None, limit: int = 20) -> list[Finding]:
-    """Open findings, newest first (a run's, or all): the pages' stuck-nodes slot."""
+    """Open findings, newest first (a run's, or all): the pages' stuck-nodes slot.
+
+    Newest by id (findings are inserted as they open): the primary key walks backwards to
+    the first ``limit`` open ones, where ordering by ``first_seen`` sorted every open one
+    (10 000 in a mass incident: 90 ms)."""
     findings = Finding.objects.filter(resolved_at__isnull=True)
     if run is not None:
         findings = findings.filter(run=run)
-    return list(
-        findings.select_related("run__workflow", "node_run").order_by("-first_seen", "-id")[:limit]
-    )
+    return list(findings.select_related("run__workflow", "node_run").order_by("-id")[:limit])
