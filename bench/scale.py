@@ -170,14 +170,14 @@ def fill_database(runs: int, nodes: int, running: int, now: datetime) -> dict:
             """
             INSERT INTO diagnostics_finding (code, severity, subject, queue, worker, title,
                 evidence, suggestion, action, first_seen, last_seen, resolved_at,
-                repair, node_run_id, run_id, digest)
+                repair, node_run_id, run_id, digest, began_at)
             SELECT 'heartbeat_stale', 'warning', 'node_run:' || nr.id, 'default',
                 'bench-worker-' || nr.id %% 50, 'Node ' || nr.node_key || ' went quiet',
                 jsonb_build_object('since', to_char(nr.started_at AT TIME ZONE 'UTC',
                     'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')),
                 'Check the worker.', '{}', nr.started_at + interval '20 seconds',
                 nr.started_at + interval '50 seconds', nr.started_at + interval '60 seconds',
-                '', nr.id, nr.run_id, ''
+                '', nr.id, nr.run_id, '', nr.started_at
             FROM workflows_noderun nr
             WHERE nr.id %% 50 = 0 AND nr.status IN ('succeeded', 'failed')
             ORDER BY nr.id

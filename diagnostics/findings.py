@@ -24,7 +24,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from diagnostics.models import Finding
+from diagnostics.models import Finding, began_from
 from workflows.models import RunEvent
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,7 @@ def _chunks(items: list, size: int):
 
 UPDATED_FIELDS = [
     "digest",
+    "began_at",
     "severity",
     "title",
     "suggestion",
@@ -261,6 +262,7 @@ def _apply(finding: Finding, detection: Detection, now: datetime) -> None:
     # Keep when the condition began across refreshes: it feeds time to detect (MTTD).
     began = (finding.evidence or {}).get("since") or condition_began(detection.evidence)
     finding.evidence = {**detection.evidence, **({"since": began} if began else {})}
+    finding.began_at = began_from(finding.evidence)  # bulk_create does not call save()
     finding.action = detection.action
     finding.last_seen = now
     finding.run_id = detection.run_id

@@ -26,7 +26,6 @@ from django.db.models import (
     Avg,
     Case,
     Count,
-    DateTimeField,
     DurationField,
     ExpressionWrapper,
     F,
@@ -35,8 +34,6 @@ from django.db.models import (
     When,
     Window,
 )
-from django.db.models.fields.json import KT
-from django.db.models.functions import Cast
 from django.utils import timezone
 
 from diagnostics.models import Finding
@@ -49,16 +46,11 @@ WINDOWS = {
     "90d": timedelta(days=90),
 }
 DEFAULT_WINDOW = "7d"
-# evidence["since"] as detectors write it (datetime.isoformat() of an aware time). Anything
-# else is skipped rather than cast: a failed cast would fail the whole query.
-SINCE_PATTERN = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:\d{2}|Z)$"
 
 
 def with_known_start(findings):
     """The findings whose evidence says when their condition began, annotated ``began``."""
-    return findings.filter(evidence__since__regex=SINCE_PATTERN).annotate(
-        began=Cast(KT("evidence__since"), DateTimeField())
-    )
+    return findings.filter(began_at__isnull=False).annotate(began=F("began_at"))
 
 
 def parse_window(value: str | None) -> str:
@@ -172,13 +164,13 @@ def _run_figures(workflow: Workflow, start, now) -> dict:
 def _finding_figures(workflow: Workflow, start, now) -> dict:
     """Mean time to detect and to recover over the workflow's findings, in one query.
 
-    Only the findings first seen or resolved in the window are read; the evidence's
-    "since" is checked, then cast, only for those first seen in it.
+    Only the findings first seen or resolved in the window are read; when a condition
+    began is a column (``began_at``, from the evidence's "since").
     """
     detected = Q(first_seen__gt=start, first_seen__lte=now)
     resolved = Q(resolved_at__gt=start, resolved_at__lte=now)
-    known_start = detected & Q(evidence__since__regex=SINCE_PATTERN)
-    began = Cast(KT("evidence__since"), DateTimeField())
+    known_start = detected & Q(began_at__isnull=False)
+    began = F("began_at")
     return (
         Finding.objects.filter(run__workflow=workflow)
         .filter(detected | resolved)

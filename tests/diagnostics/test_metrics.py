@@ -248,6 +248,7 @@ def add_history(version, node_run, count: int, *, ago: timedelta) -> None:
             title="old",
             suggestion="none",
             evidence={"since": (start - timedelta(seconds=1)).isoformat()},
+            began_at=start - timedelta(seconds=1),  # as the watchdog writes it (no save())
             first_seen=start,
             last_seen=end,
             resolved_at=end,

@@ -215,3 +215,21 @@ def test_a_tick_reads_no_healthy_worker_only_those_gone_quiet(start_run, clean_r
     assert read == ["w-quiet"]
     [found] = Finding.objects.filter(code="worker_unresponsive", resolved_at__isnull=True)
     assert found.subject == "worker:w-quiet"
+
+
+def test_when_a_condition_began_is_a_column_for_time_to_detect(start_run, clean_redis):
+    """/metrics and the workflow page compute time to detect from ``began_at``; casting
+    every finding's evidence["since"] cost a mass incident's scrape half a second."""
+    from datetime import datetime
+
+    from diagnostics.models import began_from
+
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 1, beat_ago=60)
+    watchdog.tick()
+
+    finding = Finding.objects.get(code="heartbeat_stale")
+    assert finding.began_at == datetime.fromisoformat(finding.evidence["since"])
+    assert began_from({"since": "2026-12-05T11:43:14.5Z"}) is not None
+    for unusable in ({"since": "yesterday"}, {"since": "2026-12-05T11:43:14"}, {}, None):
+        assert began_from(unusable) is None, unusable
