@@ -35,7 +35,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+# The throwaway database: created and dropped as bench/engine.py does.
+from bench.engine import _create_postgres_database, _drop_postgres_database
 
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/7"
@@ -94,31 +97,6 @@ def prepare_stores(
     return (
         f"{label}; Redis {redis.info('server')['redis_version']} at {dispatch.redacted_redis_url()}"
     )
-
-
-def _create_postgres_database(url: str, name: str) -> str:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(_with_database(url, "postgres"), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return _with_database(url, name)
-
-
-def _drop_postgres_database(url: str, name: str) -> None:
-    import psycopg
-    from django.db import connections
-    from psycopg import sql
-
-    connections.close_all()
-    with psycopg.connect(_with_database(url, "postgres"), autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-
-
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 def delete_jobs(job_ids: list[str], queues: set[str]) -> None:
