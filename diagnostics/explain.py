@@ -110,6 +110,7 @@ EVIDENCE_LABELS = [
     ("current_job", "current job"),
     ("rq_last_heartbeat", "last RQ heartbeat"),
     ("rq_heartbeat_age_seconds", "since RQ heartbeat"),
+    ("rq_heartbeat_within_seconds", "RQ heartbeat within"),
     ("rq_key_exists", "listed by RQ"),
     ("rq_job_id", "RQ job"),
     ("rq_job_status", "RQ job status"),

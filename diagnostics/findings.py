@@ -17,15 +17,17 @@ Every finding about a run is written into the run's history as a RunEvent of kin
 import hashlib
 import json
 import logging
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import F, Q, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from diagnostics.models import Finding, began_from
-from workflows.models import RunEvent
+from workflows.models import LogLine, RunEvent
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +99,11 @@ def record(
        is kept, not doubled) and rewrite those whose digest changed (what they say).
     3. Resolve the open ones not detected again, except those ``keep_open`` names (a
        detector ran but could not look at them, e.g. Redis memory while Redis is down).
-    4. ``last_seen = now`` for every other open finding of the checked codes: one update.
-    5. Write a RunEvent for each finding about a run that opened or resolved.
+    4. ``last_seen = now`` for the other open findings of the checked codes, at most
+       LAST_SEEN_BATCH of them, those seen longest ago first: one update.
+    5. Attach the last log lines of their attempts to the findings opened or rewritten
+       (live evidence: an unchanged finding keeps those of its last change).
+    6. Write a RunEvent for each finding about a run that opened or resolved.
     """
     result = RecordResult()
     detections = _unique(detections)
@@ -118,6 +123,7 @@ def record(
             changed[pk] = detection
         else:
             unchanged.append((pk, detection))
+    _attach_last_log_lines([*new, *changed.values()])
     result.opened, already = _open(new, now)
     result.updated = _rewrite(changed, now)
     seen = {detection.key for detection in detections}
@@ -130,17 +136,7 @@ def record(
         Finding.objects.filter(pk__in=gone).update(resolved_at=now)
         result.resolved = list(Finding.objects.filter(pk__in=gone).only(*EVENT_FIELDS))
     if unchanged:
-        # The open findings of these codes not yet seen now are the unchanged ones (those
-        # gone are resolved, new and rewritten ones seen now) and those kept open: one
-        # update by condition, not a list of 10 000 ids, in a mass incident.
-        seen_again = Finding.objects.filter(
-            resolved_at__isnull=True,
-            code__in={detection.code for _, detection in unchanged},
-            last_seen__lt=now,
-        )
-        for code, subject in keep_open - seen:
-            seen_again = seen_again.exclude(code=code, subject=subject)
-        seen_again.update(last_seen=now)
+        _refresh_last_seen({d.code for _, d in unchanged}, keep_open - seen, now)
     # The findings the repairs note what they did on (an unchanged one is read only then).
     result.by_key = {f.key: f for f in [*result.opened, *already, *result.updated]}
     to_repair = [pk for pk, detection in unchanged if detection.repair is not None]
@@ -150,6 +146,46 @@ def record(
         )
     _write_events(result.opened, result.resolved, now)
     return result
+
+
+# At most this many unchanged findings get ``last_seen = now`` per tick, those seen longest
+# ago first: every one of them while fewer are open, and in a mass incident each within
+# a few ticks, at a bounded cost (rewriting 10 000 rows took ~0.6 s, every tick).
+LAST_SEEN_BATCH = 1000
+
+
+def _refresh_last_seen(codes: set[str], skip: set[tuple[str, str]], now: datetime) -> None:
+    """Move ``last_seen`` on for open findings of ``codes`` seen before now (the new,
+    rewritten and resolved ones of this tick are not), except the ``skip`` ones."""
+    stale = Finding.objects.filter(resolved_at__isnull=True, code__in=codes, last_seen__lt=now)
+    for code, subject in skip:
+        stale = stale.exclude(code=code, subject=subject)
+    oldest = stale.order_by("last_seen").values("pk")[:LAST_SEEN_BATCH]
+    Finding.objects.filter(pk__in=oldest).update(last_seen=now)
+
+
+def _attach_last_log_lines(detections: list[Detection], lines: int = 5) -> None:
+    """Add each attempt's last log lines to its detections' evidence (one query)."""
+    ids = {d.attempt_id for d in detections if d.attempt_id}
+    if not ids:
+        return
+    rows = (
+        LogLine.objects.filter(attempt_id__in=ids)
+        .annotate(
+            rank=Window(RowNumber(), partition_by=[F("attempt_id")], order_by=F("seq").desc())
+        )
+        .filter(rank__lte=lines)
+        .order_by("attempt_id", "seq")
+        .values_list("attempt_id", "at", "level", "message")
+    )
+    by_attempt = defaultdict(list)
+    for attempt_id, at, level, message in rows:
+        by_attempt[attempt_id].append(
+            {"at": at.isoformat(), "level": level, "message": message[:500]}
+        )
+    for detection in detections:
+        if detection.attempt_id:
+            detection.evidence["last_log_lines"] = by_attempt.get(detection.attempt_id, [])
 
 
 # Evidence that follows a node or a worker while the condition holds (in the evidence or

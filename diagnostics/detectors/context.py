@@ -77,6 +77,9 @@ class WorkerInfo:
     heartbeat_age: float | None = None
     # Whether that age is past KEEL_STALE_BEATS heartbeats: frozen, or too busy to beat.
     unresponsive: bool = False
+    # Seen well by the worker sweep (listed, not shut down, an RQ heartbeat within this
+    # many seconds, busy) and not read in full: its host, pid and queues are not known.
+    beat_within: float | None = None
 
     @property
     def alive(self) -> bool:
@@ -85,7 +88,8 @@ class WorkerInfo:
     @property
     def responsive(self) -> bool:
         """Alive, and heartbeating to RQ: it takes work (Keel workers beat idle or busy)."""
-        return self.alive and self.heartbeat_age is not None and not self.unresponsive
+        beats = self.beat_within is not None or self.heartbeat_age is not None
+        return self.alive and beats and not self.unresponsive
 
     def gone_because(self) -> str:
         if not self.exists:
@@ -99,6 +103,14 @@ class WorkerInfo:
         return ""
 
     def as_evidence(self) -> dict:
+        if self.beat_within is not None:
+            return {
+                "name": self.name,
+                "in_rq_registry": self.registered,
+                "state": self.state,
+                "current_job": self.current_job,
+                "rq_heartbeat_within_seconds": self.beat_within,
+            }
         return {
             "name": self.name,
             "in_rq_registry": self.registered,
@@ -327,7 +339,25 @@ class Context:
 
     @cached_property
     def suspect_workers(self) -> dict[str, WorkerInfo]:
-        return self.worker_infos(a.worker for a in self.suspects)
+        """The workers of the suspects. One the sweep saw well and busy is taken from the
+        sweep (a mass incident in live workers reads no worker hash); the others are read
+        in full."""
+        sweep = self.worker_sweep
+        names = {a.worker for a in self.suspects if a.worker}
+        read_in_full = {*sweep.unwell, *sweep.nearby}
+        swept = {
+            name: WorkerInfo(
+                name=name,
+                registered=True,
+                exists=True,
+                state="busy",
+                current_job=sweep.busy[name],
+                beat_within=self.stale_after,
+            )
+            for name in names
+            if name in sweep.busy and name not in read_in_full
+        }
+        return {**swept, **self.worker_infos(names - set(swept))}
 
     @cached_property
     def workers(self) -> dict[str, WorkerInfo]:

@@ -67,8 +67,6 @@ def overdue(ctx: Context) -> list[Detection]:
     found = []
     for attempt in ctx.suspects:
         node = attempt.node_run
-        if ctx.liveness(attempt).lost:
-            continue  # its process is gone: worker_lost says so, and "raise the limit" is wrong
         elapsed = ctx.age(attempt.started_at)
         limits = []
         if node.expected_seconds:
@@ -92,8 +90,8 @@ def overdue(ctx: Context) -> list[Detection]:
                 )
             )
         over = [(limit, what) for limit, what in limits if elapsed > limit]
-        if not over:
-            continue
+        if not over or ctx.liveness(attempt).lost:
+            continue  # in time; or its process is gone: worker_lost says so
         limit, what = min(over)
         found.append(
             Detection(

@@ -1,19 +1,16 @@
 """The detector registry: ``@detector(code)`` and ``run_all``, which runs them all."""
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import psutil
 import redis
 from django.db import DatabaseError
-from django.db.models import F, Q, Window
-from django.db.models.functions import RowNumber
+from django.db.models import Q
 
-from diagnostics.detectors.context import Context, iso
+from diagnostics.detectors.context import Context
 from diagnostics.findings import Detection
-from workflows.models import LogLine
 
 logger = logging.getLogger(__name__)
 
@@ -78,27 +75,4 @@ def run_all(ctx: Context, codes: set[str] | None = None) -> DetectionRun:
             continue
         detections.extend(found)
         checked.add(each.code)
-    _attach_last_log_lines(detections)
     return DetectionRun(detections, checked, failed, ctx.keep_open)
-
-
-def _attach_last_log_lines(detections: list[Detection], lines: int = 5) -> None:
-    """Add each attempt's last log lines to its detections' evidence (one query)."""
-    ids = {d.attempt_id for d in detections if d.attempt_id}
-    if not ids:
-        return
-    rows = (
-        LogLine.objects.filter(attempt_id__in=ids)
-        .annotate(
-            rank=Window(RowNumber(), partition_by=[F("attempt_id")], order_by=F("seq").desc())
-        )
-        .filter(rank__lte=lines)
-        .order_by("attempt_id", "seq")
-        .values_list("attempt_id", "at", "level", "message")
-    )
-    by_attempt = defaultdict(list)
-    for attempt_id, at, level, message in rows:
-        by_attempt[attempt_id].append({"at": iso(at), "level": level, "message": message[:500]})
-    for detection in detections:
-        if detection.attempt_id:
-            detection.evidence["last_log_lines"] = by_attempt.get(detection.attempt_id, [])

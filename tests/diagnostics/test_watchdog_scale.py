@@ -2,7 +2,8 @@
 
 Healthy running nodes are never loaded: ten times as many of them cost the tick no more
 queries. Open findings that say the same thing are not rewritten: ten times as many cost
-no more queries either, only their ``last_seen`` moves (one update). Timing is left to
+no more queries either, only their ``last_seen`` moves (one update, of a bounded number
+of them). Timing is left to
 bench/scale.py; these tests count.
 """
 
@@ -15,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rq.utils import utcformat
 
-from diagnostics import detectors, health, watchdog
+from diagnostics import detectors, findings, health, watchdog
 from diagnostics.detectors import registry
 from diagnostics.models import Finding
 from workflows import engine
@@ -112,6 +113,30 @@ def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redi
         assert digest == before[pk][0], "what it says did not change"
         assert (title, evidence) == before[pk][1:3], "so it was not rewritten"
         assert last_seen > before[pk][3], "seen again this tick"
+
+
+def test_last_seen_moves_for_a_bounded_number_seen_longest_ago_first(
+    start_run, clean_redis, monkeypatch
+):
+    monkeypatch.setattr(findings, "LAST_SEEN_BATCH", 10)
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 30, beat_ago=60)
+    watchdog.tick()  # opens 30 heartbeat_stale findings
+    ids = sorted(Finding.objects.values_list("pk", flat=True))
+    long_ago = timezone.now() - timedelta(hours=1)
+    Finding.objects.filter(pk__in=ids[:15]).update(last_seen=long_ago)
+    Finding.objects.filter(pk__in=ids[15:]).update(last_seen=long_ago + timedelta(minutes=1))
+    register_far_worker(clean_redis)
+
+    watchdog.tick()
+
+    moved = set(
+        Finding.objects.filter(last_seen__gt=long_ago + timedelta(minutes=1)).values_list(
+            "pk", flat=True
+        )
+    )
+    assert len(moved) == 10
+    assert moved < set(ids[:15]), "those seen longest ago first"
 
 
 def test_a_finding_whose_words_change_is_rewritten(start_run, clean_redis):
@@ -215,6 +240,32 @@ def test_a_tick_reads_no_healthy_worker_only_those_gone_quiet(start_run, clean_r
     assert read == ["w-quiet"]
     [found] = Finding.objects.filter(code="worker_unresponsive", resolved_at__isnull=True)
     assert found.subject == "worker:w-quiet"
+
+
+def test_silent_nodes_of_a_live_busy_worker_are_reported_without_reading_it(
+    start_run, clean_redis, monkeypatch
+):
+    nodes = running_nodes(start_run, clean_redis, 3, beat_ago=60)
+    register_far_worker(clean_redis)
+    job = dispatch.job_id(nodes[0].pk, 1)
+    clean_redis.hset(f"rq:worker:{WORKER}", "current_job", job)
+    read = worker_hashes_read(monkeypatch)
+
+    watchdog.tick()
+
+    assert read == [], "the sweep vouches for a busy worker that beats to RQ"
+    stale = {f.node_run_id: f for f in Finding.objects.filter(code="heartbeat_stale")}
+    assert set(stale) == {node.pk for node in nodes}
+    evidence = stale[nodes[0].pk].evidence
+    assert evidence["rq_worker"]["current_job"] == job
+    assert evidence["rq_worker"]["rq_heartbeat_within_seconds"] > 0
+
+    # Once it goes quiet it is read in full, and what the findings say changes.
+    clean_redis.hset(
+        f"rq:worker:{WORKER}", "last_heartbeat", utcformat(timezone.now() - timedelta(minutes=5))
+    )
+    watchdog.tick()
+    assert read == [WORKER]
 
 
 def test_when_a_condition_began_is_a_column_for_time_to_detect(start_run, clean_redis):
