@@ -13,6 +13,7 @@ history.
 """
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -30,10 +31,17 @@ from workflows.runtime import dispatch
 logger = logging.getLogger(__name__)
 
 
+# A tick spends at most this long ending lost attempts (each is its own transaction, a few
+# ms); the rest wait for the next tick, so a mass incident (10 000 lost at once) is
+# repaired over several ticks that each keep their lock, instead of one that outlives it.
+REPAIR_SECONDS = 10.0
+
+
 @dataclass
 class RepairReport:
     abandoned: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    left: int = 0  # lost attempts left for the next tick (out of time)
 
     @property
     def count(self) -> int:
@@ -41,10 +49,17 @@ class RepairReport:
 
 
 def abandon_lost_attempts(
-    detections: list[Detection], by_key: dict[tuple[str, str], Finding], report: RepairReport
+    detections: list[Detection],
+    by_key: dict[tuple[str, str], Finding],
+    report: RepairReport,
+    *,
+    between=lambda: None,
 ) -> None:
-    """End each attempt whose process is gone and let the retry policy act."""
+    """End each attempt whose process is gone and let the retry policy act, for up to
+    REPAIR_SECONDS (one at least); ``between`` runs before each (the watchdog keeps its
+    lock with it)."""
     done: set[tuple[int, int]] = set()
+    deadline = time.monotonic() + REPAIR_SECONDS
     for detection in detections:
         repair = detection.repair
         if repair is None or repair.kind != "abandon":
@@ -52,7 +67,11 @@ def abandon_lost_attempts(
         target = (repair.node_run_id, repair.attempt)
         if target in done:
             continue
+        if done and time.monotonic() > deadline:
+            report.left += 1
+            continue
         done.add(target)
+        between()
         if not engine.abandon_attempt(
             repair.node_run_id, repair.attempt, reason=repair.reason, actor=findings.ACTOR
         ):

@@ -43,7 +43,8 @@ QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix
 # (one round trip; a hash leaves Redis only when it matters): the keys of the workers whose
 # key is gone, that shut down, or whose last heartbeat is older than ARGV[1] (RQ writes
 # UTC text that sorts as time does), and of the others on this host (ARGV[2]: their
-# processes can be looked at); the Keel job each busy worker runs; up to ARGV[3] keys of
+# processes can be looked at); the Keel job each busy worker runs (names without ARGV[4],
+# RQ's key prefix, and jobs in one newline-separated text: parsed at once); up to ARGV[3] keys of
 # the rest (for a page to show); how many of the others listen to each queue; how many
 # workers RQ lists. At 10 000 workers: a short pair per busy worker and a few keys.
 WORKER_SWEEP = """
@@ -65,7 +66,7 @@ for _, key in ipairs(members) do
     end
   end
   if f[3] and string.sub(f[3], 1, 5) == 'keel-' then
-    busy[#busy + 1] = key
+    busy[#busy + 1] = string.sub(key, #ARGV[4] + 1)
     busy[#busy + 1] = f[3]
   end
 end
@@ -74,7 +75,7 @@ for _, queue in ipairs(order) do
   counts[#counts + 1] = queue
   counts[#counts + 1] = well[queue]
 end
-return {unwell, nearby, busy, counts, sample, #members}
+return {unwell, nearby, table.concat(busy, '\\n'), counts, sample, #members}
 """
 
 
@@ -101,13 +102,20 @@ def sweep_workers(
         return value.decode() if isinstance(value, bytes) else str(value)
 
     unwell, nearby, busy, well, some, registered = client.eval(
-        WORKER_SWEEP, 1, REDIS_WORKER_KEYS, utcformat(quiet_before), host, sample
+        WORKER_SWEEP,
+        1,
+        REDIS_WORKER_KEYS,
+        utcformat(quiet_before),
+        host,
+        sample,
+        WORKER_KEY_PREFIX,
     )
     prefix = len(WORKER_KEY_PREFIX)
+    pairs = text(busy).split("\n") if busy else []
     return WorkerSweep(
         unwell=[text(key)[prefix:] for key in unwell],
         nearby=[text(key)[prefix:] for key in nearby],
-        busy={text(busy[i])[prefix:]: text(busy[i + 1]) for i in range(0, len(busy), 2)},
+        busy=dict(zip(pairs[::2], pairs[1::2], strict=True)),
         well_by_queue={text(well[i]): int(well[i + 1]) for i in range(0, len(well), 2)},
         sample=[text(key)[prefix:] for key in some],
         registered=int(registered),

@@ -46,6 +46,8 @@ class TickReport:
     retries_queued: int = 0
     messages_resent: int = 0
     runs_expired: int = 0
+    # Lost attempts not ended this tick (out of time): the next tick ends them.
+    repairs_left: int = 0
     opened: tuple[str, ...] = ()
     resolved: tuple[str, ...] = ()
     repairs: tuple[str, ...] = ()
@@ -84,12 +86,25 @@ class TickReport:
             f"retries queued: {self.retries_queued}, lost messages re-sent: "
             f"{self.messages_resent}, runs expired: {self.runs_expired}, findings opened: "
             f"{len(self.opened)}, resolved: {len(self.resolved)}, repairs: {len(self.repairs)}"
+            + (f" ({self.repairs_left} left for the next tick)" if self.repairs_left else "")
         ]
-        lines += [f"  opened   {one}" for one in self.opened]
-        lines += [f"  resolved {one}" for one in self.resolved]
-        lines += [f"  repaired {one}" for one in self.repairs]
+        lines += _listed("opened  ", self.opened)
+        lines += _listed("resolved", self.resolved)
+        lines += _listed("repaired", self.repairs)
         lines += [f"  could not check {code}: {why}" for code, why in self.failed_detectors.items()]
         return "\n".join(lines)
+
+
+# A tick's report names this many findings of each kind, then counts the rest: a mass
+# incident opens 10 000 at once, and `manage.py watchdog` prints every eventful report.
+LISTED = 20
+
+
+def _listed(what: str, items: tuple[str, ...]) -> list[str]:
+    lines = [f"  {what} {one}" for one in items[:LISTED]]
+    if len(items) > LISTED:
+        lines.append(f"  {what} … and {len(items) - LISTED} more")
+    return lines
 
 
 def tick(
@@ -180,7 +195,8 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
     3. Record findings: open new ones (first_seen = now), refresh those still true,
        resolve those of the checked codes that no longer hold.
     4. Repair: abandon the attempts of lost workers and lost running jobs (the retry
-       policy acts; the next attempt resumes from its checkpoint).
+       policy acts; the next attempt resumes from its checkpoint), for a bounded time
+       (repairs.REPAIR_SECONDS; the rest next tick).
     5. Queue retries whose backoff has passed.
     6. Drop RQ jobs that ended without running their queued node, re-send every
        queued node whose job is missing (a flush, the commit→enqueue gap), and note
@@ -210,7 +226,9 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
     )
     report = repairs.RepairReport()
     _keep_lock(lock)
-    repairs.abandon_lost_attempts(found.detections, recorded.by_key, report)
+    repairs.abandon_lost_attempts(
+        found.detections, recorded.by_key, report, between=lambda: _keep_lock(lock)
+    )
     _keep_lock(lock)
     retries = engine.promote_due_retries()
     if ctx.redis_ok:
@@ -229,6 +247,7 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
         opened=tuple(_describe(f) for f in recorded.opened),
         resolved=tuple(_describe(f) for f in recorded.resolved),
         repairs=tuple(report.abandoned + report.resent),
+        repairs_left=report.left,
         failed_detectors=found.failed,
     )
 

@@ -122,6 +122,13 @@ class Run(models.Model):
                 name="run_workflow_finished",
                 condition=Q(finished_at__isnull=False),
             ),
+            # The watchdog: the workflow of each live run, from the index alone (a join
+            # from running nodes read all 100 000 runs, every tick).
+            models.Index(
+                fields=["id", "workflow"],
+                name="run_active",
+                condition=Q(status__in=["pending", "running"]),
+            ),
         ]
 
     def __str__(self):
@@ -313,6 +320,10 @@ class NodeAttempt(models.Model):
             # Watchdog: running attempts whose latest resource sample is over a limit.
             models.Index(
                 fields=["node_run"], name="attempt_running", condition=Q(status="running")
+            ),
+            # Watchdog: nodes that timed out twice (few rows, looked at every tick).
+            models.Index(
+                fields=["node_run"], name="attempt_timed_out", condition=Q(status="timed_out")
             ),
         ]
 

@@ -17,6 +17,7 @@ later, so an outage is never read as every worker going silent at once.
 import operator
 import re
 import socket
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache, cached_property, reduce
@@ -259,6 +260,7 @@ class Context:
         self.db = db if db is not None else connection
         self.host = socket.gethostname()
         self._liveness: dict[int, Liveness] = {}
+        self._sweep: Future | None = None
         self._workers: dict[str, WorkerInfo] = {}
         # The detectors' suspect conditions (run_all fills it before any detector runs).
         self.suspect_conditions: list[Q] = []
@@ -324,9 +326,20 @@ class Context:
                 info.unresponsive = info.heartbeat_age > self.stale_after
         return info
 
+    def start_worker_sweep(self) -> None:
+        """Start the worker sweep in a thread: Redis runs it (~30 ms at 10 000 workers)
+        while the detectors ask the database for their suspects."""
+        if "worker_sweep" not in self.__dict__ and self._sweep is None and self.redis_ok:
+            self._sweep = _SWEEPER.submit(self._sweep_workers)
+
     @cached_property
     def worker_sweep(self) -> WorkerSweep:
         """One pass over every worker RQ lists, inside Redis (rq_state.sweep_workers)."""
+        if self._sweep is not None:
+            return self._sweep.result()  # its Redis error, if any, is raised here
+        return self._sweep_workers()
+
+    def _sweep_workers(self) -> WorkerSweep:
         cutoff = self.now - timedelta(seconds=self.stale_after)
         return sweep_workers(self.redis, quiet_before=cutoff, host=self.host)
 
@@ -650,6 +663,10 @@ class Context:
     @cached_property
     def stale_after(self) -> float:
         return setting("KEEL_STALE_BEATS", 3) * self.heartbeat
+
+
+# One thread for the worker sweep, shared by every tick of this process.
+_SWEEPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-sweep")
 
 
 @dataclass

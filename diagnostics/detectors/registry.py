@@ -58,6 +58,8 @@ def run_all(ctx: Context, codes: set[str] | None = None) -> DetectionRun:
             failed[each.code] = f"Redis did not answer ({ctx.redis_error})"
             continue
         chosen.append(each)
+    if any(each.needs_redis for each in chosen):
+        ctx.start_worker_sweep()
     for each in [each for each in chosen if each.suspects]:
         try:
             ctx.suspect_conditions.append(each.suspects(ctx))

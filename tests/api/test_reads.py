@@ -3,6 +3,7 @@
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 from django.utils import timezone
 
 from diagnostics.models import Finding
@@ -168,6 +169,10 @@ def test_run_detail_has_its_nodes_in_definition_order(api, failed_chain):
     assert body["nodes"][0]["output"] == {"a": 1}
     assert body["nodes"][2]["after"] == ["b"]
     assert body["nodes"][1]["logs_url"].endswith(f"/api/v1/runs/{failed_chain.pk}/nodes/b/logs")
+    for node in body["nodes"]:  # reversed once per run: each is what reverse() says
+        for name, field in (("node-attempts", "attempts_url"), ("node-logs", "logs_url")):
+            path = reverse(f"api:{name}", args=[failed_chain.pk, node["key"]])
+            assert node[field] == f"http://testserver{path}"
     assert body["web_url"] == f"http://testserver/runs/{failed_chain.pk}/"
 
 

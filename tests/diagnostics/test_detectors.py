@@ -175,6 +175,18 @@ def test_an_attempt_whose_process_is_gone_is_lost_not_overdue(start_run):
     assert codes == {"worker_lost"}
 
 
+def test_node_histories_are_read_a_few_at_a_time(start_run, make_version, monkeypatch):
+    from diagnostics.detectors import durations
+
+    monkeypatch.setattr(durations, "HISTORY_REFRESH", 1)
+    run = start_run(make_version(one_node(type="test.record")))
+    pairs = {(run.workflow_id, "n"), (run.workflow_id, "other")}
+    ctx = detectors.Context()
+
+    assert len(durations._duration_history(ctx, pairs)) == 1, "one read, one left out"
+    assert len(durations._duration_history(ctx, pairs)) == 2
+
+
 def test_nine_past_runs_are_not_a_history(start_run, make_version):
     version = make_version(one_node(type="test.record"))
     for _ in range(9):

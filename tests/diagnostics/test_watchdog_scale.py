@@ -16,11 +16,11 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rq.utils import utcformat
 
-from diagnostics import detectors, findings, health, watchdog
+from diagnostics import detectors, findings, health, repairs, watchdog
 from diagnostics.detectors import registry
 from diagnostics.models import Finding
 from workflows import engine
-from workflows.models import NodeRun
+from workflows.models import NodeAttempt, NodeRun
 from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -100,7 +100,10 @@ def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redi
     few = tick_queries()
 
     running_nodes(start_run, clean_redis, 30, beat_ago=60)
-    watchdog.tick()  # opens 30 more
+    opened = str(watchdog.tick())  # opens 30 more
+    assert opened.count("\n  opened ") == 21, "20 named, then the rest counted"
+    assert opened.endswith("opened   … and 10 more")
+    watchdog.tick()  # reads the last of the new nodes' duration histories (a few per tick)
     before = {f.pk: (f.digest, f.title, f.evidence, f.last_seen) for f in Finding.objects.all()}
     register_far_worker(clean_redis)  # the worker beats to RQ again, as a live one does
     many = tick_queries()
@@ -193,6 +196,23 @@ def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_
     assert report.redis_failed.startswith("this tick outlived its 30 s lock")
     assert not Finding.objects.exists(), "it stopped before recording anything"
     assert clean_redis.get(watchdog.LOCK_NAME) == b"another watchdog's token"
+
+
+def test_a_mass_repair_is_spread_over_ticks(start_run, clean_redis, monkeypatch):
+    monkeypatch.setattr(repairs, "REPAIR_SECONDS", 0)  # out of time after the first
+    nodes = running_nodes(start_run, clean_redis, 3, beat_ago=60)  # RQ has no such worker
+
+    first = watchdog.tick()
+
+    assert len(first.repairs) == 1 and first.repairs_left == 2
+    assert "(2 left for the next tick)" in str(first)
+    watchdog.tick()
+    watchdog.tick()
+    abandoned = NodeAttempt.objects.filter(
+        node_run__in=nodes, number=1, status=NodeAttempt.Status.ABANDONED
+    )
+    assert abandoned.count() == 3
+    assert Finding.objects.filter(code="worker_lost", repaired_at__isnull=False).count() == 3
 
 
 def worker_hashes_read(monkeypatch) -> list[str]:

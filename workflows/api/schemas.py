@@ -27,6 +27,20 @@ def api_url(request, name: str, *args) -> str:
     return request.build_absolute_uri(reverse(f"api:{name}", args=args))
 
 
+# Stands for a node key in a reversed URL: "~" is in no node key (spec.NODE_KEY_PATTERN)
+# and in no host name, and reverse() leaves it as it is.
+NODE_KEY_MARK = "~key~"
+
+
+def node_url(request, name: str, run_id: int, node_key: str) -> str:
+    """``api_url`` of a node's URL, reversed once per run and request: a 1 000-node run's
+    2 000 reverse() calls took half its answer's time. Node keys need no quoting."""
+    reversed_once = request.__dict__.setdefault("_keel_node_urls", {})
+    if (name, run_id) not in reversed_once:
+        reversed_once[(name, run_id)] = api_url(request, name, run_id, NODE_KEY_MARK)
+    return reversed_once[(name, run_id)].replace(NODE_KEY_MARK, node_key)
+
+
 def seconds_between(start, end) -> float | None:
     if start and end:
         return round((end - start).total_seconds(), 3)
@@ -212,11 +226,11 @@ class Node(Schema):
 
     @staticmethod
     def resolve_attempts_url(node, context) -> str:
-        return api_url(context["request"], "node-attempts", node.run_id, node.node_key)
+        return node_url(context["request"], "node-attempts", node.run_id, node.node_key)
 
     @staticmethod
     def resolve_logs_url(node, context) -> str:
-        return api_url(context["request"], "node-logs", node.run_id, node.node_key)
+        return node_url(context["request"], "node-logs", node.run_id, node.node_key)
 
 
 class RunDetail(RunSummary):
