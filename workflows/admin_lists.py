@@ -42,6 +42,9 @@ class LargeListMixin:
 
     show_full_result_count = False
     paginator = EstimatedCountPaginator
+    # Half Django's 100: each row's action checkbox is a rendered widget, and 100 rows of
+    # runs took the admin's list past 100 ms.
+    list_per_page = 50
 
 
 def choices_filter(field: str, title: str, choices) -> type[admin.SimpleListFilter]:

@@ -6,7 +6,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from workflows.engine import statements
+from workflows.engine.runs import new_node_row
 from workflows.models import Checkpoint, NodeAttempt, NodeRun
+from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -104,3 +106,65 @@ def test_the_node_done_checkpoint_is_numbered_after_the_last_one(start_run):
         now,
     )
     assert (done[b.pk].sequence, done[b.pk].state, done[b.pk].attempt) == (1, {"output": None}, 1)
+
+
+def new_row(key: str, **changes) -> dict:
+    row = {
+        "node_key": key,
+        "node_type": "keel.noop",
+        "status": NodeRun.Status.PENDING,
+        "attempt": 0,
+        "attempts_base": 0,
+        "max_attempts": 3,
+        "queue": "default",
+        "pool": "",
+        "timeout_seconds": 60,
+        "soft_timeout_seconds": None,
+        "expected_seconds": 5,
+        "stall_after_seconds": None,
+        "params": {"text": "ünïcode 'quoted' \"too\"", "n": 1.5, "none": None, "list": [1, "a"]},
+        "upstream": [],
+        "downstream": ["b"],
+        "retry_policy": {"max_attempts": 3, "backoff": 2.0},
+        "pending_upstreams": 0,
+        "reason": "",
+    }
+    return {**row, **changes}
+
+
+def test_insert_node_runs_writes_every_column_as_the_orm_reads_it(start_run):
+    run = start_run(PARAMS_RUN)
+    now = timezone.now()
+    rows = [new_row("x"), new_row("y", upstream=["x"], pending_upstreams=1, reason="waits")]
+
+    with transaction.atomic():
+        ids = statements.insert_node_runs(run.pk, rows, now)
+
+    assert set(ids) == {"x", "y"}
+    for row in rows:
+        stored = NodeRun.objects.get(pk=ids[row["node_key"]])
+        assert stored.run_id == run.pk
+        assert (stored.created_at, stored.updated_at) == (now, now)
+        for name, value in row.items():
+            assert getattr(stored, name) == value, name
+    made = new_node_row("a", run.version.spec["nodes"]["a"], [], "default")
+    assert tuple(made) == tuple(rows[0]) == statements.NEW_NODE_COLUMNS, "the start's columns"
+
+
+def test_insert_queued_attempts_names_each_job_as_dispatch_does(start_run):
+    run = start_run(PARAMS_RUN)
+    b = node(run, "b")
+    NodeRun.objects.filter(pk=b.pk).update(status=NodeRun.Status.QUEUED, attempt=2)
+    now = timezone.now()
+
+    with transaction.atomic():
+        statements.insert_queued_attempts([b.pk], now)
+
+    attempt = NodeAttempt.objects.get(node_run=b, number=2)
+    assert attempt.rq_job_id == dispatch.job_id(b.pk, 2)
+    assert (attempt.status, attempt.queue, attempt.resource_samples) == (
+        NodeAttempt.Status.QUEUED,
+        b.queue,
+        [],
+    )
+    assert (attempt.created_at, attempt.worker, attempt.error_message) == (now, "", "")

@@ -8,7 +8,8 @@ and one Redis pipeline after commit.
 
 from django.db.models import F
 
-from workflows.models import NodeAttempt, NodeRun, ResourcePool, Run
+from workflows.engine import statements
+from workflows.models import NodeRun, ResourcePool, Run
 from workflows.runtime import dispatch
 
 # Ids per statement when queueing many nodes at once (well under any parameter limit).
@@ -60,7 +61,8 @@ def _queue_nodes(nodes: list[NodeRun], now) -> list[NodeRun]:
     Only nodes still waiting (pending or retry_wait) at the attempt the caller saw move:
     they are locked first, so a node another transaction already moved is left alone.
     Per chunk of ids and attempt number, one SELECT … FOR NO KEY UPDATE and one UPDATE;
-    one bulk INSERT for all the attempts; one Redis pipeline for all the jobs.
+    one INSERT … SELECT of their attempts (statements.insert_queued_attempts); one Redis
+    pipeline for all the jobs.
     """
     by_attempt: dict[int, list[NodeRun]] = {}
     for node in nodes:
@@ -98,20 +100,8 @@ def _queue_nodes(nodes: list[NodeRun], now) -> list[NodeRun]:
                     queued.append(node)
     if not queued:
         return []
-    NodeAttempt.objects.bulk_create(
-        [
-            NodeAttempt(
-                node_run_id=node.pk,
-                number=node.attempt,
-                status=NodeAttempt.Status.QUEUED,
-                rq_job_id=dispatch.job_id(node.pk, node.attempt),
-                queue=node.queue,
-                created_at=now,
-                updated_at=now,
-            )
-            for node in queued
-        ]
-    )
+    for chunk in _chunks([node.pk for node in queued]):
+        statements.insert_queued_attempts(chunk, now)
     dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in queued])
     return queued
 

@@ -1,15 +1,21 @@
-"""The engine's hand-written statements: the claim and the success of an attempt.
+"""The engine's hand-written statements: the claim and the success of an attempt, and the
+inserts of a wide start.
 
-They are the two transitions every node goes through, and each statement does what the
-ORM needs two for (an ``UPDATE … RETURNING`` instead of an update and a read; an
-``INSERT … SELECT`` that numbers the checkpoint). The same SQL text runs on PostgreSQL
-and SQLite (3.35 or later, for ``RETURNING``); values go in and out through the model
-fields, so both databases see and give back the same Python values. Why they exist (a
-measurement) is in docs/architecture.md, "Engine"; tests/engine/test_statements.py runs
-each on both databases. Callers run them inside ``transaction.atomic()``, in the
+The claim and the success are the two transitions every node goes through; each statement
+does what the ORM needs two for (an ``UPDATE … RETURNING`` instead of an update and a
+read; an ``INSERT … SELECT`` that numbers the checkpoint). A wide start inserts its node
+runs from one JSON document and its attempts by ``INSERT … SELECT`` (``bulk_create``
+prepared every value in Python). The same SQL text runs on PostgreSQL and SQLite (3.35 or
+later, for ``RETURNING``), except the JSON expansion; values go in and out through the
+model fields, so both databases see and give back the same Python values. Why they exist
+(measurements) is in docs/architecture.md, "Engine"; tests/engine/test_statements.py
+runs each on both databases. Callers run them inside ``transaction.atomic()``, in the
 engine's lock order.
 """
 
+import json
+
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connection
 
 from workflows.models import Checkpoint, NodeAttempt, NodeRun
@@ -118,6 +124,86 @@ def insert_node_done_checkpoint(run_id: int, node_run_id: int, attempt: int, out
                 _to_db(Checkpoint, "state", {"output": output}),
                 _datetime(now),
                 node_run_id,
+            ],
+        )
+
+
+# A new node run's columns that come from its definition (engine.runs.new_node_row); the
+# others are the run, the two times, or null.
+NEW_NODE_COLUMNS = (
+    "node_key",
+    "node_type",
+    "status",
+    "attempt",
+    "attempts_base",
+    "max_attempts",
+    "queue",
+    "pool",
+    "timeout_seconds",
+    "soft_timeout_seconds",
+    "expected_seconds",
+    "stall_after_seconds",
+    "params",
+    "upstream",
+    "downstream",
+    "retry_policy",
+    "pending_upstreams",
+    "reason",
+)
+
+
+def insert_node_runs(run_id: int, rows: list[dict], now) -> dict[str, int]:
+    """Every node run of a new run in one statement; {node key: id}.
+
+    The rows go in as one JSON document that the database expands (PostgreSQL's
+    ``jsonb_to_recordset``, SQLite's ``json_each``): a 1 000-node run took 99 ms through
+    ``bulk_create`` (48 000 values prepared one by one), 22 ms this way. The one place
+    the two databases need different text: the expansion."""
+    columns = [_column(NodeRun, name) for name in NEW_NODE_COLUMNS]
+    if connection.vendor == "postgresql":
+        types = ", ".join(
+            f"{column} {NodeRun._meta.get_field(name).db_type(connection)}"
+            for name, column in zip(NEW_NODE_COLUMNS, columns, strict=True)
+        )
+        source = f"jsonb_to_recordset(%s::jsonb) AS x({types})"
+        values = ", ".join(f"x.{column}" for column in columns)
+    else:
+        source = "json_each(%s) AS x"
+        values = ", ".join(f"json_extract(x.value, '$.{name}')" for name in NEW_NODE_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {_table(NodeRun)}
+                   (run_id, created_at, updated_at, {", ".join(columns)})
+            SELECT %s, %s, %s, {values}
+              FROM {source}
+            RETURNING id, node_key
+            """,
+            [run_id, *[_datetime(now)] * 2, json.dumps(rows, cls=DjangoJSONEncoder)],
+        )
+        return {key: pk for pk, key in cursor.fetchall()}
+
+
+def insert_queued_attempts(node_run_ids: list[int], now) -> None:
+    """The queued NodeAttempt of each node's current attempt (the node was just moved to
+    ``queued``), its RQ job id made as ``dispatch.job_id`` makes it."""
+    marks = ", ".join(["%s"] * len(node_run_ids))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {_table(NodeAttempt)}
+                   (node_run_id, number, status, rq_job_id, queue, worker, host, error_type,
+                    error_message, traceback, resource_samples, created_at, updated_at)
+            SELECT id, attempt, %s, 'keel-' || id || '-' || attempt, queue, '', '', '', '',
+                   '', %s, %s, %s
+              FROM {_table(NodeRun)}
+             WHERE id IN ({marks})
+            """,
+            [
+                NodeAttempt.Status.QUEUED,
+                _to_db(NodeAttempt, "resource_samples", []),
+                *[_datetime(now)] * 2,
+                *node_run_ids,
             ],
         )
 
