@@ -96,7 +96,7 @@ def recent_failures(limit: int = 8) -> list[Run]:
     """The newest failed runs, each with ``failed_nodes`` (key, status, reason) attached."""
     runs = list(
         Run.objects.filter(status=Run.Status.FAILED)
-        .select_related("workflow", "version")
+        .with_version()
         .order_by("-created_at", "-id")[:limit]
     )
     failed: dict[int, list[NodeRun]] = {}
@@ -123,9 +123,7 @@ def overview(now: datetime | None = None) -> dict:
             window[status] += count
     finished = sum(window[status] for status in FINISHED)
     active_runs = list(
-        Run.objects.filter(status__in=Run.ACTIVE)
-        .select_related("workflow", "version")
-        .order_by("-created_at", "-id")[:10]
+        Run.objects.filter(status__in=Run.ACTIVE).with_version().order_by("-created_at", "-id")[:10]
     )
     attach_node_counts(active_runs)
     return {
@@ -218,9 +216,7 @@ def definition_graph(version: WorkflowVersion | None) -> dag.Layout | None:
 def workflow_page(workflow: Workflow) -> dict:
     """The workflow page: latest version and its graph, versions, recent runs."""
     latest = workflow.versions.order_by("-number").first()
-    runs = list(
-        workflow.runs.select_related("workflow", "version").order_by("-created_at", "-id")[:20]
-    )
+    runs = list(workflow.runs.with_version().order_by("-created_at", "-id")[:20])
     attach_node_counts(runs)
     return {
         "workflow": workflow,
@@ -383,7 +379,7 @@ def runs_page(
     ``after`` back to newer ones.
     """
     size = size or RUNS_PAGE_SIZE
-    rows = runs.select_related("workflow", "version")
+    rows = runs.with_version()
     if after is not None:
         page = list(rows.filter(pk__gt=after).order_by("id")[: size + 1])
         has_newer = len(page) > size

@@ -120,7 +120,7 @@ class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin)
         "dashboard_link",
     ]
     list_filter = ["status", "workflow", "created_at"]
-    list_select_related = ["workflow", "version"]
+    list_select_related = ["workflow", "version"]  # and get_queryset leaves the spec out
     search_fields = ["=id", "workflow__slug", "trigger", "reason"]
     readonly_fields = [
         "workflow",
@@ -139,6 +139,9 @@ class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin)
         "dashboard_link",
     ]
     inlines = [NodeRunInline, RunEventInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).with_version()
 
     @admin.display(description="version", ordering="version__number")
     def version_number(self, obj):

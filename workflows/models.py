@@ -63,6 +63,14 @@ class RunPriority(models.TextChoices):
     LOW = "low"
 
 
+class RunQuerySet(models.QuerySet):
+    def with_version(self):
+        """Runs with their workflow and version, the version's definition left in the
+        database: lists show a version by number, and a 1 000-node definition is ~100 KB
+        of JSON per row (50 of them took the admin's run list 77 ms to decode)."""
+        return self.select_related("workflow", "version").defer("version__spec", "version__source")
+
+
 class Run(models.Model):
     Status = RunStatus
 
@@ -89,6 +97,8 @@ class Run(models.Model):
     pools = models.JSONField(
         default=list, blank=True, help_text="Pools the run's nodes use, locked in name order."
     )
+
+    objects = RunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at", "-id"]

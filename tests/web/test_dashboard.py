@@ -332,3 +332,20 @@ def test_the_live_partial_stops_polling_when_signed_out(client, start_run):
     assert response.status_code == 286
     assert "You were signed out" in response.content.decode()
     assert f"?next=/runs/{run.pk}/" in response.content.decode()
+
+
+def test_run_lists_leave_each_version_definition_in_the_database(admin_client, start_run):
+    """Lists show a run's version by number; a wide workflow's definition is ~100 KB of
+    JSON, and decoding it for every listed run made the admin's run list slow."""
+    run = start_run(CHAIN)
+    spec_column = re.compile(r'"workflows_workflowversion"\."(spec|source)"')
+    urls = ["/", "/runs/", f"/workflows/{run.workflow.slug}/", "/admin/workflows/run/"]
+    urls.append("/api/v1/runs")
+    for url in urls:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(url).status_code == 200, url
+        with_runs = [
+            q["sql"] for q in captured.captured_queries if 'FROM "workflows_run"' in q["sql"]
+        ]
+        assert with_runs, url
+        assert [sql for sql in with_runs if spec_column.search(sql)] == [], url

@@ -4,9 +4,6 @@ from workflows.api.errors import ApiError, invalid
 from workflows.api.schemas import MAX_ID
 from workflows.models import NodeRun, Run, Workflow
 
-# A run's version is shown by number; its definition stays in the database.
-DEFERRED_RUN_FIELDS = ("version__spec", "version__source")
-
 
 def get_workflow(slug: str) -> Workflow:
     workflow = Workflow.objects.filter(slug=slug).first() if "\x00" not in slug else None
@@ -20,7 +17,7 @@ def get_workflow(slug: str) -> Workflow:
 
 
 def runs():
-    return Run.objects.select_related("workflow", "version").defer(*DEFERRED_RUN_FIELDS)
+    return Run.objects.with_version()
 
 
 def get_run(run_id: int, *, with_nodes: bool = False) -> Run:
