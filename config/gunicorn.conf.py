@@ -43,3 +43,13 @@ errorlog = "-"
 # Gunicorn >= 25.1 opens a control socket at one fixed path per user, so a second instance
 # (two devstacks, CI beside a developer) would fight over it; Keel does not use gunicornc.
 control_socket_disable = True
+
+
+def post_worker_init(worker):
+    """Move what the worker built at start (Django, the app's modules) out of the garbage
+    collector's sight: a full collection then scans a request's objects, not the whole
+    app. A 1 000-node run page's p95 was half again its median, all of it collections."""
+    import gc
+
+    gc.collect()
+    gc.freeze()

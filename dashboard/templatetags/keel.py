@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from django import template
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.html import escape, format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from dashboard.run_page import node_href
@@ -145,39 +145,33 @@ def tick_ms(seconds) -> str:
 
 @register.simple_tag
 def timeline_rows(rows) -> str:
-    """The timeline's rows: each node's attempts as bars (queued part, then running)."""
-    return format_html_join(
-        "\n",
-        '<div class="tl-row"><a class="tl-name" href="{}" title="{}">{}</a>'
-        '<span class="tl-track">{}</span></div>',
-        ((row.href, row.key, row.key, _bars(row.bars)) for row in rows),
+    """The timeline's rows: each node's attempts as bars (queued part, then running).
+    Every text is escaped here (``escape``), as format_html would; numbers are floats."""
+    return mark_safe(
+        "\n".join(
+            f'<div class="tl-row"><a class="tl-name" href="{escape(row.href)}" '
+            f'title="{escape(row.key)}">{escape(row.key)}</a>'
+            f'<span class="tl-track">{_bars(row.bars)}</span></div>'
+            for row in rows
+        )
     )
 
 
 def _bars(bars) -> str:
     if not bars:
-        return mark_safe('<span class="tl-none">not run</span>')
-    return mark_safe(
-        "".join(
-            (
-                format_html(
-                    '<span class="tl-wait" style="left: {}%; width: {}%"></span>',
-                    bar.wait_left,
-                    bar.wait_width,
-                )
-                if bar.wait_width
-                else ""
-            )
-            + format_html(
-                '<span class="tl-bar s-{}" style="left: {}%; width: {}%" title="{}">{}</span>',
-                css_status(bar.status),
-                bar.left,
-                bar.width,
-                bar.title,
-                f"#{bar.attempt}" if bar.width > 6 else "",
-            )
-            for bar in bars
+        return '<span class="tl-none">not run</span>'
+    return "".join(
+        (
+            f'<span class="tl-wait" style="left: {float(bar.wait_left)}%; '
+            f'width: {float(bar.wait_width)}%"></span>'
+            if bar.wait_width
+            else ""
         )
+        + f'<span class="tl-bar s-{css_status(bar.status)}" style="left: {float(bar.left)}%; '
+        f'width: {float(bar.width)}%" title="{escape(bar.title)}">'
+        + (f"#{int(bar.attempt)}" if bar.width > 6 else "")
+        + "</span>"
+        for bar in bars
     )
 
 

@@ -164,3 +164,16 @@ def test_hostile_node_keys_never_reach_a_page(key):
         versioning.load_definition(
             yaml.safe_dump({"name": "Keys", "nodes": {key: {"type": "keel.noop"}}}), actor="t"
         )
+
+
+def test_the_timeline_rows_escape_what_they_show():
+    """Node keys are plain words (the spec says so); the rows escape anyway."""
+    from dashboard.run_page import Bar, TimelineRow
+    from dashboard.templatetags.keel import timeline_rows
+
+    evil = '<script>alert(1)</script>"'
+    bar = Bar(attempt=1, status="failed", left=0, width=50, wait_left=0, wait_width=2, title=evil)
+    html = timeline_rows([TimelineRow(key=evil, href=f"?node={evil}", bars=[bar])])
+
+    assert "<script>" not in html and '"<' not in html
+    assert html.count("&lt;script&gt;alert(1)&lt;/script&gt;&quot;") == 4
