@@ -238,7 +238,7 @@ def _open(detections: list[Detection], now: datetime) -> tuple[list[Finding], li
     Finding.objects.bulk_create(rows, batch_size=500, ignore_conflicts=True)
     # The ids (ignore_conflicts does not return them); ours are those first seen now.
     opened, already = [], []
-    for chunk in _chunks(detections, 500):
+    for chunk in chunks(detections, 500):
         keys = {(d.code, d.subject[:200]) for d in chunk}
         for finding in Finding.objects.filter(
             resolved_at__isnull=True,
@@ -259,7 +259,7 @@ def _rewrite(changed: dict[int, Detection], now: datetime) -> list[Finding]:
     return list(findings.values())
 
 
-def _chunks(items: list, size: int):
+def chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

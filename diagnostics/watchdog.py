@@ -169,11 +169,25 @@ def _keep_lock(lock) -> None:
         return
     try:
         lock.reacquire()
+        return
     except redis.exceptions.LockNotOwnedError:
-        raise LockLost(
-            f"this tick outlived its {lock.timeout:g} s lock (one step took longer); it "
-            "stopped so that it never acts beside another watchdog"
-        ) from None
+        pass
+    except redis.exceptions.OutOfMemoryError:
+        return  # see below
+    # Gone with no other owner (expired, or evicted by an allkeys-* maxmemory policy,
+    # which is what the redis_unhealthy finding this tick may record is about): take it
+    # again. When Redis refuses writes (maxmemory) act on without it, as without Redis:
+    # the engine's compare-and-set keeps two watchdogs from both winning. Held by
+    # another watchdog: stop.
+    try:
+        if lock.acquire(blocking=False):
+            return
+    except redis.exceptions.OutOfMemoryError:
+        return
+    raise LockLost(
+        f"this tick outlived its {lock.timeout:g} s lock (one step took longer); it "
+        "stopped so that it never acts beside another watchdog"
+    )
 
 
 def _record_tick(conn, seconds: float, report: "TickReport") -> None:

@@ -180,6 +180,17 @@ def test_watchdog_once_prints_what_it_did(start_run, settings, capsys):
     assert "opened   no_worker queue:default: No worker listens to queue default" in out
 
 
+def test_the_watchdog_freezes_what_it_built_at_start(transactional_db, clean_redis):
+    import gc
+
+    gc.unfreeze()  # another test's command may have frozen this process already
+    try:
+        call_command("watchdog", "--once")
+        assert gc.get_freeze_count() > 0, "startup objects left out of the ticks' collections"
+    finally:
+        gc.unfreeze()
+
+
 def test_the_watchdog_loop_stops_cleanly_on_sigterm(transactional_db, clean_redis, tmp_path):
     log = tmp_path / "watchdog.log"
     process = subprocess.Popen(

@@ -215,6 +215,25 @@ def test_a_mass_repair_is_spread_over_ticks(start_run, clean_redis, monkeypatch)
     assert Finding.objects.filter(code="worker_lost", repaired_at__isnull=False).count() == 3
 
 
+def test_a_tick_whose_lock_was_evicted_takes_it_again_and_goes_on(start_run, clean_redis):
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 1, beat_ago=60)
+
+    def evicted(ctx):  # as Redis under an allkeys-* maxmemory policy may do
+        clean_redis.delete(watchdog.LOCK_NAME)
+        return []
+
+    slow = registry.Detector("test_evicted", evicted, needs_redis=False)
+    registry.DETECTORS.insert(0, slow)
+    try:
+        report = watchdog.tick()
+    finally:
+        registry.DETECTORS.remove(slow)
+
+    assert not report.failed, str(report)
+    assert Finding.objects.filter(code="heartbeat_stale", resolved_at=None).count() == 1
+
+
 def worker_hashes_read(monkeypatch) -> list[str]:
     """Record the worker hashes a tick reads (HGETALL or HMGET rq:worker:…), pipelined
     or not."""

@@ -1,3 +1,4 @@
+import gc
 import signal
 import threading
 
@@ -24,6 +25,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options):
+        # What was built at start stays out of later collections: a tick's objects (10 000
+        # of them in a mass incident) are collected without scanning all of Django each
+        # time, which made a tick's p95 a third above its median.
+        gc.collect()
+        gc.freeze()
         if options["once"]:
             self.stdout.write(str(watchdog.tick()))
             return
