@@ -177,6 +177,17 @@ def test_the_system_page_and_metrics_say_how_long_the_last_tick_took(
     assert float(sample.split()[-1]) == status["tick_seconds"]
 
 
+def tick_with_first(detect) -> watchdog.TickReport:
+    """A tick whose first detector is ``detect`` (one that takes as long as the lock
+    lives, and whatever happens to the lock meanwhile)."""
+    first = registry.Detector("test_first", detect, needs_redis=False)
+    registry.DETECTORS.insert(0, first)
+    try:
+        return watchdog.tick()
+    finally:
+        registry.DETECTORS.remove(first)
+
+
 def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_run, clean_redis):
     register_far_worker(clean_redis)
     running_nodes(start_run, clean_redis, 1, beat_ago=60)
@@ -185,13 +196,7 @@ def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_
         clean_redis.set(watchdog.LOCK_NAME, "another watchdog's token")
         return []
 
-    # A detector that runs first and takes as long as the lock lives.
-    slow = registry.Detector("test_slow", lock_expires_and_another_takes_it, needs_redis=False)
-    registry.DETECTORS.insert(0, slow)
-    try:
-        report = watchdog.tick()
-    finally:
-        registry.DETECTORS.remove(slow)
+    report = tick_with_first(lock_expires_and_another_takes_it)
 
     assert report.redis_failed.startswith("this tick outlived its 30 s lock")
     assert not Finding.objects.exists(), "it stopped before recording anything"
@@ -223,12 +228,7 @@ def test_a_tick_whose_lock_was_evicted_takes_it_again_and_goes_on(start_run, cle
         clean_redis.delete(watchdog.LOCK_NAME)
         return []
 
-    slow = registry.Detector("test_evicted", evicted, needs_redis=False)
-    registry.DETECTORS.insert(0, slow)
-    try:
-        report = watchdog.tick()
-    finally:
-        registry.DETECTORS.remove(slow)
+    report = tick_with_first(evicted)
 
     assert not report.failed, str(report)
     assert Finding.objects.filter(code="heartbeat_stale", resolved_at=None).count() == 1

@@ -55,7 +55,16 @@ def start_run(
         ids = statements.insert_node_runs(run.pk, rows, now)
         # Ids come back from the insert: no read-back of the roots.
         roots = [
-            NewRoot(pk=ids[row["node_key"]], run_id=run.pk, **{k: row[k] for k in ROOT_FIELDS})
+            NewRoot(
+                pk=ids[row["node_key"]],
+                run_id=run.pk,
+                node_key=row["node_key"],
+                status=row["status"],
+                attempt=row["attempt"],
+                pool=row["pool"],
+                queue=row["queue"],
+                timeout_seconds=row["timeout_seconds"],
+            )
             for row in rows
             if not row["pending_upstreams"]
         ]
@@ -105,9 +114,6 @@ class NewRoot:
     queue: str
     timeout_seconds: int
     reason: str = ""
-
-
-ROOT_FIELDS = ("node_key", "status", "attempt", "pool", "queue", "timeout_seconds")
 
 
 def new_node_row(key: str, node: dict, downstream: list[str], run_priority: str) -> dict:
