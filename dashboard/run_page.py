@@ -8,7 +8,7 @@ run has (tests/web/test_dashboard.py counts them).
 from collections import namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 from django.db.models import Max
 from django.urls import reverse
@@ -106,7 +106,7 @@ LIST_FIELDS = ("id", "run_id", "node_key", "status", "attempt", "upstream")
 
 
 def node_href(key: str) -> str:
-    return "?" + urlencode({"node": key})
+    return "?node=" + quote_plus(key)
 
 
 def _percent(moment, start, span) -> float:

@@ -19,6 +19,7 @@ A part that cannot be read is left out and reported by ``keel_database_up`` /
 import logging
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import redis
@@ -172,8 +173,11 @@ class KeelCollector:
         return [family(name) for name in METRICS]
 
     def collect(self):
+        # Redis answers in a thread while the database does (at 10 000 workers its
+        # sweep takes ~40 ms, as long as the queries).
+        redis_families = _REDIS_READER.submit(lambda: list(self._redis_families()))
         yield from self._database_families()
-        yield from self._redis_families()
+        yield from redis_families.result()
 
     # --- database -----------------------------------------------------------------------
 
@@ -355,6 +359,9 @@ class KeelCollector:
             tick.add_metric([], watchdog["tick_seconds"])
         yield from (size, oldest, alive, registries, watchdog_up, tick)
 
+
+# One thread per process for a scrape's Redis reads (scrapes are seconds apart).
+_REDIS_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keel-metrics")
 
 _collector: KeelCollector | None = None
 _lock = threading.Lock()

@@ -5,10 +5,11 @@ Every filter returns plain text; autoescaping still applies to what they return.
 
 import json
 from datetime import timedelta
+from html import escape  # what Django's escape calls, without its lazy-text wrapper
 
 from django import template
 from django.utils import timezone
-from django.utils.html import escape, format_html, format_html_join
+from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from dashboard.run_page import node_href
@@ -177,9 +178,14 @@ def _bars(bars) -> str:
 
 @register.simple_tag
 def node_rows(nodes) -> str:
-    """A table row per node: its key (a link to its panel) and its status."""
-    return format_html_join(
-        "",
-        '<tr><td><a href="{}">{}</a></td><td>{}</td></tr>',
-        ((node_href(node.node_key), node.node_key, badge(node.status)) for node in nodes),
+    """A table row per node: its key (a link to its panel) and its status. Escaped here
+    (``escape``); a badge is built once per status."""
+    badges: dict[str, str] = {}
+    return mark_safe(
+        "".join(
+            f'<tr><td><a href="{escape(node_href(node.node_key))}">{escape(node.node_key)}</a>'
+            f"</td><td>{badges.get(node.status) or badges.setdefault(node.status, badge(node.status))}"
+            "</td></tr>"
+            for node in nodes
+        )
     )

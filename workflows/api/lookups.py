@@ -1,7 +1,7 @@
 """Find the workflow, run or node a URL names, or answer a 404 that says where to look."""
 
 from workflows.api.errors import ApiError, invalid
-from workflows.api.schemas import MAX_ID
+from workflows.api.schemas import MAX_ID, NODE_COLUMNS
 from workflows.models import NodeRun, Run, Workflow
 
 
@@ -26,7 +26,9 @@ def get_run(run_id: int, *, with_nodes: bool = False) -> Run:
     if run is None:
         raise ApiError(404, f"No run {run_id}. List runs at GET /api/v1/runs.")
     if with_nodes:
-        run.api_nodes = list(NodeRun.objects.filter(run=run).order_by("id"))
+        run.api_nodes = list(
+            NodeRun.objects.filter(run=run).order_by("id").values(*NODE_COLUMNS.values())
+        )
     return run
 
 
