@@ -162,11 +162,29 @@ class LockLost(Exception):
     """This tick outlived its lock: another watchdog may act now, so this one stops."""
 
 
-def _keep_lock(lock) -> None:
-    """Reset the lock's expiry between the tick's steps: a long tick keeps it, so two
-    ticks never overlap; one that lost it (a step longer than the lock) stops acting."""
-    if lock is None:
-        return
+# Between steps the lock is renewed once this share of its life has passed: renewing
+# after every detector waited each time for Redis to finish the worker sweep.
+LOCK_RENEW_SHARE = 1 / 3
+
+
+class _LockKeeper:
+    """Renews the tick's lock between its steps: a long tick keeps it, so two ticks never
+    overlap; one that lost it (a step longer than the lock) stops acting."""
+
+    def __init__(self, lock):
+        self.lock = lock
+        self.renewed = time.monotonic()
+
+    def __call__(self) -> None:
+        if self.lock is None:
+            return
+        if time.monotonic() - self.renewed < LOCK_RENEW_SHARE * self.lock.timeout:
+            return
+        _renew(self.lock)
+        self.renewed = time.monotonic()
+
+
+def _renew(lock) -> None:
     try:
         lock.reacquire()
         return
@@ -232,18 +250,17 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
         )
     _notice_restart(db, seen_down=seen_down)
     ctx = detectors.Context(now=now, redis_connection=redis_connection, db=db)
-    ctx.between_steps = lambda: _keep_lock(lock)
+    keep_lock = _LockKeeper(lock)
+    ctx.between_steps = keep_lock
     found = detectors.run_all(ctx)
-    _keep_lock(lock)
+    keep_lock()
     recorded = findings.record(
         found.detections, checked_codes=found.checked, now=now, keep_open=found.keep_open
     )
     report = repairs.RepairReport()
-    _keep_lock(lock)
-    repairs.abandon_lost_attempts(
-        found.detections, recorded.by_key, report, between=lambda: _keep_lock(lock)
-    )
-    _keep_lock(lock)
+    keep_lock()
+    repairs.abandon_lost_attempts(found.detections, recorded.by_key, report, between=keep_lock)
+    keep_lock()
     retries = engine.promote_due_retries()
     if ctx.redis_ok:
         repairs.drop_dead_jobs(found.detections)

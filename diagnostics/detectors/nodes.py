@@ -143,11 +143,7 @@ def worker_lost(ctx: Context) -> list[Detection]:
     return found
 
 
-def _without_job(ctx: Context) -> Q:
-    return Q(pk__in=ctx.running_without_job)
-
-
-@detector("job_lost", needs_redis=True, suspects=_without_job)
+@detector("job_lost", needs_redis=True)
 def job_lost(ctx: Context) -> list[Detection]:
     """RQ will never run the node's job: it is gone (Redis flushed or restarted, the
     enqueue after commit never happened) or ended without running it."""
@@ -253,7 +249,7 @@ def outage_evidence(live) -> dict:
 
 def _lost_running_jobs(ctx: Context) -> list[Detection]:
     found = []
-    for attempt in ctx.suspects:
+    for attempt in ctx.lost_job_attempts:
         node = attempt.node_run
         live = ctx.liveness(attempt)
         if live.job_status != "missing":

@@ -67,7 +67,9 @@ def run_all(ctx: Context, codes: set[str] | None = None) -> DetectionRun:
             logger.exception("Detector %s could not choose its suspects", each.code)
             failed[each.code] = f"{type(error).__name__}: {error}"
             chosen.remove(each)
-    for each in chosen:
+    # Those that read Redis last: the others ask the database while Redis runs the
+    # worker sweep (~30 ms at 10 000 workers).
+    for each in sorted(chosen, key=lambda each: each.needs_redis):
         ctx.between_steps()
         try:
             found = each.func(ctx)

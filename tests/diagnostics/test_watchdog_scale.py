@@ -90,7 +90,7 @@ def test_healthy_running_nodes_cost_the_tick_nothing(start_run, clean_redis):
     ctx = detectors.Context(now=timezone.now())
     detectors.run_all(ctx)
     assert ctx.suspects == [], "no detector's condition holds for a healthy node"
-    assert ctx.running_without_job == set(), "their jobs are in RQ's started registry"
+    assert ctx.running_without_job == set(), "RQ has their jobs, started"
 
 
 def test_open_findings_that_say_the_same_are_not_rewritten(start_run, clean_redis):
@@ -177,9 +177,10 @@ def test_the_system_page_and_metrics_say_how_long_the_last_tick_took(
     assert float(sample.split()[-1]) == status["tick_seconds"]
 
 
-def tick_with_first(detect) -> watchdog.TickReport:
+def tick_with_first(detect, monkeypatch) -> watchdog.TickReport:
     """A tick whose first detector is ``detect`` (one that takes as long as the lock
-    lives, and whatever happens to the lock meanwhile)."""
+    lives, and whatever happens to the lock meanwhile): the lock is renewed after it."""
+    monkeypatch.setattr(watchdog, "LOCK_RENEW_SHARE", 0)
     first = registry.Detector("test_first", detect, needs_redis=False)
     registry.DETECTORS.insert(0, first)
     try:
@@ -188,7 +189,9 @@ def tick_with_first(detect) -> watchdog.TickReport:
         registry.DETECTORS.remove(first)
 
 
-def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_run, clean_redis):
+def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(
+    start_run, clean_redis, monkeypatch
+):
     register_far_worker(clean_redis)
     running_nodes(start_run, clean_redis, 1, beat_ago=60)
 
@@ -196,7 +199,7 @@ def test_a_tick_that_outlives_its_lock_stops_before_acting_beside_another(start_
         clean_redis.set(watchdog.LOCK_NAME, "another watchdog's token")
         return []
 
-    report = tick_with_first(lock_expires_and_another_takes_it)
+    report = tick_with_first(lock_expires_and_another_takes_it, monkeypatch)
 
     assert report.redis_failed.startswith("this tick outlived its 30 s lock")
     assert not Finding.objects.exists(), "it stopped before recording anything"
@@ -220,7 +223,9 @@ def test_a_mass_repair_is_spread_over_ticks(start_run, clean_redis, monkeypatch)
     assert Finding.objects.filter(code="worker_lost", repaired_at__isnull=False).count() == 3
 
 
-def test_a_tick_whose_lock_was_evicted_takes_it_again_and_goes_on(start_run, clean_redis):
+def test_a_tick_whose_lock_was_evicted_takes_it_again_and_goes_on(
+    start_run, clean_redis, monkeypatch
+):
     register_far_worker(clean_redis)
     running_nodes(start_run, clean_redis, 1, beat_ago=60)
 
@@ -228,7 +233,7 @@ def test_a_tick_whose_lock_was_evicted_takes_it_again_and_goes_on(start_run, cle
         clean_redis.delete(watchdog.LOCK_NAME)
         return []
 
-    report = tick_with_first(evicted)
+    report = tick_with_first(evicted, monkeypatch)
 
     assert not report.failed, str(report)
     assert Finding.objects.filter(code="heartbeat_stale", resolved_at=None).count() == 1
@@ -323,3 +328,19 @@ def test_when_a_condition_began_is_a_column_for_time_to_detect(start_run, clean_
     assert began_from({"since": "2026-12-05T11:43:14.5Z"}) is not None
     for unusable in ({"since": "yesterday"}, {"since": "2026-12-05T11:43:14"}, {}, None):
         assert began_from(unusable) is None, unusable
+
+
+def test_a_short_tick_renews_its_lock_only_once_a_third_of_its_life_passed(
+    start_run, clean_redis, monkeypatch
+):
+    register_far_worker(clean_redis)
+    running_nodes(start_run, clean_redis, 1, beat_ago=60)
+    renewals = []
+    monkeypatch.setattr(watchdog, "_renew", renewals.append)
+
+    watchdog.tick()
+    assert renewals == [], "renewing after each step waited for Redis each time"
+
+    monkeypatch.setattr(watchdog, "LOCK_RENEW_SHARE", 0)
+    watchdog.tick()
+    assert len(renewals) > len(registry.DETECTORS), "between every step once it is due"
