@@ -135,16 +135,23 @@ def new_row(key: str, **changes) -> dict:
 def test_insert_node_runs_writes_every_column_as_the_orm_reads_it(start_run):
     run = start_run(PARAMS_RUN)
     now = timezone.now()
-    rows = [new_row("x"), new_row("y", upstream=["x"], pending_upstreams=1, reason="waits")]
+    rows = [
+        new_row("x", status=NodeRun.Status.QUEUED, attempt=1),
+        new_row("y", upstream=["x"], pending_upstreams=1, reason="waits"),
+    ]
 
     with transaction.atomic():
         ids = statements.insert_node_runs(run.pk, rows, now)
 
     assert set(ids) == {"x", "y"}
-    for row in rows:
+    for row, queued_at in zip(rows, [now, None], strict=True):
         stored = NodeRun.objects.get(pk=ids[row["node_key"]])
         assert stored.run_id == run.pk
         assert (stored.created_at, stored.updated_at) == (now, now)
+        assert stored.queued_at == queued_at, "a root born queued is queued now"
+        assert NodeRun.objects.filter(pk=stored.pk, queued_at__lte=now).exists() == bool(
+            queued_at
+        ), "stored as the ORM stores a time, so comparisons hold (SQLite: text)"
         for name, value in row.items():
             assert getattr(stored, name) == value, name
     made = new_node_row("a", run.version.spec["nodes"]["a"], [], "default")
@@ -168,3 +175,37 @@ def test_insert_queued_attempts_names_each_job_as_dispatch_does(start_run):
         [],
     )
     assert (attempt.created_at, attempt.worker, attempt.error_message) == (now, "", "")
+
+
+def test_queue_waiting_nodes_moves_only_those_still_waiting_at_that_attempt(start_run):
+    run = start_run(PARAMS_RUN)
+    a, b = node(run, "a"), node(run, "b")  # a: queued at attempt 1; b: pending at 0
+    NodeRun.objects.filter(pk=b.pk).update(
+        retry_at=timezone.now(), heartbeat_at=timezone.now(), reason="waits for a"
+    )
+    now = timezone.now()
+
+    with transaction.atomic():
+        moved = statements.queue_waiting_nodes([a.pk, b.pk], 0, now)
+        again = statements.queue_waiting_nodes([b.pk], 0, now)
+
+    assert moved == {b.pk}, "a is not waiting; b is, at attempt 0"
+    assert again == set(), "b moved already: the same attempt cannot move it twice"
+    b.refresh_from_db()
+    assert (b.status, b.attempt, b.queued_at, b.updated_at) == (NodeRun.Status.QUEUED, 1, now, now)
+    assert (b.retry_at, b.heartbeat_at, b.reason) == (None, None, "")
+    a.refresh_from_db()
+    assert (a.status, a.attempt) == (NodeRun.Status.QUEUED, 1)
+
+
+def test_queue_waiting_nodes_takes_a_node_waiting_for_its_retry(start_run):
+    run = start_run(PARAMS_RUN)
+    a = node(run, "a")
+    NodeRun.objects.filter(pk=a.pk).update(status=NodeRun.Status.RETRY_WAIT)
+
+    with transaction.atomic():
+        assert statements.queue_waiting_nodes([a.pk], 2, timezone.now()) == set()
+        assert statements.queue_waiting_nodes([a.pk], 1, timezone.now()) == {a.pk}
+
+    a.refresh_from_db()
+    assert (a.status, a.attempt) == (NodeRun.Status.QUEUED, 2)

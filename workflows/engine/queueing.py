@@ -1,12 +1,12 @@
 """Queueing and pools: ready nodes go to ``queued`` while their pool has a free slot.
 
-Every path that queues nodes — a run's start, a success releasing its downstream, a due
-retry, a recovery, a freed pool slot — goes through ``queue_or_wait`` or ``fill_pool``
-and from there ``_queue_nodes``: a few statements per 1 000 nodes, never one per node,
-and one Redis pipeline after commit.
+Every path that queues nodes — a success releasing its downstream, a due retry, a
+recovery, a freed pool slot — goes through ``queue_or_wait`` or ``fill_pool`` and from
+there ``_queue_nodes``: a few statements per 1 000 nodes, never one per node, and one
+Redis pipeline after commit. A run's roots are born queued (``runs.start_run``: the
+update of 1 000 just-inserted rows was a tenth of a wide start), by the same slot
+decision (``slots_free``) and the same attempts and jobs (``record_queued``).
 """
-
-from django.db.models import F
 
 from workflows.engine import statements
 from workflows.models import NodeRun, ResourcePool, Run
@@ -24,17 +24,14 @@ def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
     """
     if not nodes:
         return []
-    free_slots = {name: _free_slots(name) for name in {node.pool for node in nodes if node.pool}}
     to_queue, waiting = [], {}
-    for node in nodes:
-        if node.pool and free_slots[node.pool] <= 0:
+    for node, free in zip(nodes, slots_free([node.pool for node in nodes]), strict=True):
+        if free:
+            to_queue.append(node)
+        else:
             waiting.setdefault(node.pool, []).append(node)
-            continue
-        if node.pool:
-            free_slots[node.pool] -= 1
-        to_queue.append(node)
     for pool, group in waiting.items():
-        reason = f"waiting for pool {pool} (all slots in use)"
+        reason = pool_wait_reason(pool)
         for node in group:
             node.status = NodeRun.Status.PENDING
             node.reason = reason
@@ -43,6 +40,23 @@ def queue_or_wait(run: Run, nodes: list[NodeRun], now) -> list[NodeRun]:
                 status=NodeRun.Status.PENDING, retry_at=None, reason=reason, updated_at=now
             )
     return _queue_nodes(to_queue, now)
+
+
+def slots_free(pools: list[str]) -> list[bool]:
+    """For ready nodes in this order, by their pools ("" for none): may each be queued
+    now, its pool having a slot left once those before it took theirs? The caller holds
+    the pools' locks."""
+    free = {name: _free_slots(name) for name in set(pools) if name}
+    answers = []
+    for pool in pools:
+        answers.append(not pool or free[pool] > 0)
+        if pool:
+            free[pool] -= 1
+    return answers
+
+
+def pool_wait_reason(pool: str) -> str:
+    return f"waiting for pool {pool} (all slots in use)"
 
 
 def _chunks(items: list, size: int = QUEUE_CHUNK) -> list[list]:
@@ -58,11 +72,11 @@ def _free_slots(pool_name: str) -> int:
 def _queue_nodes(nodes: list[NodeRun], now) -> list[NodeRun]:
     """Move nodes to ``queued`` with a new attempt number and enqueue them after commit.
 
-    Only nodes still waiting (pending or retry_wait) at the attempt the caller saw move:
-    they are locked first, so a node another transaction already moved is left alone.
-    Per chunk of ids and attempt number, one SELECT … FOR NO KEY UPDATE and one UPDATE;
-    one INSERT … SELECT of their attempts (statements.insert_queued_attempts); one Redis
-    pipeline for all the jobs.
+    Only nodes still waiting (pending or retry_wait) at the attempt the caller saw move
+    (a compare-and-set), so a node another transaction already moved is left alone. Per
+    chunk of ids and attempt number, one UPDATE … RETURNING
+    (statements.queue_waiting_nodes); one INSERT … SELECT of their attempts
+    (statements.insert_queued_attempts); one Redis pipeline for all the jobs.
     """
     by_attempt: dict[int, list[NodeRun]] = {}
     for node in nodes:
@@ -70,40 +84,24 @@ def _queue_nodes(nodes: list[NodeRun], now) -> list[NodeRun]:
     queued = []
     for attempt, group in by_attempt.items():
         for chunk in _chunks(group):
-            moved = set(
-                NodeRun.objects.select_for_update(no_key=True)
-                .filter(
-                    pk__in=[node.pk for node in chunk],
-                    status__in=[NodeRun.Status.PENDING, NodeRun.Status.RETRY_WAIT],
-                    attempt=attempt,
-                )
-                # By id, not NodeRun's default ordering: that joins the run, and a lock
-                # on a join locks the run's row too (another run's, from fill_pool).
-                .order_by("pk")
-                .values_list("pk", flat=True)
-            )
-            if not moved:
-                continue
-            NodeRun.objects.filter(pk__in=moved).update(
-                status=NodeRun.Status.QUEUED,
-                attempt=F("attempt") + 1,
-                queued_at=now,
-                retry_at=None,
-                heartbeat_at=None,
-                reason="",
-                updated_at=now,
-            )
+            moved = statements.queue_waiting_nodes([node.pk for node in chunk], attempt, now)
             for node in chunk:
                 if node.pk in moved:
                     node.attempt += 1
                     node.status = NodeRun.Status.QUEUED
                     queued.append(node)
-    if not queued:
+    return record_queued(queued, now)
+
+
+def record_queued(nodes: list, now) -> list:
+    """What follows a node's move to ``queued`` (or a root's birth there): its attempt
+    rows, and its job sent after commit (one Redis pipeline)."""
+    if not nodes:
         return []
-    for chunk in _chunks([node.pk for node in queued]):
+    for chunk in _chunks([node.pk for node in nodes]):
         statements.insert_queued_attempts(chunk, now)
-    dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in queued])
-    return queued
+    dispatch.send_after_commit([dispatch.Dispatch.for_node(node) for node in nodes])
+    return nodes
 
 
 def fill_pool(name: str, now) -> None:

@@ -10,7 +10,12 @@ from workflows.definitions import graph
 from workflows.definitions.params import run_param_problems
 from workflows.engine import statements
 from workflows.engine.common import ENGINE, PRIORITY_QUEUES, RunParamsError, lock_pools, lock_run
-from workflows.engine.queueing import fill_pool, queue_or_wait
+from workflows.engine.queueing import (
+    fill_pool,
+    pool_wait_reason,
+    record_queued,
+    slots_free,
+)
 from workflows.models import NodeAttempt, NodeRun, Run, RunEvent, WorkflowVersion
 from workflows.runtime import dispatch
 
@@ -26,11 +31,12 @@ def start_run(
     """Create a run pinned to ``version`` and queue its root nodes.
 
     1. Check the run params against those the definition declares.
-    2. Create the run and one NodeRun per node, copying what a worker needs.
-    3. Queue the nodes with no upstream (pools permitting); enqueue after commit.
+    2. Create the run and one NodeRun per node, copying what a worker needs; the nodes
+       with no upstream are born queued (pools permitting: queueing.slots_free).
+    3. Their attempts, and their jobs sent after commit (queueing.record_queued).
 
     A constant number of statements however wide the run: the node runs in one bulk
-    insert (its returned ids are used as they are), the roots through ``queue_or_wait``.
+    insert (its returned ids are used as they are), their attempts in another.
     """
     spec = version.spec
     run_params = resolve_run_params(spec, params or {})
@@ -47,27 +53,6 @@ def start_run(
             deadline=now + timedelta(seconds=spec["timeout"]) if spec.get("timeout") else None,
             pools=sorted({node["pool"] for node in spec["nodes"].values() if node["pool"]}),
         )
-        downstream = graph.downstream_map(spec)
-        rows = [
-            new_node_row(key, spec["nodes"][key], downstream[key], priority)
-            for key in graph.node_keys(spec)
-        ]
-        ids = statements.insert_node_runs(run.pk, rows, now)
-        # Ids come back from the insert: no read-back of the roots.
-        roots = [
-            NewRoot(
-                pk=ids[row["node_key"]],
-                run_id=run.pk,
-                node_key=row["node_key"],
-                status=row["status"],
-                attempt=row["attempt"],
-                pool=row["pool"],
-                queue=row["queue"],
-                timeout_seconds=row["timeout_seconds"],
-            )
-            for row in rows
-            if not row["pending_upstreams"]
-        ]
         RunEvent.objects.create(
             run=run,
             kind=RunEvent.Kind.TRANSITION,
@@ -78,7 +63,35 @@ def start_run(
             after={"status": Run.Status.RUNNING},
         )
         lock_pools(run)
-        queue_or_wait(run, roots, now)
+        downstream = graph.downstream_map(spec)
+        rows = [
+            new_node_row(key, spec["nodes"][key], downstream[key], priority)
+            for key in graph.node_keys(spec)
+        ]
+        # The roots are born queued, or waiting for their pool (queueing's slot rule).
+        roots = [row for row in rows if not row["pending_upstreams"]]
+        for row, free in zip(roots, slots_free([row["pool"] for row in roots]), strict=True):
+            if free:
+                row.update(status=NodeRun.Status.QUEUED, attempt=1)
+            else:
+                row["reason"] = pool_wait_reason(row["pool"])
+        ids = statements.insert_node_runs(run.pk, rows, now)
+        # Ids come back from the insert: no read-back of the roots.
+        record_queued(
+            [
+                NewRoot(
+                    pk=ids[row["node_key"]],
+                    run_id=run.pk,
+                    node_key=row["node_key"],
+                    attempt=row["attempt"],
+                    queue=row["queue"],
+                    timeout_seconds=row["timeout_seconds"],
+                )
+                for row in roots
+                if row["status"] == NodeRun.Status.QUEUED
+            ],
+            now,
+        )
     return run
 
 
@@ -102,18 +115,15 @@ def resolve_run_params(spec: dict, given: dict) -> dict:
 
 @dataclass
 class NewRoot:
-    """A root node of a run being started, as queueing and its job read it
-    (queueing.queue_or_wait, dispatch.Dispatch): a NodeRun() per root took 19 ms at 1 000."""
+    """A root node born queued, as its job reads it (queueing.record_queued,
+    dispatch.Dispatch): a NodeRun() per root took 19 ms at 1 000."""
 
     pk: int
     run_id: int
     node_key: str
-    status: str
     attempt: int
-    pool: str
     queue: str
     timeout_seconds: int
-    reason: str = ""
 
 
 def new_node_row(key: str, node: dict, downstream: list[str], run_priority: str) -> dict:

@@ -153,7 +153,8 @@ NEW_NODE_COLUMNS = (
 
 
 def insert_node_runs(run_id: int, rows: list[dict], now) -> dict[str, int]:
-    """Every node run of a new run in one statement; {node key: id}.
+    """Every node run of a new run in one statement; {node key: id}. Those born
+    ``queued`` (a root) are queued at ``now``.
 
     The rows go in as one JSON document that the database expands (PostgreSQL's
     ``jsonb_to_recordset``, SQLite's ``json_each``): a 1 000-node run took 99 ms through
@@ -166,22 +167,56 @@ def insert_node_runs(run_id: int, rows: list[dict], now) -> dict[str, int]:
             for name, column in zip(NEW_NODE_COLUMNS, columns, strict=True)
         )
         source = f"jsonb_to_recordset(%s::jsonb) AS x({types})"
-        values = ", ".join(f"x.{column}" for column in columns)
+        values = [f"x.{column}" for column in columns]
     else:
         source = "json_each(%s) AS x"
-        values = ", ".join(f"json_extract(x.value, '$.{name}')" for name in NEW_NODE_COLUMNS)
+        values = [f"json_extract(x.value, '$.{name}')" for name in NEW_NODE_COLUMNS]
+    status = values[NEW_NODE_COLUMNS.index("status")]
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
             INSERT INTO {_table(NodeRun)}
-                   (run_id, created_at, updated_at, {", ".join(columns)})
-            SELECT %s, %s, %s, {values}
+                   (run_id, created_at, updated_at, queued_at, {", ".join(columns)})
+            SELECT %s, %s, %s, CASE WHEN {status} = %s THEN %s END, {", ".join(values)}
               FROM {source}
             RETURNING id, node_key
             """,
-            [run_id, *[_datetime(now)] * 2, json.dumps(rows, cls=DjangoJSONEncoder)],
+            [
+                run_id,
+                *[_datetime(now)] * 2,
+                NodeRun.Status.QUEUED,
+                _datetime(now),
+                json.dumps(rows, cls=DjangoJSONEncoder),
+            ],
         )
         return {key: pk for pk, key in cursor.fetchall()}
+
+
+def queue_waiting_nodes(node_run_ids: list[int], attempt: int, now) -> set[int]:
+    """``pending``/``retry_wait`` → ``queued`` at the next attempt, for those of these
+    nodes still waiting at ``attempt`` (compare-and-set); the ids that moved. One
+    statement where the ORM needs a locking read of the ids and an update (a 1 000-node
+    start: 8 ms less)."""
+    marks = ", ".join(["%s"] * len(node_run_ids))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {_table(NodeRun)}
+               SET status = %s, attempt = attempt + 1, queued_at = %s, retry_at = NULL,
+                   heartbeat_at = NULL, reason = '', updated_at = %s
+             WHERE id IN ({marks}) AND status IN (%s, %s) AND attempt = %s
+            RETURNING id
+            """,
+            [
+                NodeRun.Status.QUEUED,
+                *[_datetime(now)] * 2,
+                *node_run_ids,
+                NodeRun.Status.PENDING,
+                NodeRun.Status.RETRY_WAIT,
+                attempt,
+            ],
+        )
+        return {pk for (pk,) in cursor.fetchall()}
 
 
 def insert_queued_attempts(node_run_ids: list[int], now) -> None:
