@@ -557,7 +557,7 @@ def run_bench(args) -> str:
         gc.freeze()
         # Healthy: every running node beats; nothing is wrong. Timed once the watchdog has
         # read every running node's duration history (HISTORY_REFRESH per tick after a
-        # start; then each again a minute later, which these seconds of ticks do not see).
+        # start; then each again HISTORY_KEEP_SECONDS later: 10 of 300 ticks, ~50 ms more).
         warm_up = -(-WORKFLOWS * args.nodes_per_run // durations.HISTORY_REFRESH)
         time_tick(warm_up, before=beat_healthy)
         healthy = time_tick(args.repeat, before=beat_healthy)

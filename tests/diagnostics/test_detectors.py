@@ -187,6 +187,23 @@ def test_node_histories_are_read_a_few_at_a_time(start_run, make_version, monkey
     assert len(durations._duration_history(ctx, pairs)) == 2
 
 
+def test_a_node_history_is_its_workflows_latest_runs_only(start_run, make_version, monkeypatch):
+    from diagnostics.detectors import durations
+
+    monkeypatch.setattr(durations, "HISTORY_RUNS", 10)
+    version = make_version(one_node(type="test.record"))
+    for _ in range(12):
+        past = node(start_run(version))
+        claim(past)
+        engine.complete_attempt(past.pk, 1, {}, actor="test")
+    pair = (version.workflow_id, "n")
+
+    [(p95, successes)] = durations._duration_history(detectors.Context(), {pair}).values()
+
+    assert successes == 10, "the 10 newest of 12 runs"
+    assert p95 is not None
+
+
 def test_nine_past_runs_are_not_a_history(start_run, make_version):
     version = make_version(one_node(type="test.record"))
     for _ in range(9):
