@@ -197,20 +197,20 @@ def queue_waiting_nodes(node_run_ids: list[int], attempt: int, now) -> set[int]:
     nodes still waiting at ``attempt`` (compare-and-set); the ids that moved. One
     statement where the ORM needs a locking read of the ids and an update (a 1 000-node
     start: 8 ms less)."""
-    marks = ", ".join(["%s"] * len(node_run_ids))
+    ids, id_params = _id_list(node_run_ids)
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
             UPDATE {_table(NodeRun)}
                SET status = %s, attempt = attempt + 1, queued_at = %s, retry_at = NULL,
                    heartbeat_at = NULL, reason = '', updated_at = %s
-             WHERE id IN ({marks}) AND status IN (%s, %s) AND attempt = %s
+             WHERE id IN ({ids}) AND status IN (%s, %s) AND attempt = %s
             RETURNING id
             """,
             [
                 NodeRun.Status.QUEUED,
                 *[_datetime(now)] * 2,
-                *node_run_ids,
+                *id_params,
                 NodeRun.Status.PENDING,
                 NodeRun.Status.RETRY_WAIT,
                 attempt,
@@ -222,7 +222,7 @@ def queue_waiting_nodes(node_run_ids: list[int], attempt: int, now) -> set[int]:
 def insert_queued_attempts(node_run_ids: list[int], now) -> None:
     """The queued NodeAttempt of each node's current attempt (the node was just moved to
     ``queued``), its RQ job id made as ``dispatch.job_id`` makes it."""
-    marks = ", ".join(["%s"] * len(node_run_ids))
+    ids, id_params = _id_list(node_run_ids)
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
@@ -232,15 +232,23 @@ def insert_queued_attempts(node_run_ids: list[int], now) -> None:
             SELECT id, attempt, %s, 'keel-' || id || '-' || attempt, queue, '', '', '', '',
                    '', %s, %s, %s
               FROM {_table(NodeRun)}
-             WHERE id IN ({marks})
+             WHERE id IN ({ids})
             """,
             [
                 NodeAttempt.Status.QUEUED,
                 _to_db(NodeAttempt, "resource_samples", []),
                 *[_datetime(now)] * 2,
-                *node_run_ids,
+                *id_params,
             ],
         )
+
+
+def _id_list(ids: list[int]) -> tuple[str, list]:
+    """``IN (…)`` of many ids as one parameter: PostgreSQL's ``unnest`` of an array,
+    SQLite's ``json_each`` of a JSON list (1 000 parameters took ms to bind and plan)."""
+    if connection.vendor == "postgresql":
+        return "SELECT unnest(%s::bigint[])", [list(ids)]
+    return "SELECT value FROM json_each(%s)", [json.dumps(list(ids))]
 
 
 def _returning(sql: str, params: list):
