@@ -519,7 +519,7 @@ def run_bench(args) -> str:
     wide = None
     if "start" not in args.skip:
         # The wide start, against RQ, on the full database (Redis still empty, as it needs).
-        started = start.measure(args.start_nodes, repeat=5)
+        started = start.measure(args.start_nodes, repeat=args.repeat)
         ratio = started["keel"] / started["rq"]
         rows.append(
             (
