@@ -5,6 +5,8 @@ deployment fails at start-up with a message that says what to fix.
 """
 
 import os
+import secrets
+from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
@@ -71,3 +73,27 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def local_secret(path: Path) -> str:
+    """A secret kept in ``path``: made on first use (readable by its owner only), then
+    read; processes starting at once all get the one that was published first."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(50) + "\n")
+        try:
+            os.link(temporary, path)  # fails if another process published one first
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temporary)
+    secret = path.read_text().strip()
+    if len(secret) < 32:
+        raise ImproperlyConfigured(
+            f"{path} holds no usable secret key; delete it to have a new one made, or set "
+            "SECRET_KEY."
+        )
+    return secret

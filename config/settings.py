@@ -1,8 +1,9 @@
 """Keel settings, read from the environment.
 
-Defaults work on a laptop: SQLite under var/ and the embedded Redis (see
-config/embedded_redis.py). Production sets DATABASE_URL, REDIS_URL, SECRET_KEY and
-DEBUG=0; a bad or missing value raises ImproperlyConfigured naming the variable.
+Defaults work on a laptop: SQLite under var/, the embedded Redis (see
+config/embedded_redis.py) and a secret key of its own in var/secret-key. Production sets
+DATABASE_URL, REDIS_URL, SECRET_KEY and DEBUG=0; a bad or missing value raises
+ImproperlyConfigured naming the variable.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from config import embedded_redis
-from config.env import env_bool, env_float, env_int, env_list, env_str
+from config.env import env_bool, env_float, env_int, env_list, env_str, local_secret
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Absolute: it goes into URLs (unix://…) and is shared with subprocesses started elsewhere.
@@ -19,14 +20,22 @@ VAR_DIR = Path(env_str("KEEL_VAR_DIR") or BASE_DIR / "var").resolve()
 
 DEBUG = env_bool("DEBUG", False)
 
+# The laptop setup (neither DATABASE_URL nor REDIS_URL: SQLite and the embedded Redis under
+# var/) makes a secret key of its own, kept in var/secret-key, so every shell and process of
+# `make run` signs alike, DEBUG or not. Anywhere else SECRET_KEY is required with DEBUG off.
+LAPTOP = not env_str("DATABASE_URL") and not env_str("REDIS_URL")
 SECRET_KEY = env_str("SECRET_KEY")
 if not SECRET_KEY:
-    if not DEBUG:
+    if LAPTOP:
+        SECRET_KEY = local_secret(VAR_DIR / "secret-key")
+    elif not DEBUG:
         raise ImproperlyConfigured(
             "SECRET_KEY is required when DEBUG is off. Set SECRET_KEY to a long random string "
-            "(python -c 'import secrets; print(secrets.token_urlsafe(50))'), or DEBUG=1 on a laptop."
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))'). Only the laptop "
+            "setup, without DATABASE_URL and REDIS_URL, makes its own (in var/secret-key)."
         )
-    SECRET_KEY = "keel-insecure-development-key-do-not-use-in-production"
+    else:
+        SECRET_KEY = "keel-insecure-development-key-do-not-use-in-production"
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])

@@ -61,8 +61,9 @@ def own_group(pid: int) -> int | None:
 class Devstack:
     """One ``manage.py devstack --no-demo-runs`` in a var dir of its own."""
 
-    def __init__(self, var_dir: Path):
+    def __init__(self, var_dir: Path, *, demo_runs: bool = False):
         self.var_dir = var_dir
+        self.demo_runs = demo_runs
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = var_dir / "devstack.log"
@@ -83,7 +84,7 @@ class Devstack:
                     sys.executable,
                     "manage.py",
                     "devstack",
-                    "--no-demo-runs",
+                    *([] if self.demo_runs else ["--no-demo-runs"]),
                     "--port",
                     str(self.port),
                 ],
@@ -131,12 +132,12 @@ class Devstack:
             return row
         return None
 
-    def manage(self, *args: str) -> str:
+    def manage(self, *args: str, env: dict | None = None) -> str:
         """Run ``manage.py`` against this devstack's database and Redis, as an operator would."""
         done = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=BASE_DIR,
-            env=self.env,
+            env=env or self.env,
             capture_output=True,
             text=True,
             timeout=120,
@@ -382,3 +383,41 @@ def test_the_report_survives_a_corrupt_or_stale_record(settings, tmp_path):
         2,
         None,
     )
+
+
+def test_a_second_start_keeps_the_password_the_demos_and_the_operators_version(tmp_path):
+    var_dir = Path(tempfile.mkdtemp(prefix="keel-devstack-"))
+    stack = Devstack(var_dir, demo_runs=True)
+    demos = sorted(path.stem for path in (BASE_DIR / "workflows/demo_definitions").glob("*.yaml"))
+    count = (
+        "from workflows.models import Run, Workflow; "
+        "print(Run.objects.filter(trigger='devstack').count(), "
+        "Workflow.objects.get(slug='fan-out').versions.count())"
+    )
+    try:
+        stack.start()
+        wait_for(lambda: "Keel is running at" in stack.log(), timeout=60, message="reminder")
+        password = (var_dir / "admin-password").read_text()
+        assert stack.manage("shell", "-v", "0", "-c", count).split() == [str(len(demos)), "1"]
+        # The operator edits a demo workflow: v2 is theirs.
+        edited = tmp_path / "fan_out.yaml"
+        source = (BASE_DIR / "workflows/demo_definitions/fan_out.yaml").read_text()
+        edited.write_text(source.replace("\ndescription: ", "\ndescription: Mine. ", 1))
+        stack.manage("load_workflow", str(edited))
+        assert stack.stop() == 0, stack.log()
+
+        stack.start()  # the second `make run`
+        wait_for(lambda: "Keel is running at" in stack.log(), timeout=60, message="reminder")
+        log = stack.log()
+        assert (var_dir / "admin-password").read_text() == password, "not rotated"
+        assert "Started run" not in log, "demo runs only on the first start"
+        assert "fan-out v2 unchanged" in log, "the operator's version stays the latest"
+        assert stack.manage("shell", "-v", "0", "-c", count).split() == [str(len(demos)), "2"]
+        assert "Log in as   admin / " + password.strip() in log
+        assert "System" in stack.system_page(), "the kept password signs in"
+        # A second shell as README shows it: no DEBUG, no SECRET_KEY.
+        plain = {name: value for name, value in stack.env.items() if name != "DEBUG"}
+        assert "fan-out" in stack.manage("show_run", "1", env=plain)
+    finally:
+        stack.kill_everything()
+        shutil.rmtree(var_dir, ignore_errors=True)

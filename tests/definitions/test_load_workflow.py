@@ -160,6 +160,23 @@ def test_going_back_to_earlier_content_makes_a_new_version(write):
     )
 
 
+def test_once_does_not_load_content_the_workflow_already_had(write):
+    first = write("sales.yaml", SALES)
+    load(first)
+    load(write("sales_v2.yaml", SALES_V2))  # an operator's newer version
+
+    again = versioning.load_file(first, actor="devstack", once=True)
+
+    assert str(again) == "daily-sales v2 unchanged", "the operator's version stays the latest"
+    assert WorkflowVersion.objects.count() == 2
+    changed = versioning.load_file(
+        write("sales.yaml", SALES.replace("Sales per region.", "Sales per region, changed.")),
+        actor="devstack",
+        once=True,
+    )
+    assert str(changed) == "daily-sales v3 created", "a changed file is loaded"
+
+
 def test_note_is_stored_on_the_version(write):
     load(write("sales.yaml", SALES), note="first cut for the Monday report")
 

@@ -115,10 +115,53 @@ def test_debug_off_without_secret_key_names_secret_key(tmp_path, secret):
     assert message.startswith("SECRET_KEY is required when DEBUG is off.")
 
 
-def test_debug_defaults_to_off_so_secret_key_is_required(tmp_path):
+def test_debug_defaults_to_off(tmp_path):
+    assert loaded(start_django(tmp_path))["DEBUG"] == "False"
+
+
+def test_the_laptop_setup_makes_a_secret_key_of_its_own_and_keeps_it(tmp_path):
+    show_key = "import django; django.setup(); from django.conf import settings; print(settings.SECRET_KEY)"
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(BASE_DIR),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "KEEL_VAR_DIR": str(tmp_path / "var"),
+    }
+
+    def key() -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", show_key],
+            cwd=BASE_DIR,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    first, again = key(), key()
+    kept = tmp_path / "var" / "secret-key"
+    assert first == again == kept.read_text().strip(), "every shell signs alike"
+    assert len(first) >= 50
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert not [path for path in kept.parent.iterdir() if ".secret-key" in path.name]
+
+
+def test_outside_the_laptop_setup_debug_off_needs_a_secret_key(tmp_path):
+    message = refused(start_django(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/k.db"))
+
+    assert message.startswith("SECRET_KEY is required when DEBUG is off.")
+    assert not (tmp_path / "var" / "secret-key").exists()
+
+
+def test_a_spoilt_secret_key_file_names_the_file(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "secret-key").write_text("\n")
+
     message = refused(start_django(tmp_path))
 
-    assert "SECRET_KEY" in message
+    assert "secret-key holds no usable secret key; delete it" in message
 
 
 def test_debug_that_is_not_a_boolean_names_debug(tmp_path):

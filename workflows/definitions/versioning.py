@@ -27,12 +27,15 @@ def load_definition(
     source_name: str = "definition",
     note: str = "",
     dry_run: bool = False,
+    once: bool = False,
 ) -> LoadResult | None:
     """Validate a definition and store it as a new version if its content changed.
 
     Content means the normalised spec: comments and formatting do not make a version.
     An invalid definition raises ``spec.DefinitionError`` and writes nothing;
-    ``dry_run`` only validates.
+    ``dry_run`` only validates. With ``once``, content that any version of the workflow
+    ever had is not loaded again (devstack's demos: a newer version an operator loaded
+    stays the latest until the file itself changes).
     """
     definition = spec_module.parse(source, source_name=source_name)
     if dry_run:
@@ -47,6 +50,8 @@ def load_definition(
         workflow = Workflow.objects.select_for_update(no_key=True).get(pk=workflow.pk)
         latest = workflow.versions.order_by("-number").first()
         if latest is not None and latest.checksum == definition.checksum:
+            return LoadResult(latest, created=False)
+        if once and workflow.versions.filter(checksum=definition.checksum).exists():
             return LoadResult(latest, created=False)
         if (workflow.name, workflow.description) != (parsed["name"], parsed["description"]):
             workflow.name, workflow.description = parsed["name"], parsed["description"]
@@ -67,7 +72,7 @@ def load_definition(
 
 
 def load_file(
-    path: Path, *, actor: str, note: str = "", dry_run: bool = False
+    path: Path, *, actor: str, note: str = "", dry_run: bool = False, once: bool = False
 ) -> LoadResult | None:
     limit = limits.MAX_FILE_BYTES
     try:
@@ -85,7 +90,9 @@ def load_file(
         raise spec_module.DefinitionError(
             [("(file)", f"cannot be read: {error}")], str(path)
         ) from None
-    return load_definition(source, actor=actor, source_name=str(path), note=note, dry_run=dry_run)
+    return load_definition(
+        source, actor=actor, source_name=str(path), note=note, dry_run=dry_run, once=once
+    )
 
 
 def latest_version(workflow: Workflow) -> WorkflowVersion | None:

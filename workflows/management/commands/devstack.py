@@ -1,9 +1,12 @@
 """``manage.py devstack``: the whole of Keel on a laptop, started and stopped as one (``make run``).
 
 1. Start the embedded Redis when REDIS_URL is unset (else use REDIS_URL as it is).
-2. Migrate, load the demo definitions, create or reset the superuser ``admin``.
+2. Migrate, load each demo definition whose content is new to its workflow, create the
+   superuser ``admin`` with the password kept in var/admin-password (made once).
 3. Spawn an RQ worker, the watchdog and gunicorn, each in its own process group.
-4. Wait until the web server answers, start one run of each demo workflow, print how to log in.
+4. Wait until the web server answers; on the first start (or with --demo-runs) start one run
+   of each demo workflow; print how to log in, and again once the children's start-up
+   lines have passed.
 5. Supervise. A child that exits, for whatever reason, is restarted on its own after a backoff
    (1 s, doubling up to 30 s; 1 s again once it has stayed up 60 s), with one line saying why;
    the others stay up. What the dead child left behind (a work horse, the companion, gunicorn's
@@ -41,9 +44,13 @@ from config.env import env_int
 from workflows import operations
 from workflows.definitions import versioning
 from workflows.definitions.spec import DefinitionError
+from workflows.models import Run
 
 HOST = "127.0.0.1"
 ADMIN_USERNAME = "admin"
+DEMO_ACTOR = "devstack"
+# Seconds after the welcome when where and how to log in is said once more.
+REMIND_AFTER_SECONDS = 5
 DEMO_DIR = Path(settings.BASE_DIR) / "workflows" / "demo_definitions"
 WEB_READY_SECONDS = 60
 STOP_GRACE_SECONDS = 10
@@ -179,10 +186,16 @@ class Command(BaseCommand):
             default=None,
             help="Port of the web server on 127.0.0.1 (default KEEL_PORT, else 8000).",
         )
-        parser.add_argument(
+        demo_runs = parser.add_mutually_exclusive_group()
+        demo_runs.add_argument(
+            "--demo-runs",
+            action="store_true",
+            help="Start a run of each demo workflow (done by itself only on the first start).",
+        )
+        demo_runs.add_argument(
             "--no-demo-runs",
             action="store_true",
-            help="Load the demo workflows but do not start a run of each.",
+            help="Do not start demo runs, even on the first start.",
         )
 
     def handle(self, *args, **options):
@@ -202,12 +215,15 @@ class Command(BaseCommand):
             self._start_redis()
             self._prepare_database()
             slugs = self._load_demo_definitions()
-            password = self._reset_admin_password()
+            password = self._admin_password()
+            # Only on the first start (no run of devstack's yet), unless asked.
+            first = not Run.objects.filter(trigger=DEMO_ACTOR).exists()
+            wanted = options["demo_runs"] or (first and not options["no_demo_runs"])
             self._spawn_children()
             self._wait_for_web()
-            run_ids = [] if options["no_demo_runs"] else self._start_demo_runs(slugs)
+            run_ids = self._start_demo_runs(slugs) if wanted else []
             self._print_welcome(password, run_ids)
-            self._supervise()
+            self._supervise(remind=password)
         except StopRequested as stop:
             self._say(f"\n{stop}: stopping everything (a second Ctrl-C kills at once)…")
         finally:
@@ -269,26 +285,38 @@ class Command(BaseCommand):
             call_command("collectstatic", interactive=False, verbosity=0)
 
     def _load_demo_definitions(self) -> list[str]:
+        """Each demo file, loaded only when its content is new to its workflow: an
+        operator's later version stays the latest until the file itself changes."""
         paths = sorted(DEMO_DIR.glob("*.yaml"))
         if not paths:
             raise CommandError(f"No demo definitions found in {DEMO_DIR}.")
         slugs = []
         for path in paths:
             try:
-                result = versioning.load_file(path, actor="devstack")
+                result = versioning.load_file(path, actor=DEMO_ACTOR, once=True)
             except DefinitionError as error:
                 raise CommandError(f"{error}\nFix the demo definition and run again.") from None
             self._say(str(result))
             slugs.append(result.version.workflow.slug)
         return slugs
 
-    def _reset_admin_password(self) -> str:
-        password = secrets.token_urlsafe(16)
-        user, _ = get_user_model().objects.get_or_create(username=ADMIN_USERNAME)
+    def _admin_password(self) -> str | None:
+        """The admin's password, kept in var/admin-password: made on the first start and
+        the same on every start after. None when the admin has changed it since (then it
+        is left alone)."""
+        path = self._password_path()
+        saved = path.read_text().strip() if path.exists() else ""
+        user = get_user_model().objects.filter(username=ADMIN_USERNAME).first()
+        if user is not None and saved and not user.check_password(saved):
+            return None
+        password = saved or secrets.token_urlsafe(16)
+        if user is None:
+            user = get_user_model()(username=ADMIN_USERNAME)
         user.is_active = user.is_staff = user.is_superuser = True
         user.set_password(password)
         user.save()
-        self._write_private_file(self._password_path(), password + "\n")
+        if not saved:
+            self._write_private_file(path, password + "\n")
         return password
 
     def _password_path(self) -> Path:
@@ -372,7 +400,7 @@ class Command(BaseCommand):
         run_ids = []
         for slug in slugs:
             try:
-                run = operations.start_run(slug, actor="devstack")
+                run = operations.start_run(slug, actor=DEMO_ACTOR)
             except operations.OperationError as error:
                 self._say(self.style.ERROR(f"Could not start a demo run of {slug}: {error}"))
                 continue
@@ -380,16 +408,26 @@ class Command(BaseCommand):
             run_ids.append(run.pk)
         return run_ids
 
-    def _print_welcome(self, password: str, run_ids: list[int]) -> None:
+    def _print_welcome(self, password: str | None, run_ids: list[int]) -> None:
         manage = self._manage_command_for_humans()
-        run_id = run_ids[0] if run_ids else "RUN_ID"
+        latest = Run.objects.order_by("-pk").values_list("pk", flat=True).first()
+        run_id = run_ids[0] if run_ids else latest or "RUN_ID"
         lines = [
             "",
             self.style.SUCCESS("Keel is running."),
             f"  Dashboard   {self.base_url}",
             f"  Admin       {self.base_url}admin/",
-            f"  Log in as   {ADMIN_USERNAME} / {password}   (saved in {self._password_path()})",
+            self._login_line(password),
             "",
+            *(
+                []
+                if run_ids
+                else [
+                    "Demo runs start on the first start only; `make run ARGS=--demo-runs` "
+                    "starts them again.",
+                    "",
+                ]
+            ),
             "Try, in another terminal:",
             f"  {manage} run_workflow fan-out --wait 120",
             f"  {manage} show_run {run_id}",
@@ -401,24 +439,48 @@ class Command(BaseCommand):
         ]
         self._say("\n".join(lines))
 
+    def _login_line(self, password: str | None) -> str:
+        if password is None:
+            return (
+                f"  Log in as   {ADMIN_USERNAME}, with the password you gave it ("
+                f"{self._password_path()} is an older one; delete it and start again for a "
+                "new one)"
+            )
+        return f"  Log in as   {ADMIN_USERNAME} / {password}   (kept in {self._password_path()})"
+
     def _manage_command_for_humans(self) -> str:
         """How to run manage.py against this same stack from another shell."""
         python = Path(sys.executable)
         if python.is_relative_to(settings.BASE_DIR):
             python = python.relative_to(settings.BASE_DIR)
-        # Without these, another shell would talk to a different database, or refuse to start.
+        # Without these, another shell would talk to a different database.
         shared = [
             f"{name}={shlex.quote(os.environ[name])}"
-            for name in ("DEBUG", "KEEL_VAR_DIR", "KEEL_EMBEDDED_REDIS_SOCKET")
+            for name in ("KEEL_VAR_DIR", "KEEL_EMBEDDED_REDIS_SOCKET")
             if name in os.environ
         ]
         return " ".join([*shared, str(python), "manage.py"])
 
     # --- Supervising -------------------------------------------------------------------------
 
-    def _supervise(self) -> None:
+    def _supervise(self, remind: str | None = None) -> None:
+        # The children's start-up lines scroll the welcome away: say where and how to log
+        # in once more when they have had their say.
+        remind_at = time.monotonic() + REMIND_AFTER_SECONDS
         while True:
             self._supervise_once()
+            if remind_at is not None and time.monotonic() >= remind_at:
+                remind_at = None
+                self._say(
+                    "\n".join(
+                        [
+                            "",
+                            self.style.SUCCESS(f"Keel is running at {self.base_url}"),
+                            self._login_line(remind),
+                            "",
+                        ]
+                    )
+                )
             time.sleep(0.2)
 
     def _supervise_once(self) -> None:
