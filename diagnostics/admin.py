@@ -10,18 +10,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from diagnostics.models import AuditEvent, Finding
-from workflows.admin_lists import LargeListMixin, choices_filter
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+from workflows.admin_lists import HistoryAdmin, LargeListMixin, choices_filter
 
 
 class OpenFilter(admin.SimpleListFilter):
@@ -50,7 +39,7 @@ def _queues():
 
 
 @admin.register(Finding)
-class FindingAdmin(LargeListMixin, ReadOnlyAdmin):
+class FindingAdmin(LargeListMixin, HistoryAdmin):
     list_display = [
         "code",
         "severity",
@@ -111,7 +100,7 @@ class FindingAdmin(LargeListMixin, ReadOnlyAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(HistoryAdmin):
     list_display = ["at", "actor", "action", "target", "reason", "before", "after"]
     list_filter = ["action", "target"]
     search_fields = ["actor", "target", "reason"]

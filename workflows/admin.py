@@ -4,7 +4,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from workflows import admin_actions
-from workflows.admin_lists import LargeListMixin, choices_filter
+from workflows.admin_lists import HistoryAdmin, LargeListMixin, choices_filter
 from workflows.api import auth as api_auth
 from workflows.models import (
     ApiToken,
@@ -107,7 +107,7 @@ PoolFilter = choices_filter("pool", "pool", _pools)
 
 
 @admin.register(Run)
-class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin):
+class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, HistoryAdmin):
     actions = [admin_actions.resume_runs, admin_actions.cancel_runs]
     list_display = [
         "id",
@@ -151,9 +151,6 @@ class RunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin)
     def dashboard_link(self, obj):
         return format_html('<a href="{}">open</a>', reverse("dashboard:run-detail", args=[obj.pk]))
 
-    def has_add_permission(self, request):
-        return False  # runs start through run_workflow or the dashboard
-
 
 class AttemptInline(ReadOnlyInline):
     model = NodeAttempt
@@ -182,7 +179,7 @@ class NodeEventInline(RunEventInline):
 
 
 @admin.register(NodeRun)
-class NodeRunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAdmin):
+class NodeRunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, HistoryAdmin):
     actions = [
         admin_actions.retry_nodes,
         admin_actions.retry_nodes_with_downstream,
@@ -207,9 +204,6 @@ class NodeRunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, admin.ModelAd
     readonly_fields = [f.name for f in NodeRun._meta.fields]
     inlines = [AttemptInline, CheckpointInline, NodeEventInline]
 
-    def has_add_permission(self, request):
-        return False
-
 
 class LogLineInline(ReadOnlyInline):
     model = LogLine
@@ -219,7 +213,7 @@ class LogLineInline(ReadOnlyInline):
 
 
 @admin.register(Checkpoint)
-class CheckpointAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+class CheckpointAdmin(admin_actions.OperateRunsMixin, HistoryAdmin):
     """Checkpoints, to roll a run back to one (the run page offers the same)."""
 
     actions = [admin_actions.rollback_to_checkpoint]
@@ -230,15 +224,9 @@ class CheckpointAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
     ordering = ["-run_id", "node_run_id", "sequence"]
     readonly_fields = [f.name for f in Checkpoint._meta.fields]
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
 
 @admin.register(NodeAttempt)
-class NodeAttemptAdmin(LargeListMixin, admin.ModelAdmin):
+class NodeAttemptAdmin(LargeListMixin, HistoryAdmin):
     list_display = [
         "id",
         "node_run",
@@ -265,23 +253,14 @@ class NodeAttemptAdmin(LargeListMixin, admin.ModelAdmin):
     readonly_fields = [f.name for f in NodeAttempt._meta.fields]
     inlines = [LogLineInline]
 
-    def has_add_permission(self, request):
-        return False
-
 
 @admin.register(RunEvent)
-class RunEventAdmin(LargeListMixin, admin.ModelAdmin):
+class RunEventAdmin(LargeListMixin, HistoryAdmin):
     list_display = ["at", "run", "node_run", "kind", "actor", "reason"]
     list_filter = ["kind"]
     list_select_related = ["run", "run__workflow", "node_run", "node_run__run"]
     search_fields = ["=run__id", "actor", "reason"]
     readonly_fields = [f.name for f in RunEvent._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False  # the history is append-only
 
 
 @admin.register(ResourcePool)

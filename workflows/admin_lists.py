@@ -62,3 +62,19 @@ def choices_filter(field: str, title: str, choices) -> type[admin.SimpleListFilt
 
     ChoicesFilter.title = title
     return ChoicesFilter
+
+
+class HistoryAdmin(admin.ModelAdmin):
+    """Keel's history — runs, node runs, attempts, checkpoints, events, findings, the audit:
+    shown, never added, changed or deleted here (deleting a node run rewrote its run's
+    count, with no reason and no event). State changes go through the audited operations,
+    offered as the list's actions."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

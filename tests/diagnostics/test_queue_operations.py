@@ -136,3 +136,10 @@ def test_requeue_failed_jobs_puts_them_back_on_their_queue(operator_client, star
     again = operator_client.post(REQUEUE, {"confirm": "yes", "reason": "bug fixed"}, follow=True)
     assert "Queue low has no failed job to requeue." in again.content.decode()
     assert AuditEvent.objects.count() == 1
+
+
+def test_django_rqs_unaudited_pages_are_not_served(client, admin_user):
+    client.force_login(admin_user)  # a superuser, who could empty a queue there
+
+    for path in ("/django-rq/", "/django-rq/queues/0/empty/", "/django-rq/stats.json"):
+        assert client.get(path).status_code == 404, path

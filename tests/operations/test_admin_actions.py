@@ -157,3 +157,47 @@ def test_rollback_to_two_checkpoints_of_one_run_is_refused(operator, succeeded_r
     assert "Select one checkpoint per run" in response.content.decode()
     assert Run.objects.get(pk=succeeded_run.pk).status == Run.Status.SUCCEEDED
     assert not RunEvent.objects.filter(run=succeeded_run, kind=RunEvent.Kind.OPERATOR).exists()
+
+
+HISTORY = ["run", "noderun", "nodeattempt", "checkpoint", "runevent"]
+
+
+@pytest.mark.parametrize("model", HISTORY)
+def test_the_admin_never_adds_changes_or_deletes_history(client, admin_user, failed_run, model):
+    client.force_login(admin_user)  # a superuser: every permission Django knows of
+    row = {
+        "run": failed_run,
+        "noderun": NodeRun.objects.filter(run=failed_run).first(),
+        "nodeattempt": NodeRun.objects.filter(run=failed_run).first().attempts.first(),
+        "checkpoint": Checkpoint.objects.filter(run=failed_run).first(),
+        "runevent": RunEvent.objects.filter(run=failed_run).first(),
+    }[model]
+    base = f"/admin/workflows/{model}/"
+
+    listing = client.get(base).content.decode()
+    page = client.get(f"{base}{row.pk}/change/").content.decode()
+
+    assert "delete_selected" not in listing, "no 'Delete selected' action"
+    assert client.get(f"{base}add/").status_code == 403
+    assert client.get(f"{base}{row.pk}/delete/").status_code == 403
+    assert client.post(f"{base}{row.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert client.post(f"{base}{row.pk}/change/", {}).status_code == 403
+    assert 'name="_save"' not in page and "deletelink" not in page, "a read-only page"
+    assert type(row).objects.filter(pk=row.pk).exists()
+
+
+def test_findings_and_the_audit_are_read_only_too(client, admin_user):
+    from diagnostics.admin import AuditEventAdmin, FindingAdmin
+    from workflows.admin_lists import HistoryAdmin
+
+    assert issubclass(FindingAdmin, HistoryAdmin) and issubclass(AuditEventAdmin, HistoryAdmin)
+    client.force_login(admin_user)
+    for model in ("finding", "auditevent"):
+        assert client.get(f"/admin/diagnostics/{model}/add/").status_code == 403
+        assert "delete_selected" not in client.get(f"/admin/diagnostics/{model}/").content.decode()
+
+
+def test_the_history_keeps_its_operator_actions(operator, failed_run):
+    listing = operator.get("/admin/workflows/run/").content.decode()
+
+    assert "resume_runs" in listing and "cancel_runs" in listing
