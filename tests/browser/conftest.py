@@ -95,10 +95,17 @@ def browser(launch_browser):
 
 @pytest.fixture
 def browser_errors(page):
-    """Dialogs (alert, confirm) and uncaught script errors seen by the page."""
+    """Dialogs (alert, confirm), uncaught script errors and anything the
+    Content-Security-Policy refused, seen by the page."""
     seen: list[str] = []
     page.on("dialog", lambda dialog: (seen.append(f"dialog: {dialog.message}"), dialog.dismiss()))
     page.on("pageerror", lambda error: seen.append(f"pageerror: {error}"))
+    page.on(
+        "console",
+        lambda message: (
+            "Content Security Policy" in message.text and seen.append(f"csp: {message.text}")
+        ),
+    )
     return seen
 
 

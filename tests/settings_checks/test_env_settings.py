@@ -377,3 +377,51 @@ def test_env_str_reads_the_value_or_the_default(monkeypatch, unset):
     monkeypatch.setenv(VARIABLE, "value")
 
     assert env_str(VARIABLE, "fallback") == "value"
+
+
+SHOW_HTTPS = """
+import django
+django.setup()
+from django.conf import settings
+print(repr((settings.SECURE_SSL_REDIRECT, settings.SECURE_HSTS_SECONDS,
+            settings.SECURE_HSTS_INCLUDE_SUBDOMAINS, settings.SECURE_PROXY_SSL_HEADER)))
+"""
+
+
+def https_settings(tmp_path, **env) -> subprocess.CompletedProcess:
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(BASE_DIR),
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "KEEL_VAR_DIR": str(tmp_path / "var"),
+        **PRODUCTION,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-c", SHOW_HTTPS],
+        cwd=BASE_DIR,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_https_settings_come_from_the_environment(tmp_path):
+    assert https_settings(tmp_path).stdout.strip() == "(False, 0, False, None)"
+    done = https_settings(
+        tmp_path,
+        SECURE_SSL_REDIRECT="1",
+        SECURE_HSTS_SECONDS="31536000",
+        SECURE_HSTS_INCLUDE_SUBDOMAINS="yes",
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto: https",
+    )
+    assert done.stdout.strip() == "(True, 31536000, True, ('HTTP_X_FORWARDED_PROTO', 'https'))"
+
+
+def test_a_proxy_header_without_a_value_is_refused(tmp_path):
+    message = refused(https_settings(tmp_path, SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto"))
+
+    assert message.startswith(
+        "SECURE_PROXY_SSL_HEADER='X-Forwarded-Proto' is not 'Header-Name: value'"
+    )

@@ -168,3 +168,10 @@ def test_an_operator_who_is_not_staff_signs_in_on_keels_own_page(client, django_
     )
     assert right.status_code == 302 and right["Location"] == "/runs/"
     assert client.get("/runs/").status_code == 200
+
+
+def test_every_answer_carries_the_content_security_policy(client, admin_user):
+    client.force_login(admin_user)
+    for path in ("/", "/admin/", "/api/v1/runs", "/login/"):
+        policy = client.get(path).headers["Content-Security-Policy"]
+        assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, path
