@@ -6,6 +6,7 @@ DATABASE_URL, REDIS_URL, SECRET_KEY and DEBUG=0; a bad or missing value raises
 ImproperlyConfigured naming the variable.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -49,6 +50,7 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_prometheus",
     "django_rq",
+    "axes",
     "workflows",
     "diagnostics",
     "dashboard",
@@ -66,6 +68,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "config.security.ContentSecurityPolicyMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Last, as django-axes asks: it answers a locked-out sign-in.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -219,6 +223,21 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 # Keel's own sign-in page: operators need not be Django staff to use the dashboard.
 LOGIN_URL = "login"
+
+# Sign-in throttling (django-axes): after KEEL_LOGIN_FAILURE_LIMIT failed sign-ins of one
+# user name from one address (the dashboard's and the admin's), that pair is refused for
+# KEEL_LOGIN_LOCKOUT_MINUTES; a success clears the count. `manage.py axes_reset_username
+# NAME` lifts a lockout. The address is REMOTE_ADDR: behind a proxy, the proxy's.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("KEEL_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("KEEL_LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
 LOGIN_REDIRECT_URL = "dashboard:overview"
 LOGOUT_REDIRECT_URL = "login"
 

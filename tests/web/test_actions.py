@@ -12,7 +12,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from tests.web.conftest import CHAIN, PASSWORD, nodes, work
+from tests.web.conftest import CHAIN, nodes, work
 from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
 
 pytestmark = pytest.mark.django_db
@@ -90,7 +90,7 @@ def test_post_without_csrf_token_is_403(operator, failed_run, slug):
 
 def test_post_with_the_csrf_token_of_the_confirm_page_works(operator, failed_run):
     client = Client(enforce_csrf_checks=True)
-    client.login(username=operator.username, password=PASSWORD)
+    client.force_login(operator)
     page = client.get(f"/runs/{failed_run.pk}/resume/preview/").content.decode()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
 
