@@ -55,7 +55,7 @@ def staff_required(view):
     @wraps(view)
     def wrapper(request, *args, **kwargs):
         if not request.user.is_staff:
-            raise PermissionDenied("Diagnostics pages are for staff.")
+            raise PermissionDenied("Diagnostics pages are for staff accounts (is_staff).")
         return view(request, *args, **kwargs)
 
     return login_required(wrapper)

@@ -4,8 +4,9 @@ State-changing views are in dashboard/action_views.py.
 """
 
 from datetime import timedelta
+from functools import wraps
 
-from django.contrib.auth.decorators import login_required, permission_required
+from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404
 from django.shortcuts import get_object_or_404, render
@@ -25,7 +26,15 @@ STOP_POLLING = 286
 
 
 def _can_view(view):
-    return login_required(permission_required(VIEW_PERMISSION, raise_exception=True)(view))
+    """Login (redirect to the login page), then the view permission (403, naming it)."""
+
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        if not request.user.has_perm(VIEW_PERMISSION):
+            raise PermissionDenied(f"Seeing runs needs the {VIEW_PERMISSION} permission.")
+        return view(request, *args, **kwargs)
+
+    return login_required(wrapper)
 
 
 def get_run_for_user(request, run_id) -> Run:

@@ -28,6 +28,13 @@ class Target:
     options: dict  # for operations.preview and the operation
 
 
+def _about(target: Target, said) -> str:
+    """What an operation said, led by its target unless it names it already ("Run 14
+    resumed: …", not "run 14: Run 14 resumed: …")."""
+    text = str(said)
+    return text if text.lower().startswith(target.label.lower()) else f"{target.label}: {text}"
+
+
 def operate(modeladmin, request, queryset, *, action: str, title: str, targets: list[Target]):
     """Show previews and a reason form; on confirm, perform the registry's ``action`` on
     each target, with its options."""
@@ -47,10 +54,10 @@ def operate(modeladmin, request, queryset, *, action: str, title: str, targets: 
                         **target.options,
                     )
                 except operations.OperationError as error:
-                    modeladmin.message_user(request, f"{target.label}: {error}", messages.ERROR)
+                    modeladmin.message_user(request, _about(target, error), messages.ERROR)
                 else:
                     level = messages.SUCCESS if outcome.changed else messages.INFO
-                    modeladmin.message_user(request, f"{target.label}: {outcome.message}", level)
+                    modeladmin.message_user(request, _about(target, outcome.message), level)
             return None
     else:
         form = ReasonForm(initial={"request_key": uuid.uuid4().hex})

@@ -1,6 +1,8 @@
 """Every dashboard page renders, needs a login and the view permission, and the admin links
 each run to its dashboard page."""
 
+import re
+
 import pytest
 from django.test import Client
 
@@ -175,3 +177,33 @@ def test_every_answer_carries_the_content_security_policy(client, admin_user):
     for path in ("/", "/admin/", "/api/v1/runs", "/login/"):
         policy = client.get(path).headers["Content-Security-Policy"]
         assert "script-src 'self';" in policy and "frame-ancestors 'none'" in policy, path
+
+
+def nav_links(html: str) -> list[str]:
+    nav = html[html.index('<nav aria-label="Main">') : html.index("</nav>")]
+    return re.findall(r">([A-Z][a-z]+)</a>", nav)
+
+
+def test_the_menu_shows_only_what_the_user_may_open(viewer_client, client, django_user_model):
+    assert nav_links(viewer_client.get("/").content.decode()) == ["Overview", "Workflows", "Runs"]
+    staff = django_user_model.objects.create_user("sam", password="pw", is_staff=True)
+    client.force_login(staff)
+    refused = client.get("/")  # staff without the view permission
+
+    assert nav_links(refused.content.decode()) == ["Findings", "System", "Admin"]
+    assert refused.status_code == 403
+
+
+def test_a_refusal_names_the_missing_permission_and_who_is_signed_in(client, django_user_model):
+    nobody = django_user_model.objects.create_user("nina", password="pw")
+    client.force_login(nobody)
+
+    runs = client.get("/runs/")
+    findings = client.get("/findings/")
+
+    assert runs.status_code == findings.status_code == 403
+    page = runs.content.decode()
+    assert "Seeing runs needs the workflows.view_run permission." in page
+    assert "signed in as <strong>nina</strong>" in page
+    assert "Diagnostics pages are for staff accounts (is_staff)." in findings.content.decode()
+    assert nav_links(page) == []
