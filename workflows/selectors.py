@@ -11,6 +11,13 @@ def seconds_between(start, end):
     return None
 
 
+def attempt_words(attempt: int, max_attempts: int, attempts_base: int) -> str:
+    """A node's attempt against its limit, counted as retries are: from the last operator
+    reset. "2/3"; after a reset, "1/1 (#2)": never "2/1"."""
+    counted = f"{max(attempt - attempts_base, 0)}/{max_attempts}"
+    return f"{counted} (#{attempt})" if attempts_base else counted
+
+
 def run_summary_line(run: Run) -> str:
     took = seconds_between(run.started_at, run.finished_at)
     duration = f" in {took:.1f}s" if took is not None else ""
@@ -43,6 +50,7 @@ def run_detail(run: Run) -> dict:
                 "status": node.status,
                 "attempt": node.attempt,
                 "max_attempts": node.max_attempts,
+                "attempts_base": node.attempts_base,
                 "queue": node.queue,
                 "pool": node.pool,
                 "after": node.upstream,

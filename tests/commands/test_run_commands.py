@@ -80,7 +80,10 @@ def test_run_workflow_exits_one_when_the_run_fails(start_worker, make_version):
     start_worker()
     code, output = run_command("run_workflow", "broken", "--wait", "60")
     assert code == 1
-    assert "failed" in output
+    run = Run.objects.get()
+    assert f"run {run.pk} of broken v1: failed" in output
+    assert f"  reason: {run.reason}" in output and run.reason, "why it failed"
+    assert f"see: manage.py show_run {run.pk}" in output
 
 
 def test_run_workflow_exits_three_when_still_running_after_the_wait(make_version):
@@ -135,6 +138,7 @@ def test_show_run_lists_nodes_attempts_and_reasons(start_worker, start_run):
     assert f"run {run.pk} of shown v1: failed" in text
     assert "#1 failed" in text and "ConnectionError: planned failure on attempt 1" in text
     assert "blocked: upstream never failed" in text
+    assert " 2/2 " in text and " 1/1 " in text, "attempts against their limit"
 
     code, raw = run_command("show_run", str(run.pk), "--json")
     detail = json.loads(raw)
@@ -171,3 +175,11 @@ def test_demo_definitions_are_in_the_repository():
         "flaky_and_slow.yaml",
         "needs_fix.yaml",
     }
+
+
+def test_attempts_count_from_the_last_operator_reset():
+    from workflows.selectors import attempt_words
+
+    assert attempt_words(2, 3, 0) == "2/3"
+    assert attempt_words(2, 1, 1) == "1/1 (#2)", "retried by an operator: never 2/1"
+    assert attempt_words(0, 1, 0) == "0/1"

@@ -59,6 +59,9 @@ class Command(BaseCommand):
             return
         if run.status in Run.TERMINAL:
             self.stdout.write(self.style.ERROR(summary))
+            if run.reason:
+                self.stdout.write(f"  reason: {run.reason}")
+            self.stdout.write(f"  see: manage.py show_run {run.pk}")
             raise SystemExit(EXIT_FAILED)
         self.stdout.write(
             self.style.WARNING(f"{summary} (still running after {options['wait']:g}s)")

@@ -33,15 +33,17 @@ class Command(BaseCommand):
         self.stdout.write(selectors.run_summary_line(run))
         if run.reason:
             self.stdout.write(f"  reason: {run.reason}")
-        header = f"  {'node':<24} {'status':<11} {'attempt':>7} {'duration':>9}  reason"
+        header = f"  {'node':<24} {'status':<11} {'attempt':>10} {'duration':>9}  reason"
         self.stdout.write(header)
         for node in detail["nodes"]:
             duration = (
                 f"{node['duration_seconds']:.1f}s" if node["duration_seconds"] is not None else "-"
             )
-            attempts = f"{node['attempt']}/{node['max_attempts']}"
+            attempts = selectors.attempt_words(
+                node["attempt"], node["max_attempts"], node["attempts_base"]
+            )
             self.stdout.write(
-                f"  {node['key']:<24} {node['status']:<11} {attempts:>7} {duration:>9}  {node['reason']}"
+                f"  {node['key']:<24} {node['status']:<11} {attempts:>10} {duration:>9}  {node['reason']}"
             )
             for attempt in node["attempts"]:
                 took = (
