@@ -10,6 +10,8 @@ and how fast it comes back.
   the mean of first_seen - since.
 * MTTR — mean time to recover: over those findings resolved in the window, the mean of
   resolved_at - first_seen.
+* recovery time — MTTD + MTTR, as one figure (when both are known).
+* λ — the failure rate in time, 1 / MTBF, given per day.
 * time to restore — from run history: for each failed run in the window, the time from
   its end to the end of the workflow's next succeeded run (failures not yet followed by a
   success are counted in ``unrestored``).
@@ -46,6 +48,7 @@ WINDOWS = {
     "90d": timedelta(days=90),
 }
 DEFAULT_WINDOW = "7d"
+DAY_SECONDS = 24 * 3600
 
 
 def with_known_start(findings):
@@ -96,6 +99,9 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
 
     findings = _finding_figures(workflow, start, now)
     restore = _seconds(runs["restore"])
+    mttd, mttr = _seconds(findings["mttd"]), _seconds(findings["mttr"])
+    recovery = mttd + mttr if mttd is not None and mttr is not None else None
+    per_day = DAY_SECONDS / mtbf if mtbf else None
 
     figures = {
         "workflow": workflow.slug,
@@ -110,10 +116,12 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
         "failure_rate": failure_rate,
         "observed_seconds": observed,
         "mtbf_seconds": mtbf,
-        "mttd_seconds": _seconds(findings["mttd"]),
+        "mttd_seconds": mttd,
         "mttd_samples": findings["mttd_samples"],
-        "mttr_seconds": _seconds(findings["mttr"]),
+        "mttr_seconds": mttr,
         "mttr_samples": findings["mttr_samples"],
+        "recovery_seconds": recovery,
+        "failures_per_day": per_day,
         "restore_seconds": restore,
         "restore_samples": runs["restored"],
         "unrestored": runs["failed"] - runs["restored"],
@@ -123,6 +131,8 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
         "mtbf": format_duration(mtbf) if mtbf is not None else "no failures",
         "mttd": format_duration(figures["mttd_seconds"]),
         "mttr": format_duration(figures["mttr_seconds"]),
+        "recovery": format_duration(recovery),
+        "lambda": f"{per_day:.3g} / day" if per_day is not None else "—",
         "restore": format_duration(restore),
     }
     return figures

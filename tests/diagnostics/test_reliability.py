@@ -72,6 +72,7 @@ def test_mtbf_is_the_observed_time_over_the_failures(version):
     assert week["observed_seconds"] == 2 * DAY
     assert week["mtbf_seconds"] == DAY
     assert week["display"]["mtbf"] == "24.0 h"
+    assert week["failures_per_day"] == 1.0 and week["display"]["lambda"] == "1 / day"
     # Over the last 24 hours: one failure in 24 hours.
     assert figures(version, "24h")["mtbf_seconds"] == DAY
 
@@ -84,6 +85,8 @@ def test_without_runs_or_failures_there_is_nothing_to_divide(version):
         "mtbf": "no failures",
         "mttd": "—",
         "mttr": "—",
+        "recovery": "—",
+        "lambda": "—",
         "restore": "—",
     }
     make_run(version, Run.Status.SUCCEEDED, finished_ago=60)
@@ -121,6 +124,8 @@ def test_detect_and_recover_times_come_from_the_workflow_findings(version, make_
     assert (result["mttr_seconds"], result["mttr_samples"]) == (60.0, 2)
     assert result["display"]["mttd"] == "5.0s"
     assert result["display"]["mttr"] == "1.0 min"
+    assert result["recovery_seconds"] == 65.0, "detect + recover, one figure"
+    assert result["display"]["recovery"] == "1.1 min"
 
 
 def test_time_to_restore_runs_from_a_failure_to_the_next_success(version):

@@ -23,9 +23,21 @@ PRODUCTS = ["widget", "gadget", "gizmo", "doohickey", "sprocket", "flange"]
 
 
 def _data_path(relative: str) -> Path:
+    """A file under KEEL_DATA_DIR. Refused: an absolute path, "..", an empty one (the
+    directory itself: its temporary file went beside it), and one that a symlink leads
+    out of the directory."""
+    root = Path(settings.KEEL_DATA_DIR).resolve()
     path = Path(relative)
-    if path.is_absolute() or ".." in path.parts:
-        raise PermanentError(f"{relative!r} must be a relative path inside KEEL_DATA_DIR")
+    resolved = (root / path).resolve()
+    if (
+        path.is_absolute()
+        or ".." in path.parts
+        or resolved == root
+        or not resolved.is_relative_to(root)
+    ):
+        raise PermanentError(
+            f"{relative!r} must name a file inside KEEL_DATA_DIR, as a relative path"
+        )
     return Path(settings.KEEL_DATA_DIR) / path
 
 
