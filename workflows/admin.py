@@ -275,11 +275,19 @@ class ApiTokenAdmin(admin.ModelAdmin):
     """Tokens are created with manage.py create_api_token, which shows the token once;
     here they are listed and revoked, never read back (only a SHA-256 is stored)."""
 
-    list_display = ["name", "user", "prefix", "created_at", "last_used_at", "revoked_at"]
+    list_display = [
+        "name",
+        "user",
+        "prefix",
+        "created_at",
+        "last_used_at",
+        "expires_at",
+        "revoked_at",
+    ]
     list_filter = [("revoked_at", admin.EmptyFieldListFilter)]
     list_select_related = ["user"]
     search_fields = ["name", "prefix", "user__username"]
-    fields = ["user", "name", "prefix", "created_at", "last_used_at", "revoked_at"]
+    fields = ["user", "name", "prefix", "created_at", "last_used_at", "expires_at", "revoked_at"]
     readonly_fields = fields
     actions = ["revoke"]
 

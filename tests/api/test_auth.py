@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from tests.api.conftest import Api, make_user
 from workflows.api import auth
@@ -255,3 +256,35 @@ def test_the_openapi_document_is_public(client):
     response = client.get("/api/v1/openapi.json")
     assert response.status_code == 200
     assert response.json()["openapi"].startswith("3.")
+
+
+def test_a_token_past_its_expiry_is_401_saying_so(client, operator):
+    token, raw = auth.create_token(operator, "cron", expires_at=timezone.now() + timedelta(hours=1))
+    assert Api(client, raw).get("runs").status_code == 200
+    ApiToken.objects.filter(pk=token.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    response = Api(client, raw).get("runs")
+
+    assert response.status_code == 401
+    assert "This API token ('cron') expired at " in error(response)["message"]
+    assert "--expires-in DAYS" in error(response)["message"]
+
+
+def test_create_api_token_can_set_an_expiry(operator):
+    err = io.StringIO()
+    call_command(
+        "create_api_token",
+        "olga",
+        "--name",
+        "ci",
+        "--expires-in",
+        "30",
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+
+    token = ApiToken.objects.get(name="ci")
+    assert abs(token.expires_at - (timezone.now() + timedelta(days=30))) < timedelta(minutes=1)
+    assert " until " in err.getvalue()
+    with pytest.raises(CommandError, match="--expires-in must be a number of days from 1 to 3650"):
+        call_command("create_api_token", "olga", "--name", "x", "--expires-in", "0")

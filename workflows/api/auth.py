@@ -44,13 +44,26 @@ def hash_token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def create_token(user, name: str) -> tuple[ApiToken, str]:
-    """Create a token for ``user``; returns the row and the token, which is never stored."""
+def create_token(user, name: str, *, expires_at=None) -> tuple[ApiToken, str]:
+    """Create a token for ``user`` (refused after ``expires_at``, if given); returns the
+    row and the token, which is never stored."""
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(
-        user=user, name=name, prefix=raw[:VISIBLE_CHARS], token_hash=hash_token(raw)
+        user=user,
+        name=name,
+        prefix=raw[:VISIBLE_CHARS],
+        token_hash=hash_token(raw),
+        expires_at=expires_at,
     )
     return token, raw
+
+
+class TokenExpired(Exception):
+    """A token that was live until its ``expires_at``."""
+
+    def __init__(self, token: ApiToken):
+        super().__init__(token.expires_at)
+        self.token = token
 
 
 def revoke_token(token: ApiToken) -> bool:
@@ -63,7 +76,8 @@ def revoke_token(token: ApiToken) -> bool:
 
 
 def token_for(raw: str) -> ApiToken | None:
-    """The live token ``raw`` stands for (its user active), or None."""
+    """The live token ``raw`` stands for (its user active), or None; TokenExpired for one
+    past its ``expires_at``."""
     if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
         return None
     token = (
@@ -74,6 +88,8 @@ def token_for(raw: str) -> ApiToken | None:
     if token is None or not token.user.is_active:
         return None
     now = timezone.now()
+    if token.expires_at is not None and token.expires_at <= now:
+        raise TokenExpired(token)
     ApiToken.objects.filter(pk=token.pk).filter(
         Q(last_used_at__isnull=True) | Q(last_used_at__lt=now - LAST_USED_PRECISION)
     ).update(last_used_at=now)
@@ -107,7 +123,14 @@ class BearerAuth(HttpBearer):
         return self.authenticate(request, credentials.strip())
 
     def authenticate(self, request, token: str):
-        found = token_for(token)
+        try:
+            found = token_for(token)
+        except TokenExpired as expired:
+            moment = expired.token.expires_at.isoformat(timespec="seconds")
+            raise unauthenticated(
+                f"This API token ('{expired.token.name}') expired at {moment}. Create a new "
+                "one with: manage.py create_api_token USERNAME --name WHAT-FOR [--expires-in DAYS]."
+            ) from None
         if found is None:
             raise unauthenticated(
                 "This API token is unknown, revoked, or belongs to an inactive user. "

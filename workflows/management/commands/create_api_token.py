@@ -1,5 +1,8 @@
+from datetime import timedelta
+
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
+from django.utils import timezone
 
 from workflows.api import auth
 
@@ -19,6 +22,12 @@ class Command(BaseCommand):
             required=True,
             help="What the token is for, e.g. 'nightly cron on etl-01' (shown in the admin).",
         )
+        parser.add_argument(
+            "--expires-in",
+            type=int,
+            metavar="DAYS",
+            help="Refuse the token after this many days (default: it never expires).",
+        )
 
     def handle(self, *args, **options):
         user = self._get_user(options["username"])
@@ -27,10 +36,16 @@ class Command(BaseCommand):
             raise CommandError("--name must not be empty; say what the token is for.")
         if len(name) > 100:
             raise CommandError("--name must be at most 100 characters.")
-        token, raw = auth.create_token(user, name)
+        days = options["expires_in"]
+        if days is not None and not 1 <= days <= 3650:
+            raise CommandError("--expires-in must be a number of days from 1 to 3650.")
+        expires_at = timezone.now() + timedelta(days=days) if days else None
+        token, raw = auth.create_token(user, name, expires_at=expires_at)
+        until = f" until {expires_at.isoformat(timespec='seconds')}" if expires_at else ""
         self.stderr.write(
-            f"Token {token.prefix}… '{token.name}' for {user.get_username()} created. It is "
-            "printed below once and cannot be shown again; revoke it in the admin (API tokens)."
+            f"Token {token.prefix}… '{token.name}' for {user.get_username()} created{until}. "
+            "It is printed below once and cannot be shown again; revoke it in the admin "
+            "(API tokens)."
         )
         self.stdout.write(raw)
 
