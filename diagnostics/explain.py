@@ -160,6 +160,7 @@ EVIDENCE_LABELS = [
     ("rss_limit_bytes", "RSS limit"),
     ("cpu_percent_mean", "CPU % (mean)"),
     ("io_wait_percent_mean", "IO wait % (mean)"),
+    ("network_bytes_per_second_mean", "network, host (mean bytes/s)"),
     ("resource_samples", "resource samples"),
     ("url", "URL"),
     ("error", "error"),
@@ -330,6 +331,11 @@ def format_value(key: str, value, now: datetime | None = None) -> str:
         return "; ".join(
             f"cpu {s.get('cpu_percent')}%, rss {(s.get('rss_bytes') or 0) / 2**20:.0f} MiB, "
             f"io wait {s.get('io_wait_percent')}%"
+            + (
+                f", network {s['network_bytes_per_second'] / 2**10:.0f} KiB/s (host)"
+                if s.get("network_bytes_per_second") is not None
+                else ""
+            )
             for s in value
         )
     if isinstance(value, list):

@@ -193,7 +193,15 @@ def _attach_last_log_lines(detections: list[Detection], lines: int = 5) -> None:
 # as of the finding's last change, and not a change by itself (a finding is rewritten when
 # what it says changes). A live worker's RQ heartbeat moves every few seconds: were it
 # counted, a mass incident would rewrite every finding on every tick.
-LIVE_EVIDENCE = frozenset({"progress", "resource_samples", "last_log_lines", "rq_last_heartbeat"})
+LIVE_EVIDENCE = frozenset(
+    {
+        "progress",
+        "resource_samples",
+        "last_log_lines",
+        "rq_last_heartbeat",
+        "network_bytes_per_second_mean",
+    }
+)
 # What the run history and the repairs read of a finding.
 EVENT_FIELDS = ("id", "code", "subject", "title", "run_id", "node_run_id", "first_seen")
 

@@ -409,6 +409,9 @@ def resource_pressure(ctx: Context) -> list[Detection]:
                     "problems": problems,
                     "cpu_percent_mean": cpu,
                     "io_wait_percent_mean": io_wait,
+                    "network_bytes_per_second_mean": _mean(
+                        s.get("network_bytes_per_second") for s in samples
+                    ),
                     "rss_bytes": rss,
                     "rss_limit_bytes": limit,
                 },

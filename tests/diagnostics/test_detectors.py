@@ -269,6 +269,7 @@ def test_resource_pressure_from_heartbeat_samples(start_worker, start_run, setti
     assert "CPU at" in finding.title
     assert finding.evidence["rss_bytes"] >= 0.9 * 320 * 2**20
     assert len(finding.evidence["resource_samples"]) >= 2
+    assert finding.evidence["network_bytes_per_second_mean"] >= 0, "the host's traffic beside"
     operations.cancel_run(run.pk, actor="test", reason="done")
 
 

@@ -586,7 +586,10 @@ def test_heartbeat_records_progress_and_resource_samples(start_worker, start_run
     assert slow.progress["total"] == 30
     assert attempt.rss_bytes > 0
     assert len(attempt.resource_samples) >= 2
-    assert {"cpu_percent", "rss_bytes", "io_wait_percent"} <= set(attempt.resource_samples[0])
+    first = attempt.resource_samples[0]
+    assert {"cpu_percent", "rss_bytes", "io_wait_percent", "network_bytes_per_second"} <= set(first)
+    assert isinstance(first["network_bytes_per_second"], int), "the host's traffic, bytes/s"
+    assert first["network_bytes_per_second"] >= 0
 
 
 def test_a_claim_the_database_forgot_costs_a_rerun_never_a_second_result(

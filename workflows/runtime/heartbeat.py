@@ -29,17 +29,37 @@ MAX_SAMPLES = 60
 
 
 class ResourceSampler:
-    """RSS and IO wait by psutil; CPU from the process's own clock (``_Watched.cpu_percent``)."""
+    """RSS, IO wait and network traffic by psutil; CPU from the process's own clock
+    (``_Watched.cpu_percent``). IO wait and network are the host's: psutil cannot tell one
+    process's network bytes apart without privileges."""
 
     def __init__(self):
         self.process = psutil.Process(os.getpid())
-        # The first call only sets the baseline (machine-wide IO wait).
+        # The first calls only set the baselines.
         psutil.cpu_times_percent(None)
+        self._network = self._network_mark()
+
+    @staticmethod
+    def _network_mark() -> tuple[int, float] | None:
+        counters = psutil.net_io_counters()
+        if counters is None:  # no network interface to read
+            return None
+        return counters.bytes_sent + counters.bytes_recv, time.monotonic()
 
     def sample(self, cpu_percent: float) -> dict:
         rss = self.process.memory_info().rss
         io_wait = getattr(psutil.cpu_times_percent(None), "iowait", None)
-        return {"cpu_percent": round(cpu_percent, 1), "rss_bytes": rss, "io_wait_percent": io_wait}
+        before, self._network = self._network, self._network_mark()
+        network = None
+        if before is not None and self._network is not None:
+            moved, seconds = self._network[0] - before[0], self._network[1] - before[1]
+            network = round(max(moved, 0) / max(seconds, 1e-6))
+        return {
+            "cpu_percent": round(cpu_percent, 1),
+            "rss_bytes": rss,
+            "io_wait_percent": io_wait,
+            "network_bytes_per_second": network,
+        }
 
 
 def _clocks() -> tuple[float, float]:
