@@ -38,7 +38,7 @@ PRODUCTION = {
 }
 
 
-def start_django(tmp_path, **env) -> subprocess.CompletedProcess:
+def start_django(tmp_path, code: str = SHOW_SETTINGS, **env) -> subprocess.CompletedProcess:
     """Run ``django.setup()`` with config.settings and only the given environment.
 
     Nothing is inherited from the test process (which sets DEBUG=1, REDIS_URL, ...);
@@ -52,7 +52,7 @@ def start_django(tmp_path, **env) -> subprocess.CompletedProcess:
     }
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-c", SHOW_SETTINGS],
+        [sys.executable, "-c", code],
         cwd=BASE_DIR,
         env=environment,
         capture_output=True,
@@ -121,22 +121,9 @@ def test_debug_defaults_to_off(tmp_path):
 
 def test_the_laptop_setup_makes_a_secret_key_of_its_own_and_keeps_it(tmp_path):
     show_key = "import django; django.setup(); from django.conf import settings; print(settings.SECRET_KEY)"
-    environment = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(BASE_DIR),
-        "DJANGO_SETTINGS_MODULE": "config.settings",
-        "KEEL_VAR_DIR": str(tmp_path / "var"),
-    }
 
     def key() -> str:
-        run = subprocess.run(
-            [sys.executable, "-c", show_key],
-            cwd=BASE_DIR,
-            env=environment,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        run = start_django(tmp_path, show_key)
         assert run.returncode == 0, run.stderr
         return run.stdout.strip()
 
@@ -389,22 +376,7 @@ print(repr((settings.SECURE_SSL_REDIRECT, settings.SECURE_HSTS_SECONDS,
 
 
 def https_settings(tmp_path, **env) -> subprocess.CompletedProcess:
-    environment = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": str(BASE_DIR),
-        "DJANGO_SETTINGS_MODULE": "config.settings",
-        "KEEL_VAR_DIR": str(tmp_path / "var"),
-        **PRODUCTION,
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-c", SHOW_HTTPS],
-        cwd=BASE_DIR,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return start_django(tmp_path, SHOW_HTTPS, **{**PRODUCTION, **env})
 
 
 def test_https_settings_come_from_the_environment(tmp_path):
