@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import quote_plus, urlencode
 
-from django.db.models import Max
+from django.db.models import F, Max
 from django.urls import reverse
 from django.utils import timezone
 
@@ -76,6 +76,36 @@ class NodeActions:
 
 
 @dataclass
+class Failure:
+    """The failure that stopped the run, told once: which node, which attempt, the error."""
+
+    node_key: str
+    status: str
+    attempt: int
+    max_attempts: int
+    error: str
+    href: str
+
+
+@dataclass
+class Summary:
+    """The top of the run page: where the run is, what failed and why, the finding in
+    plain words, and the one action recommended; the other run actions beside it."""
+
+    headline: str
+    failure: Failure | None
+    finding: explain.Explanation | None
+    other_findings: list
+    recommended: dict | None
+    other_actions: list[dict]
+
+    @property
+    def finding_ids(self) -> set[int]:
+        shown = [self.finding, *self.other_findings] if self.finding else self.other_findings
+        return {finding.id for finding in shown}
+
+
+@dataclass
 class LogPage:
     attempt: NodeAttempt | None
     lines: list[LogLine]
@@ -98,6 +128,14 @@ class NodePanel:
     progress: dict
     progress_percent: float | None
     progress_stopped: bool  # the figure is where the node stopped, not live
+    retry_href: str = ""
+
+    @property
+    def error_shown(self) -> bool:
+        """Does the latest attempt's row carry the error (so the node's reason, which
+        repeats it, need not)?"""
+        latest = self.attempts[0] if self.attempts else None
+        return bool(latest and (latest.error_type or latest.error_message))
 
 
 # What the page reads of every node (the open one is read in full): a 1 000-node run's
@@ -165,6 +203,104 @@ def run_actions(run: Run) -> RunActions:
         rollback=not active,
         why_no_rollback="Cancel the run first to roll it back." if active else "",
     )
+
+
+def run_action_links(run: Run) -> list[dict]:
+    """The run-level actions open to this run, as links to their preview pages."""
+    actions = run_actions(run)
+    links = []
+    if actions.resume:
+        links.append({"label": "Resume run", "href": _preview_url("resume", run)})
+    if actions.rollback:
+        links.append({"label": "Roll back", "href": _preview_url("rollback", run)})
+    if actions.cancel:
+        links.append({"label": "Cancel run", "href": _preview_url("cancel", run), "danger": True})
+    return links
+
+
+def _preview_url(action: str, run: Run) -> str:
+    return reverse(f"dashboard:run-{action}-preview", args=[run.pk])
+
+
+def first_failure(run: Run, nodes: list[NodeRun]) -> Failure | None:
+    """The earliest failed or timed-out node and the error of its last attempt."""
+    stopped = (NodeRun.Status.FAILED, NodeRun.Status.TIMED_OUT)
+    if not any(node.status in stopped for node in nodes):
+        return None
+    attempt = (
+        NodeAttempt.objects.filter(
+            node_run__run=run, node_run__status__in=stopped, number=F("node_run__attempt")
+        )
+        .select_related("node_run")
+        .order_by("node_run__finished_at", "node_run_id")
+        .first()
+    )
+    if attempt is None:
+        return None
+    node = attempt.node_run
+    error = ": ".join(part for part in (attempt.error_type, attempt.error_message) if part)
+    return Failure(
+        node_key=node.node_key,
+        status=node.status,
+        attempt=node.attempt - node.attempts_base,
+        max_attempts=node.max_attempts,
+        error=error or node.reason,
+        href=node_href(node.node_key),
+    )
+
+
+def summary(run: Run, nodes: list[NodeRun], diagnosis, now) -> Summary:
+    """What the top of the run page says; every value also shown below is left out there."""
+    findings = list(diagnosis.findings)
+    finding = findings[0] if findings else None
+    failure = first_failure(run, nodes)
+    links = run_action_links(run)
+    recommended = None
+    if finding and finding.action:
+        recommended = action_link(finding.action)
+        if "href" not in recommended and "command" not in recommended:
+            recommended = None
+    if recommended is None and run.status in (Run.Status.FAILED, Run.Status.CANCELLED):
+        recommended = links[0]  # resume: what stopped runs again, the rest goes on
+    others = [link for link in links if not recommended or link["href"] != recommended.get("href")]
+    return Summary(
+        headline=headline(run, nodes, failure, finding, now),
+        failure=failure,
+        finding=finding,
+        other_findings=findings[1:],
+        recommended=recommended,
+        other_actions=others,
+    )
+
+
+def headline(run: Run, nodes: list[NodeRun], failure, finding, now) -> str:
+    never_ran = [node.node_key for node in nodes if node.status == NodeRun.Status.PENDING]
+    done = sum(1 for node in nodes if node.status in NodeRun.DONE)
+    if run.status == Run.Status.SUCCEEDED:
+        took = (run.finished_at - (run.started_at or run.created_at)).total_seconds()
+        return f"Succeeded in {explain.duration_words(took)}: all {len(nodes)} nodes done."
+    if run.status == Run.Status.CANCELLED:
+        return f"Cancelled: {run.reason or 'no reason given'}."
+    if run.status == Run.Status.FAILED:
+        if failure is None:
+            return f"Failed: {run.reason or 'no reason recorded'}."
+        words = failure.status.replace("_", " ")
+        text = f"{failure.node_key} {words} on attempt {failure.attempt} of {failure.max_attempts}"
+        stopped = [
+            n for n in nodes if n.status in (NodeRun.Status.FAILED, NodeRun.Status.TIMED_OUT)
+        ]
+        if len(stopped) > 1:
+            text += f" ({len(stopped) - 1} more node{'s' if len(stopped) > 2 else ''} too)"
+        if never_ran:
+            shown = ", ".join(never_ran[:3]) + (
+                f" and {len(never_ran) - 3} more" if len(never_ran) > 3 else ""
+            )
+            text += f"; {shown} never ran"
+        return text + "."
+    progress = f"{done} of {len(nodes)} nodes done"
+    if finding:
+        return f"{run.get_status_display()}, {progress}, but: {finding.title}."
+    return f"{run.get_status_display()}: {progress}; nothing looks stuck."
 
 
 def node_actions(run: Run, node: NodeRun) -> NodeActions:
@@ -253,7 +389,12 @@ def node_panel(
         progress=progress,
         progress_percent=progress_percent,
         progress_stopped=node.status not in NodeRun.ACTIVE,
+        retry_href=retry_href(run, node.node_key),
     )
+
+
+def retry_href(run: Run, node_key: str) -> str:
+    return f"{_preview_url('retry', run)}?{urlencode({'node': node_key})}"
 
 
 def upstream_outputs(run: Run, node: NodeRun) -> dict:
@@ -317,6 +458,9 @@ def run_page(
     selected = nodes_by_key.get(node_key) if node_key else default_node(nodes)
     if selected is not None:
         selected = NodeRun.objects.get(pk=selected.pk)  # the panel shows all of it
+    diagnosis = explain.diagnose_run(run)
+    node_diagnosis = explain.diagnose_node(selected) if selected else None
+    shown = {finding.id for finding in diagnosis.findings}
     counts: dict[str, int] = {}
     for node in nodes:
         counts[node.status] = counts.get(node.status, 0) + 1
@@ -334,6 +478,18 @@ def run_page(
         ],
         selected=selected.node_key if selected else None,
     )
+    run_summary = summary(run, nodes, diagnosis, now)
+    panel = (
+        node_panel(run, selected, findings, attempt_number=attempt, page=log_page_number)
+        if selected
+        else None
+    )
+    if (
+        panel
+        and run_summary.recommended
+        and run_summary.recommended.get("href") == panel.retry_href
+    ):
+        panel.actions.retry = False  # the summary offers it already
     return {
         "run": run,
         "nodes": nodes,
@@ -341,12 +497,11 @@ def run_page(
         "nodes_done": sum(counts.get(status, 0) for status in NodeRun.DONE),
         "graph": graph,
         "timeline": timeline(run, nodes, attempts, now),
-        "panel": node_panel(run, selected, findings, attempt_number=attempt, page=log_page_number)
-        if selected
-        else None,
-        "actions": run_actions(run),
-        "diagnosis": diagnosis_for(run),
-        "node_diagnosis": diagnosis_for(run, selected) if selected else None,
+        "panel": panel,
+        "summary": run_summary,
+        "node_findings": [finding for finding in node_diagnosis.findings if finding.id not in shown]
+        if node_diagnosis
+        else [],
         "events": history(run),
         "findings": findings,
         "duration_seconds": (
@@ -356,15 +511,6 @@ def run_page(
         "selected_key": selected.node_key if selected else "",
         "live_url": reverse("dashboard:run-live", args=[run.pk]),
     }
-
-
-def diagnosis_for(run: Run, node: NodeRun | None = None):
-    """The watchdog's diagnosis of the run, or of the open node; its actions as links."""
-    diagnosis = explain.diagnose_node(node) if node is not None else explain.diagnose_run(run)
-    diagnosis.actions_with_links = [
-        action_link(explain.with_label(action)) for action in diagnosis.actions
-    ]
-    return diagnosis
 
 
 def action_link(action: dict) -> dict:
@@ -387,16 +533,69 @@ def action_link(action: dict) -> dict:
 # --- Reads for the action pages ---------------------------------------------------------------
 
 
-def rollback_targets(run: Run, limit: int = 100) -> dict:
-    """What a rollback can go back to: the run's newest checkpoints, and its nodes."""
+@dataclass
+class CheckpointChoice:
+    """A node's checkpoints for the rollback picker: the newest first, the earlier ones
+    folded under it."""
+
+    node_key: str
+    node_status: str
+    latest: Checkpoint
+    earlier: list[Checkpoint]
+    count: int
+
+
+def rollback_targets(run: Run, limit: int = 200) -> dict:
+    """What a rollback can go back to: the run's newest checkpoints grouped by node (in
+    the order the nodes run), and its nodes."""
+    nodes = _ordered(run, list(NodeRun.objects.filter(run=run).order_by("id").only(*LIST_FIELDS)))
+    newest = Checkpoint.objects.filter(run=run).order_by("-id")[:limit]
+    by_node: dict[int | None, list[Checkpoint]] = {}
+    for checkpoint in newest:
+        checkpoint.summary = state_summary(checkpoint.state)
+        by_node.setdefault(checkpoint.node_run_id, []).append(checkpoint)
+    choices = [
+        CheckpointChoice(
+            node_key=node.node_key,
+            node_status=node.status,
+            latest=by_node[node.pk][0],
+            earlier=by_node[node.pk][1:],
+            count=len(by_node[node.pk]),
+        )
+        for node in nodes
+        if node.pk in by_node
+    ]
     return {
-        "checkpoints": list(
-            Checkpoint.objects.filter(run=run).select_related("node_run").order_by("-id")[:limit]
-        ),
-        "rollback_nodes": list(
-            NodeRun.objects.filter(run=run).order_by("id").only("node_key", "status")
-        ),
+        "checkpoint_choices": choices,
+        "checkpoints_cut": len(newest) == limit,
+        "rollback_nodes": nodes,
     }
+
+
+def state_summary(state, limit: int = 80) -> str:
+    """A checkpoint's state in one short line: ``offset 450 · file orders.csv``."""
+    if isinstance(state, dict) and len(state) == 1:
+        [(key, value)] = state.items()
+        if isinstance(value, dict) and value:  # a node-done checkpoint holds {"output": {…}}
+            return _cut(f"{key}: {state_summary(value, limit)}", limit)
+    if isinstance(state, dict):
+        parts = [f"{key} {_short(value)}" for key, value in list(state.items())[:4]]
+        return _cut(" · ".join(parts) + (" · …" if len(state) > 4 else ""), limit)
+    return _cut(_short(state), limit)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return f"{{{len(value)} keys}}" if value else "{}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]" if value else "[]"
+    if value is None:
+        return "null"
+    return str(value)
 
 
 def checkpoint_of(run: Run, checkpoint_id: int) -> Checkpoint | None:

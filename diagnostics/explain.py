@@ -299,20 +299,49 @@ def evidence_lines(evidence: dict, now: datetime | None = None) -> list[tuple[st
     ]
 
 
-def format_value(key: str, value, now: datetime | None = None) -> str:
-    """One evidence value in words; a moment also says how long ago it was (findings
-    store moments, never ages, so that they do not change while nothing changes)."""
-    if "seconds" in key and isinstance(value, int | float) and not isinstance(value, bool):
-        return duration_words(value)
-    if (
+@dataclass(frozen=True)
+class EvidenceRow:
+    """One evidence value for a table: its label, the value in words with its unit, and
+    the moment it names, if any (a page shows how long ago, kept true as time passes)."""
+
+    label: str
+    value: str
+    moment: datetime | None = None
+
+
+def evidence_rows(evidence: dict) -> list[EvidenceRow]:
+    rows = []
+    for key, label in EVIDENCE_LABELS:
+        value = evidence.get(key)
+        if value in (None, "", [], {}):
+            continue
+        moment = evidence_moment(key, value)
+        words = f"{moment:%Y-%m-%d %H:%M:%S %Z}".strip() if moment else format_value(key, value)
+        rows.append(EvidenceRow(label=label, value=words, moment=moment))
+    return rows
+
+
+def evidence_moment(key: str, value) -> datetime | None:
+    """The moment an evidence value names (findings store moments, never ages, so that
+    they do not change while nothing changes)."""
+    if not isinstance(value, str) or not (
         key.endswith("_at")
         or key in ("down_from", "waiting_since", "deadline", "stopped_by")
         or key == "heartbeat_age_counted_from"
-    ) and isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            return value
+    ):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+def format_value(key: str, value, now: datetime | None = None) -> str:
+    """One evidence value in words; a moment also says how long ago it was."""
+    if "seconds" in key and isinstance(value, int | float) and not isinstance(value, bool):
+        return duration_words(value)
+    moment = evidence_moment(key, value)
+    if moment is not None:
         words = f"{moment:%Y-%m-%d %H:%M:%S %Z}".strip()
         if now is not None and moment.tzinfo is not None and moment <= now:
             words += f" ({duration_words((now - moment).total_seconds())} ago)"

@@ -13,6 +13,7 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from dashboard.run_page import node_href
+from diagnostics import explain
 
 register = template.Library()
 
@@ -88,6 +89,29 @@ def ago(moment) -> str:
     if delta < 48 * 3600:
         return f"{int(delta // 3600)}h ago"
     return f"{int(delta // 86400)}d ago"
+
+
+@register.simple_tag
+def when(moment, precise: bool = False) -> str:
+    """A moment as "4s ago", with the exact time on hover; static/times.js keeps the
+    words true after the page stops polling."""
+    if not moment:
+        return "—"
+    local = timezone.localtime(moment)
+    exact = f"{local:%Y-%m-%d %H:%M:%S.%f}"[:-3] if precise else f"{local:%Y-%m-%d %H:%M:%S}"
+    return format_html(
+        '<time datetime="{}" title="{} {}" data-ago>{}</time>',
+        moment.isoformat(),
+        exact,
+        local.tzname(),
+        ago(moment),
+    )
+
+
+@register.inclusion_tag("dashboard/_evidence.html")
+def evidence_table(finding) -> dict:
+    """A finding's evidence as a small table of labelled values with units and times."""
+    return {"rows": explain.evidence_rows(finding.raw_evidence)}
 
 
 @register.filter

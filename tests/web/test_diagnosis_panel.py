@@ -28,7 +28,10 @@ def test_run_page_shows_the_diagnosis_with_evidence_and_a_one_click_action(
 
     page = operator_client.get(f"/runs/{run.pk}/?node=load").content.decode()
 
-    assert "Diagnosis" in page
-    assert finding.title in page and finding.suggestion in page
-    assert '<dl class="evidence">' in page
-    assert f"/runs/{run.pk}/retry/preview/?node=extract" in page
+    summary = page[page.index('aria-label="Summary"') : page.index('class="panel graph-panel"')]
+    assert finding.title in summary and finding.suggestion in summary
+    assert '<table class="evidence"' in summary and "failed upstream" in summary
+    # The finding's one-click fix is the recommended action; the node panel shows the
+    # finding no second time.
+    assert f'class="btn primary" href="/runs/{run.pk}/retry/preview/?node=extract"' in summary
+    assert page.count(finding.suggestion) == 1
