@@ -1,41 +1,45 @@
 """Reliability figures of one workflow over a window: how often it fails, how fast we notice
-and how fast it comes back.
+and how fast it comes back, all from the same failures.
 
-* failure rate — failed runs / (succeeded + failed) among runs that finished in the window
-  (cancelled runs are an operator's choice, not a failure, and count in neither).
+* failures — the workflow's runs that failed in the window (``Run.first_failed_at``): a
+  run that failed counts even after an operator resumed it and it succeeded; a run counts
+  once however often it failed.
+* failure rate — failures / (failures + runs that succeeded in the window without failing
+  in it). Cancelled runs are an operator's choice, not a failure, and count in neither.
 * MTBF — mean time between failures: the time observed in the window (from its start, or
-  the workflow's first run if later, to its end) divided by the failed runs in it.
-* MTTD — mean time to detect: over findings about the workflow's runs first seen in the
-  window whose evidence says when the condition began (``evidence["since"]``, ISO 8601),
-  the mean of first_seen - since.
-* MTTR — mean time to recover: over those findings resolved in the window, the mean of
-  resolved_at - first_seen.
-* recovery time — MTTD + MTTR, as one figure (when both are known).
+  the workflow's first run if later, to its end) divided by the failures.
+* MTTD — mean time to detect, over the failures: for each, how long its cause went unseen,
+  from the run's first finding that says when its condition began (``began_at``) and was
+  seen by the time the run failed: first_seen - began_at. A failure with no such finding
+  was reported by the node itself as it happened: 0.
+* MTTR — mean time to repair, over the failures followed by a success: from the failure to
+  the end of the workflow's next succeeded run (the same run, when resumed). Failures not
+  yet followed by one are ``unrestored``.
+* recovery time — MTTD + MTTR, as one figure.
 * λ — the failure rate in time, 1 / MTBF, given per day.
-* time to restore — from run history: for each failed run in the window, the time from
-  its end to the end of the workflow's next succeeded run (failures not yet followed by a
-  success are counted in ``unrestored``).
 
-Three aggregate queries, however many runs fail: the runs that finished in the window
-(counts, and each failure's next success by a window function; from the run_workflow_finished
-index alone), the workflow's first run, and the findings first seen or resolved in the
-window (detect and recover times together). Each reads the window's rows once.
+Three queries, however many runs fail: the runs that finished in the window by status
+(run_workflow_finished), the failures (run_workflow_failed) with their detect and repair
+times (for each, one seek into run_workflow_succeeded and one into the run's findings), and
+the workflow's first run.
 """
 
 from datetime import timedelta
 
 from django.db.models import (
     Avg,
-    Case,
     Count,
+    DateTimeField,
     DurationField,
     ExpressionWrapper,
     F,
     Min,
+    OuterRef,
     Q,
-    When,
-    Window,
+    Subquery,
+    Value,
 )
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from diagnostics.models import Finding
@@ -88,18 +92,18 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
     window = parse_window(window)
     now = now or timezone.now()
     start = now - WINDOWS[window]
-    runs = _run_figures(workflow, start, now)
-    judged = runs["failed"] + runs["succeeded"]
-    failure_rate = runs["failed"] / judged if judged else None
+    runs = _finished_runs(workflow, start, now)
+    failures = _failures(workflow, start, now)
+    failed = failures["failed"]
+    judged = failed + runs["succeeded"]
+    failure_rate = failed / judged if judged else None
 
     first_run = Run.objects.filter(workflow=workflow).aggregate(first=Min("created_at"))["first"]
     observed_from = max(start, first_run) if first_run else None
     observed = (now - observed_from).total_seconds() if observed_from else 0.0
-    mtbf = observed / runs["failed"] if runs["failed"] else None
+    mtbf = observed / failed if failed else None
 
-    findings = _finding_figures(workflow, start, now)
-    restore = _seconds(runs["restore"])
-    mttd, mttr = _seconds(findings["mttd"]), _seconds(findings["mttr"])
+    mttd, mttr = _seconds(failures["mttd"]), _seconds(failures["mttr"])
     recovery = mttd + mttr if mttd is not None and mttr is not None else None
     per_day = DAY_SECONDS / mtbf if mtbf else None
 
@@ -110,89 +114,75 @@ def workflow_reliability(workflow: Workflow, *, window: str = DEFAULT_WINDOW, no
         "since": start,
         "until": now,
         "runs_finished": runs["finished"],
-        "runs_failed": runs["failed"],
+        "runs_failed": failed,
+        "runs_resumed": failures["resumed"],
         "runs_succeeded": runs["succeeded"],
         "runs_cancelled": runs["cancelled"],
         "failure_rate": failure_rate,
         "observed_seconds": observed,
         "mtbf_seconds": mtbf,
         "mttd_seconds": mttd,
-        "mttd_samples": findings["mttd_samples"],
+        "mttd_samples": failed,
         "mttr_seconds": mttr,
-        "mttr_samples": findings["mttr_samples"],
+        "mttr_samples": failures["restored"],
         "recovery_seconds": recovery,
         "failures_per_day": per_day,
-        "restore_seconds": restore,
-        "restore_samples": runs["restored"],
-        "unrestored": runs["failed"] - runs["restored"],
+        "unrestored": failed - failures["restored"],
     }
     figures["display"] = {
         "failure_rate": f"{failure_rate:.1%}" if failure_rate is not None else "—",
         "mtbf": format_duration(mtbf) if mtbf is not None else "no failures",
-        "mttd": format_duration(figures["mttd_seconds"]),
-        "mttr": format_duration(figures["mttr_seconds"]),
+        "mttd": format_duration(mttd),
+        "mttr": format_duration(mttr),
         "recovery": format_duration(recovery),
         "lambda": f"{per_day:.3g} / day" if per_day is not None else "—",
-        "restore": format_duration(restore),
     }
     return figures
 
 
-def _run_figures(workflow: Workflow, start, now) -> dict:
-    """Runs finished in the window by status, and the mean time from a failure to the end
-    of the next succeeded run, in one query.
-
-    1. Read the workflow's runs that finished after ``start`` (later ones too: a failure's
-       next success may come after ``now``), newest first, from run_workflow_finished.
-    2. Give each the earliest success that finished strictly later: a running minimum over
-       the rows before it. Ties on finish time are ordered by status ("failed" before
-       "succeeded"), so a success at the very same moment is not later than a failure.
-    3. Count and average over the rows that finished in the window. (Counting status, not
-       the id, keeps every column the query reads in the index.)
-    """
-    in_window = Q(finished_at__lte=now)
-    failed = in_window & Q(status=Run.Status.FAILED)
-    return (
-        Run.objects.filter(workflow=workflow, finished_at__gt=start)
-        .annotate(
-            restored_at=Window(
-                Min(Case(When(status=Run.Status.SUCCEEDED, then=F("finished_at")))),
-                order_by=[F("finished_at").desc(), F("status").asc()],
-            )
-        )
-        .aggregate(
-            finished=Count("status", filter=in_window),
-            failed=Count("status", filter=failed),
-            succeeded=Count("status", filter=in_window & Q(status=Run.Status.SUCCEEDED)),
-            cancelled=Count("status", filter=in_window & Q(status=Run.Status.CANCELLED)),
-            restored=Count("restored_at", filter=failed),
-            restore=Avg(_duration(F("restored_at"), F("finished_at")), filter=failed),
-        )
+def _finished_runs(workflow: Workflow, start, now) -> dict:
+    """Runs finished in the window by status; a success counts only if the run did not
+    fail in the window too (it is a failure, resumed). From run_workflow_finished."""
+    failed_in_window = Q(first_failed_at__gt=start, first_failed_at__lte=now)
+    return Run.objects.filter(
+        workflow=workflow, finished_at__gt=start, finished_at__lte=now
+    ).aggregate(
+        finished=Count("pk"),
+        succeeded=Count("pk", filter=Q(status=Run.Status.SUCCEEDED) & ~failed_in_window),
+        cancelled=Count("pk", filter=Q(status=Run.Status.CANCELLED)),
     )
 
 
-def _finding_figures(workflow: Workflow, start, now) -> dict:
-    """Mean time to detect and to recover over the workflow's findings, in one query.
-
-    Only the findings first seen or resolved in the window are read; when a condition
-    began is a column (``began_at``, from the evidence's "since").
-    """
-    detected = Q(first_seen__gt=start, first_seen__lte=now)
-    resolved = Q(resolved_at__gt=start, resolved_at__lte=now)
-    known_start = detected & Q(began_at__isnull=False)
-    began = F("began_at")
+def _failures(workflow: Workflow, start, now) -> dict:
+    """The window's failures, how long each went unseen and how long until the workflow
+    succeeded again, averaged in one query (see the module's docstring)."""
+    failed_at = OuterRef("first_failed_at")
+    next_success = (
+        Run.objects.filter(
+            workflow=workflow, status=Run.Status.SUCCEEDED, finished_at__gt=failed_at
+        )
+        .order_by("finished_at")
+        .values("finished_at")[:1]
+    )
+    unseen = (
+        Finding.objects.filter(
+            run=OuterRef("pk"), began_at__isnull=False, first_seen__lte=failed_at
+        )
+        .order_by("first_seen")
+        .annotate(unseen=_duration(F("first_seen"), F("began_at")))
+        .values("unseen")[:1]
+    )
     return (
-        Finding.objects.filter(run__workflow=workflow)
-        .filter(detected | resolved)
+        Run.objects.filter(workflow=workflow, first_failed_at__gt=start, first_failed_at__lte=now)
+        .annotate(
+            restored_at=Subquery(next_success, output_field=DateTimeField()),
+            unseen=Coalesce(Subquery(unseen, output_field=DurationField()), Value(timedelta(0))),
+        )
         .aggregate(
-            mttd=Avg(
-                Case(
-                    When(known_start, then=_duration(F("first_seen"), began)),
-                    output_field=DurationField(),
-                )
-            ),
-            mttd_samples=Count("pk", filter=known_start),
-            mttr=Avg(_duration(F("resolved_at"), F("first_seen")), filter=resolved),
-            mttr_samples=Count("pk", filter=resolved),
+            failed=Count("pk"),
+            resumed=Count("pk", filter=~Q(status=Run.Status.FAILED)),
+            restored=Count("restored_at"),
+            mttd=Avg("unseen"),
+            mttr=Avg(_duration(F("restored_at"), F("first_failed_at"))),
         )
     )

@@ -93,6 +93,10 @@ class Run(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Kept when the run is resumed and succeeds: the reliability figures count the failure.
+    first_failed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the run first failed (kept after a resume)."
+    )
     deadline = models.DateTimeField(null=True, blank=True)
     pools = models.JSONField(
         default=list, blank=True, help_text="Pools the run's nodes use, locked in name order."
@@ -131,6 +135,19 @@ class Run(models.Model):
                 fields=["workflow", "-finished_at", "status"],
                 name="run_workflow_finished",
                 condition=Q(finished_at__isnull=False),
+            ),
+            # The workflow page's reliability: a workflow's runs that failed in a window,
+            # resumed or not, and for each the next success (one seek each, however many
+            # runs of a flaky workflow fail in a row).
+            models.Index(
+                fields=["workflow", "first_failed_at"],
+                name="run_workflow_failed",
+                condition=Q(first_failed_at__isnull=False),
+            ),
+            models.Index(
+                fields=["workflow", "finished_at"],
+                name="run_workflow_succeeded",
+                condition=Q(status="succeeded"),
             ),
             # The watchdog: the workflow of each live run, from the index alone (a join
             # from running nodes read all 100 000 runs, every tick).

@@ -1,4 +1,5 @@
-"""Reliability figures per workflow over a window: failure rate, MTBF, MTTD, MTTR."""
+"""Reliability figures per workflow over a window: failure rate, MTBF, MTTD, MTTR, all
+from the same failures, which stay failures after a resume."""
 
 from datetime import timedelta
 
@@ -24,9 +25,14 @@ def version(make_version):
     return make_version(DEFINITION)
 
 
-def make_run(version, status, *, finished_ago: float, took: float = 60, created_ago=None) -> Run:
-    """A run that ended ``finished_ago`` seconds before NOW after running ``took`` seconds."""
+def make_run(
+    version, status, *, finished_ago: float, took: float = 60, created_ago=None, failed_ago=None
+) -> Run:
+    """A run that ended ``finished_ago`` seconds before NOW after running ``took`` seconds;
+    a failed one failed then, a resumed one (any status) ``failed_ago`` seconds before NOW."""
     finished = NOW - timedelta(seconds=finished_ago)
+    if failed_ago is None and status == Run.Status.FAILED:
+        failed_ago = finished_ago
     run = Run.objects.create(
         workflow=version.workflow,
         version=version,
@@ -34,6 +40,7 @@ def make_run(version, status, *, finished_ago: float, took: float = 60, created_
         trigger="test",
         started_at=finished - timedelta(seconds=took),
         finished_at=finished,
+        first_failed_at=NOW - timedelta(seconds=failed_ago) if failed_ago is not None else None,
     )
     created = NOW - timedelta(
         seconds=created_ago if created_ago is not None else finished_ago + took
@@ -87,55 +94,67 @@ def test_without_runs_or_failures_there_is_nothing_to_divide(version):
         "mttr": "—",
         "recovery": "—",
         "lambda": "—",
-        "restore": "—",
     }
     make_run(version, Run.Status.SUCCEEDED, finished_ago=60)
     assert figures(version)["failure_rate"] == 0.0
     assert figures(version)["mtbf_seconds"] is None
 
 
-def test_detect_and_recover_times_come_from_the_workflow_findings(version, make_version):
-    run = make_run(version, Run.Status.FAILED, finished_ago=600)
-    first_seen = NOW - timedelta(seconds=900)
-
-    def finding(since_before=None, resolved_after=None, run=run, **fields):
-        evidence = {"worker": "w1"}
-        if since_before is not None:
-            evidence["since"] = (first_seen - timedelta(seconds=since_before)).isoformat()
-        return make_finding(
-            run=run,
-            evidence=evidence,
-            first_seen=first_seen,
-            last_seen=first_seen,
-            resolved_at=first_seen + timedelta(seconds=resolved_after)
-            if resolved_after is not None
-            else None,
-            **fields,
-        )
-
-    finding(since_before=4, resolved_after=30)
-    finding(since_before=6)  # still open: detected, not yet recovered
-    finding(resolved_after=90)  # nobody knows when it began: recovered, detection unknown
-    make_finding(run=run, evidence={"since": "a while ago"}, first_seen=first_seen)  # skipped
-    other = make_run(make_version(OTHER), Run.Status.FAILED, finished_ago=600)
-    finding(since_before=500, resolved_after=5000, run=other)  # another workflow's
+def test_a_resumed_run_stays_a_failure_and_its_repair_is_its_own_success(version):
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=3000, failed_ago=3600)  # resumed
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=100)
     result = figures(version)
-    assert (result["mttd_seconds"], result["mttd_samples"]) == (5.0, 2)
-    assert (result["mttr_seconds"], result["mttr_samples"]) == (60.0, 2)
-    assert result["display"]["mttd"] == "5.0s"
-    assert result["display"]["mttr"] == "1.0 min"
-    assert result["recovery_seconds"] == 65.0, "detect + recover, one figure"
-    assert result["display"]["recovery"] == "1.1 min"
+    assert (result["runs_failed"], result["runs_resumed"], result["runs_succeeded"]) == (1, 1, 1)
+    assert result["failure_rate"] == 0.5
+    assert (result["mttr_seconds"], result["mttr_samples"], result["unrestored"]) == (600.0, 1, 0)
+    assert result["display"]["mtbf"] != "no failures"
 
 
-def test_time_to_restore_runs_from_a_failure_to_the_next_success(version):
-    make_run(version, Run.Status.FAILED, finished_ago=3 * 3600)
-    make_run(version, Run.Status.SUCCEEDED, finished_ago=3 * 3600 - 600)  # 10 min later
-    make_run(version, Run.Status.SUCCEEDED, finished_ago=3600)
-    make_run(version, Run.Status.FAILED, finished_ago=60)  # not followed by a success yet
+def test_detect_times_come_from_the_same_failures(version, make_version):
+    def failure(finished_ago: float, unseen: float | None, *, seen_after_failure=False):
+        run = make_run(version, Run.Status.FAILED, finished_ago=finished_ago)
+        if unseen is not None:
+            seen = run.first_failed_at + timedelta(seconds=5 if seen_after_failure else -60)
+            make_finding(
+                run=run,
+                evidence={"since": (seen - timedelta(seconds=unseen)).isoformat()},
+                first_seen=seen,
+                last_seen=seen,
+            )
+        return run
+
+    failure(3000, unseen=40)  # hung: the watchdog saw it 40 s after it stopped
+    failure(2000, unseen=None)  # raised: known as it happened
+    failure(1000, unseen=900, seen_after_failure=True)  # seen after it failed: not its cause
+    # Another workflow's failures and findings count in neither figure.
+    other = make_run(make_version(OTHER), Run.Status.FAILED, finished_ago=500)
+    make_finding(run=other, evidence={"since": (NOW - timedelta(days=1)).isoformat()})
     result = figures(version)
-    assert (result["restore_seconds"], result["restore_samples"]) == (600.0, 1)
-    assert result["unrestored"] == 1
+    assert result["mttd_seconds"] == pytest.approx(40 / 3) and result["mttd_samples"] == 3
+    assert result["display"]["mttd"] == "13s"
+    make_run(version, Run.Status.SUCCEEDED, finished_ago=0)
+    result = figures(version)
+    assert result["mttr_seconds"] == 2000.0  # (3000 + 2000 + 1000) / 3
+    assert result["recovery_seconds"] == pytest.approx(2000 + 40 / 3), "detect + repair, one figure"
+
+
+def test_failed_resumed_and_succeeded_through_the_engine_counts_one_failure(start_run):
+    from tests.web.conftest import CHAIN, work
+    from workflows import operations
+
+    run = start_run(CHAIN)
+    work(run, "a")
+    work(run, "b", fail="ValueError")
+    operations.resume_run(run.pk, actor="test", reason="fixed the input")
+    work(run, "b")
+    work(run, "c")
+    run.refresh_from_db()
+    assert run.status == Run.Status.SUCCEEDED and run.first_failed_at is not None
+    result = reliability.workflow_reliability(run.workflow)
+    assert (result["runs_failed"], result["runs_resumed"], result["runs_succeeded"]) == (1, 1, 0)
+    assert result["failure_rate"] == 1.0
+    assert result["mttr_samples"] == 1 and result["mttr_seconds"] > 0
+    assert result["mttd_seconds"] == 0.0  # b raised: Keel knew at once
 
 
 def test_an_unknown_window_falls_back_to_the_default(version):
@@ -152,7 +171,7 @@ def test_each_failure_counts_until_the_first_success_after_it(version):
     make_run(version, Run.Status.SUCCEEDED, finished_ago=600)
     result = figures(version)
     # 3600 - 1800 and 2400 - 1800 seconds: both end at the first success after them.
-    assert (result["restore_seconds"], result["restore_samples"]) == (1200.0, 2)
+    assert (result["mttr_seconds"], result["mttr_samples"]) == (1200.0, 2)
     assert result["unrestored"] == 0
 
 
@@ -160,7 +179,7 @@ def test_a_success_at_the_same_moment_does_not_restore_a_failure(version):
     make_run(version, Run.Status.FAILED, finished_ago=600)
     make_run(version, Run.Status.SUCCEEDED, finished_ago=600)
     result = figures(version)
-    assert (result["restore_samples"], result["unrestored"]) == (0, 1)
+    assert (result["mttr_samples"], result["unrestored"]) == (0, 1)
 
 
 def test_a_failure_in_the_window_is_restored_by_a_success_after_it(version):
@@ -168,7 +187,7 @@ def test_a_failure_in_the_window_is_restored_by_a_success_after_it(version):
     make_run(version, Run.Status.FAILED, finished_ago=3600)
     make_run(version, Run.Status.SUCCEEDED, finished_ago=-600)  # after the window's end
     result = figures(version)
-    assert (result["restore_seconds"], result["restore_samples"]) == (4200.0, 1)
+    assert (result["mttr_seconds"], result["mttr_samples"]) == (4200.0, 1)
     assert (result["runs_failed"], result["runs_succeeded"]) == (1, 0)
 
 
@@ -194,12 +213,8 @@ def test_figures_cost_three_queries_however_many_runs_fail(version):
     failures_with_findings(version, 16)
     with CaptureQueriesContext(connection) as many:
         result = figures(version)
-    assert (result["runs_failed"], result["restore_samples"], result["mttr_samples"]) == (
-        20,
-        20,
-        20,
-    )
-    assert result["restore_seconds"] == 300.0 and result["mttd_seconds"] == 10.0
+    assert (result["runs_failed"], result["mttr_samples"], result["mttd_samples"]) == (20, 20, 20)
+    assert result["mttr_seconds"] == 300.0 and result["mttd_seconds"] == 10.0
     assert len(many) == len(few) == 3
 
 
@@ -210,7 +225,8 @@ def test_the_partial_renders_the_figures_without_queries(version):
     with CaptureQueriesContext(connection) as queries:
         html = render_to_string("dashboard/_reliability.html", {"reliability": result})
     assert len(queries) == 0
-    assert "50.0%" in html and "1 failed of 2 finished" in html
+    assert "50.0%" in html and "1 failed, 1 succeeded" in html
     assert 'href="?window=7d#reliability"' in html
     assert 'class="current" aria-current="true">30d</a>' in html
-    assert "Mean time between failures" in html and "Mean time to recover" in html
+    assert "Mean time between failures" in html and "Mean time to repair" in html
+    assert "over the same 1 failure" in html and "1 repaired" not in html  # none followed

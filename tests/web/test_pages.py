@@ -154,7 +154,9 @@ def test_admin_lists_of_big_tables_never_read_a_whole_table_for_their_filters(
 def test_workflow_page_shows_reliability_for_the_chosen_window(staff_client, failed_run):
     page = staff_client.get(f"/workflows/{failed_run.workflow.slug}/?window=30d").content.decode()
     assert "Reliability" in page and "last 30d" in page
-    assert "1 failed of 1 finished" in page
+    assert (
+        "100.0%" in page and "1 failed, 0 succeeded" in page and "over the same 1 failure" in page
+    )
 
 
 def test_an_operator_who_is_not_staff_signs_in_on_keels_own_page(client, django_user_model):

@@ -196,7 +196,11 @@ def finish_run(run: Run, status: str, reason: str, now, actor: str) -> None:
     run.status = status
     run.finished_at = now
     run.reason = reason
-    run.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+    fields = ["status", "finished_at", "reason", "updated_at"]
+    if status == Run.Status.FAILED and run.first_failed_at is None:
+        run.first_failed_at = now
+        fields.append("first_failed_at")
+    run.save(update_fields=fields)
     RunEvent.objects.create(
         run=run,
         kind=RunEvent.Kind.TRANSITION,
