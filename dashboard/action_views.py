@@ -60,6 +60,7 @@ PAGES = {
     "cancel": ("Cancel the run", forms.ActionForm),
     "skip": ("Skip a node", forms.NodeActionForm),
     "mark_succeeded": ("Mark a node succeeded", forms.MarkSucceededForm),
+    "stop_node": ("Stop a running node", forms.StopNodeForm),
 }
 ACTIONS = {
     action.slug: action
@@ -131,7 +132,8 @@ def preview(request, run_id, action):
     query = forms.PreviewOptionsForm(request.GET)
     given = query.cleaned_data if query.is_valid() else {}
     options = {key: value for key, value in given.items() if value not in (None, "")}
-    if action.name == "retry" and options.get("node") and "expected_attempt" not in options:
+    pinned = action.name in ("retry", "stop_node")
+    if pinned and options.get("node") and "expected_attempt" not in options:
         # Pin the attempt seen now: if it moves on before the confirm, nothing happens twice.
         options["expected_attempt"] = run_page.current_attempt(run, options["node"])
     initial = {**options, "request_key": forms.ActionForm.new_request_key()}
@@ -190,9 +192,10 @@ def _refuse(request, run: Run, action: Action):
 def start_run(request, slug):
     """Start a run of the workflow's latest version with the params given as JSON."""
     workflow = get_object_or_404(Workflow, slug=slug)
-    if not request.user.has_perm(operations.OPERATE_PERMISSION):
-        message = f"Starting runs needs the {operations.OPERATE_PERMISSION} permission."
-        return render(request, "dashboard/denied.html", {"message": message}, status=403)
+    try:
+        operations.check_may_start(operations.Actor.for_user(request.user), workflow)
+    except operations.OperationDenied as denied:  # audited by the operation
+        return render(request, "dashboard/denied.html", {"message": str(denied)}, status=403)
     form = forms.StartRunForm(request.POST)
     if form.is_valid():
         try:

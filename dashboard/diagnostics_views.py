@@ -5,6 +5,7 @@ a reason, ask for confirmation first (a POST without ``confirm=yes`` shows what 
 happen), and are audited by the operation they call.
 """
 
+import contextlib
 import json
 import logging
 from functools import wraps
@@ -87,12 +88,15 @@ def system_report_page(request):
 
 def _queue_action(request, queue: str, name: str):
     """Confirm (POST without confirm=yes), then act (POST with confirm=yes and a reason)."""
+    action = QUEUE_ACTIONS[name]
+    reason = request.POST.get("reason", "").strip()
     if not request.user.has_perm(operations.PERMISSION):
+        # The operation refuses, and audits the refusal; then the 403 says what is missing.
+        with contextlib.suppress(operations.QueueOperationError):
+            actions.get(action["operation"]).perform(queue, actor=request.user, reason=reason)
         raise PermissionDenied(f"Operating queues needs the permission {operations.PERMISSION}.")
     if queue not in settings.RQ_QUEUES:
         raise Http404(f"No queue {queue!r}.")
-    action = QUEUE_ACTIONS[name]
-    reason = request.POST.get("reason", "").strip()
     if request.POST.get("confirm") == "yes" and reason:
         try:
             outcome = actions.get(action["operation"]).perform(

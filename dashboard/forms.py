@@ -88,6 +88,16 @@ class RetryForm(NodeActionForm):
         }
 
 
+class StopNodeForm(NodeActionForm):
+    expected_attempt = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+
+    def options(self) -> dict:
+        return {
+            "node": self.cleaned_data["node"],
+            "expected_attempt": self.cleaned_data["expected_attempt"],
+        }
+
+
 class MarkSucceededForm(NodeActionForm):
     output = JSONField(
         required=False,
@@ -155,6 +165,14 @@ RANGES = {"1h": 1, "24h": 24, "7d": 7 * 24, "30d": 30 * 24}
 
 
 class RunFilterForm(forms.Form):
+    q = forms.CharField(
+        required=False,
+        max_length=200,
+        label="Search",
+        widget=forms.TextInput(
+            attrs={"type": "search", "placeholder": "run id, workflow or error text"}
+        ),
+    )
     workflow = forms.ModelChoiceField(
         queryset=Workflow.objects.order_by("slug"),
         to_field_name="slug",
@@ -187,3 +205,37 @@ class RunFilterForm(forms.Form):
     )
     before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
     after = forms.IntegerField(required=False, min_value=0, widget=forms.HiddenInput)
+
+
+# --- Bulk actions -----------------------------------------------------------------------------
+
+
+class RunIdsField(forms.Field):
+    """Run ids, from checkboxes (``run=4&run=9``) or one hidden field (``4,9``)."""
+
+    widget = forms.MultipleHiddenInput
+
+    def to_python(self, value):
+        values = value if isinstance(value, list | tuple) else [value or ""]
+        items = [item.strip() for value in values for item in str(value).split(",")]
+        try:
+            ids = [int(item) for item in items if item]
+        except ValueError:
+            raise forms.ValidationError("Run ids are whole numbers.") from None
+        if any(run_id < 1 for run_id in ids):
+            raise forms.ValidationError("Run ids are whole numbers.")
+        return ids
+
+
+class BulkChoiceForm(forms.Form):
+    """The runs ticked on the runs list and the action chosen for them."""
+
+    action = forms.ChoiceField(choices=[("resume", "Resume"), ("cancel", "Cancel")])
+    run = RunIdsField(required=False)
+
+
+class BulkActionForm(ActionForm):
+    action = forms.ChoiceField(
+        choices=[("resume", "Resume"), ("cancel", "Cancel")], widget=forms.HiddenInput
+    )
+    run = RunIdsField()

@@ -6,6 +6,7 @@ run has (tests/web/test_dashboard.py counts them).
 """
 
 from collections import namedtuple
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from urllib.parse import quote_plus, urlencode
@@ -73,6 +74,7 @@ class NodeActions:
     skip: bool
     mark_succeeded: bool
     rollback: bool
+    stop: bool
 
 
 @dataclass
@@ -311,6 +313,7 @@ def node_actions(run: Run, node: NodeRun) -> NodeActions:
         skip=node.status not in NodeRun.DONE,
         mark_succeeded=node.status != NodeRun.Status.SUCCEEDED,
         rollback=run.status not in Run.ACTIVE,
+        stop=node.status == NodeRun.Status.RUNNING,
     )
 
 
@@ -365,6 +368,8 @@ def node_panel(
     checkpoints = list(
         Checkpoint.objects.filter(node_run=node).order_by("-sequence")[:CHECKPOINTS_SHOWN]
     )
+    for checkpoint in checkpoints:
+        checkpoint.summary = state_summary(checkpoint.state)
     checkpoint_count = (
         len(checkpoints)
         if len(checkpoints) < CHECKPOINTS_SHOWN
@@ -436,15 +441,39 @@ def history(run: Run) -> list[RunEvent]:
     return events
 
 
+def run_graph(
+    nodes: list[NodeRun], selected: NodeRun | None, *, node_key: str | None, expand
+) -> dag.Layout:
+    """The run's graph: each box says its state in words; group links keep the node
+    the page was asked for (``node_key``), so a group opens around the same panel."""
+    return dag.layout(
+        [
+            dag.DagNode(
+                key=node.node_key,
+                upstream=node.upstream,
+                status=node.status,
+                detail=node.status.replace("_", " ")
+                + (f" · attempt {node.attempt}" if node.attempt > 1 else ""),
+            )
+            for node in nodes
+        ],
+        selected=selected.node_key if selected else None,
+        expanded=expand,
+        links=dag.Links(nodes=True, node=node_key if selected and node_key else ""),
+    )
+
+
 def run_page(
     run: Run,
     *,
     node_key: str | None = None,
     attempt: int | None = None,
     log_page_number: int | None = None,
+    expand: Collection[str] = (),
     now: datetime | None = None,
 ) -> dict:
-    """Everything the run page shows, for ``run`` with ``node_key``'s panel open."""
+    """Everything the run page shows, for ``run`` with ``node_key``'s panel open and
+    the graph's groups named in ``expand`` open."""
     now = now or timezone.now()
     nodes = _ordered(run, list(NodeRun.objects.filter(run=run).only(*LIST_FIELDS).order_by("id")))
     nodes_by_key = {node.node_key: node for node in nodes}
@@ -464,20 +493,7 @@ def run_page(
     counts: dict[str, int] = {}
     for node in nodes:
         counts[node.status] = counts.get(node.status, 0) + 1
-    graph = dag.layout(
-        [
-            dag.DagNode(
-                key=node.node_key,
-                upstream=node.upstream,
-                status=node.status,
-                detail=node.status.replace("_", " ")
-                + (f" · attempt {node.attempt}" if node.attempt > 1 else ""),
-                href=node_href(node.node_key),
-            )
-            for node in nodes
-        ],
-        selected=selected.node_key if selected else None,
-    )
+    graph = run_graph(nodes, selected, node_key=node_key, expand=expand)
     run_summary = summary(run, nodes, diagnosis, now)
     panel = (
         node_panel(run, selected, findings, attempt_number=attempt, page=log_page_number)
@@ -579,7 +595,8 @@ def state_summary(state, limit: int = 80) -> str:
         if isinstance(value, dict) and value:  # a node-done checkpoint holds {"output": {…}}
             return _cut(f"{key}: {state_summary(value, limit)}", limit)
     if isinstance(state, dict):
-        parts = [f"{key} {_short(value)}" for key, value in list(state.items())[:4]]
+        # Keys sorted: PostgreSQL's jsonb keeps its own order, not the node's.
+        parts = [f"{key} {_short(state[key])}" for key in sorted(state)[:4]]
         return _cut(" · ".join(parts) + (" · …" if len(state) > 4 else ""), limit)
     return _cut(_short(state), limit)
 

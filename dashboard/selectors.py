@@ -1,6 +1,7 @@
 """Reads for the pages: precomputed, with a fixed number of queries."""
 
 import difflib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -8,8 +9,9 @@ from django.db.models import Case, Count, IntegerField, OuterRef, Subquery, Valu
 from django.utils import timezone
 
 from dashboard import dag
+from dashboard.run_grid import run_grid
 from workflows.models import NodeRun, Run, Workflow, WorkflowVersion
-from workflows.selectors import seconds_between
+from workflows.selectors import search_runs, seconds_between
 
 # --- Overview ---------------------------------------------------------------------------------
 
@@ -195,8 +197,14 @@ def workflow_versions(workflow: Workflow) -> list[WorkflowVersion]:
     )
 
 
-def definition_graph(version: WorkflowVersion | None) -> dag.Layout | None:
-    """The version's graph as it is defined (no run): boxes show the node type."""
+def definition_graph(
+    version: WorkflowVersion | None,
+    *,
+    expand: Collection[str] = (),
+    keep: tuple[tuple[str, str], ...] = (),
+) -> dag.Layout | None:
+    """The version's graph as it is defined (no run): boxes show the node type; the
+    groups named in ``expand`` open; their links keep the page's ``keep`` parameters."""
     if version is None:
         return None
     nodes = version.spec.get("nodes", {})
@@ -209,12 +217,20 @@ def definition_graph(version: WorkflowVersion | None) -> dag.Layout | None:
                 detail=node.get("type", ""),
             )
             for key, node in nodes.items()
-        ]
+        ],
+        expanded=expand,
+        links=dag.Links(keep=keep),
     )
 
 
-def workflow_page(workflow: Workflow) -> dict:
-    """The workflow page: latest version and its graph, versions, recent runs."""
+def workflow_page(
+    workflow: Workflow,
+    *,
+    expand: Collection[str] = (),
+    keep: tuple[tuple[str, str], ...] = (),
+) -> dict:
+    """The workflow page: latest version, its graph and its grid of recent runs by
+    nodes, versions, recent runs."""
     latest = workflow.versions.order_by("-number").first()
     runs = list(workflow.runs.with_version().order_by("-created_at", "-id")[:20])
     attach_node_counts(runs)
@@ -223,7 +239,8 @@ def workflow_page(workflow: Workflow) -> dict:
         "latest": latest,
         "versions": workflow_versions(workflow),
         "runs": runs,
-        "graph": definition_graph(latest),
+        "graph": definition_graph(latest, expand=expand, keep=keep),
+        "grid": run_grid(workflow, latest),
         "declared_params": (latest.spec.get("params") or {}) if latest else {},
     }
 
@@ -352,8 +369,11 @@ def filter_runs(
     version: int | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
+    search: str = "",
 ):
     runs = Run.objects.all()
+    if search:
+        runs = search_runs(runs, search)
     if workflow is not None:
         runs = runs.filter(workflow=workflow)
     if status:

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from dashboard import action_views, diagnostics_views, views
+from dashboard import action_views, bulk_views, diagnostics_views, log_views, views, worker_views
 
 app_name = "dashboard"
 
@@ -11,10 +11,24 @@ urlpatterns = [
     path("workflows/<slug:slug>/diff/", views.workflow_diff, name="workflow-diff"),
     path("workflows/<slug:slug>/start/", action_views.start_run, name="workflow-start"),
     path("runs/", views.run_list, name="run-list"),
+    path("runs/bulk/", bulk_views.preview, name="runs-bulk-preview"),
+    path("runs/bulk/apply/", bulk_views.apply, name="runs-bulk"),
     path("runs/<int:run_id>/", views.run_detail, name="run-detail"),
     path("runs/<int:run_id>/live/", views.run_live, name="run-live"),
+    path("logs/", log_views.logs, name="logs"),
+    path(
+        "runs/<int:run_id>/nodes/<str:node_key>/attempts/<int:number>/log.txt",
+        log_views.attempt_log_download,
+        name="attempt-log-download",
+    ),
+    path(
+        "runs/<int:run_id>/nodes/<str:node_key>/attempts/<int:number>/log/tail/",
+        log_views.attempt_log_tail,
+        name="attempt-log-tail",
+    ),
     path("findings/", diagnostics_views.findings, name="findings"),
     path("system/", diagnostics_views.system_report_page, name="system-report"),
+    path("workers/", worker_views.workers, name="workers"),
     path("system/queues/<str:queue>/clear/", diagnostics_views.clear_queue, name="clear-queue"),
     path(
         "system/queues/<str:queue>/requeue-failed/",

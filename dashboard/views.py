@@ -70,10 +70,15 @@ def workflow_list(request):
 
 
 def workflow_context(
-    workflow: Workflow, start_form: StartRunForm | None = None, window: str | None = None
+    workflow: Workflow,
+    start_form: StartRunForm | None = None,
+    window: str | None = None,
+    expand: list[str] | None = None,
 ) -> dict:
     """What the workflow page shows; also used to re-show it with a start-form error."""
-    context = selectors.workflow_page(workflow)
+    context = selectors.workflow_page(
+        workflow, expand=expand or (), keep=(("window", window),) if window else ()
+    )
     if start_form is None:
         start_form = StartRunForm(
             initial={
@@ -90,9 +95,8 @@ def workflow_context(
 def workflow_detail(request, slug):
     workflow = get_object_or_404(Workflow, slug=slug)
     window = request.GET.get("window")
-    return render(
-        request, "dashboard/workflow_detail.html", workflow_context(workflow, window=window)
-    )
+    context = workflow_context(workflow, window=window, expand=request.GET.getlist("expand"))
+    return render(request, "dashboard/workflow_detail.html", context)
 
 
 @require_GET
@@ -125,6 +129,7 @@ def run_list(request):
         version=data.get("version"),
         since=since,
         until=data.get("created_to"),
+        search=data.get("q") or "",
     )
     page = selectors.runs_page(runs, before=data.get("before"), after=data.get("after"))
     return render(
@@ -144,6 +149,7 @@ def _run_page_context(request, run: Run) -> dict:
         node_key=request.GET.get("node") or None,
         attempt=_int_param(request, "attempt"),
         log_page_number=_int_param(request, "log_page"),
+        expand=request.GET.getlist("expand"),
     )
     # Polling keeps the node that is open now, even once it stops being the default one.
     query = request.GET.copy()

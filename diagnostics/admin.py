@@ -6,10 +6,9 @@ edit here would falsify the history that detection and recovery times are comput
 
 from django.conf import settings
 from django.contrib import admin
-from django.urls import reverse
 from django.utils.html import format_html
 
-from diagnostics.models import AuditEvent, Finding
+from diagnostics.models import Finding
 from workflows.admin_lists import HistoryAdmin, LargeListMixin, choices_filter
 
 
@@ -97,15 +96,3 @@ class FindingAdmin(LargeListMixin, HistoryAdmin):
     @admin.display(description="open", boolean=True)
     def is_open(self, finding):
         return finding.is_open
-
-
-@admin.register(AuditEvent)
-class AuditEventAdmin(HistoryAdmin):
-    list_display = ["at", "actor", "action", "target", "reason", "before", "after"]
-    list_filter = ["action", "target"]
-    search_fields = ["actor", "target", "reason"]
-    date_hierarchy = "at"
-    readonly_fields = ["at", "actor", "action", "target", "reason", "before", "after"]
-
-    def view_on_site(self, obj):
-        return reverse("dashboard:system-report")

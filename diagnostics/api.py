@@ -1,4 +1,4 @@
-"""The API's diagnostics: findings (open, or recent) and the queue actions.
+"""The API's diagnostics: findings (open, or recent), workers, and the queue actions.
 
 Mounted with the workflows routers by config/api.py; the queue actions call
 diagnostics/operations.py like the dashboard and admin do.
@@ -9,11 +9,13 @@ from typing import Any, Literal
 
 from django.conf import settings
 from django.db.models import Q
+from django.urls import reverse
 from django.utils import timezone
 from ninja import Field, Query, Router, Schema
 from pydantic import ConfigDict
 
 from diagnostics import operations
+from diagnostics import workers as worker_selector
 from diagnostics.models import Finding
 from workflows import actions
 from workflows.api import pages
@@ -75,6 +77,87 @@ class FindingQuery(Schema):
     limit: int = Field(50, ge=1, le=200, description="How many results per page.")
 
 
+class CurrentNodeOut(Schema):
+    job_id: str = Field(description="The RQ job the worker runs (keel-<node run>-<attempt>).")
+    run: int
+    workflow: str
+    node: str = Field(description="The node's key.")
+    attempt: int
+    attempt_status: str = Field(description="The attempt's status in the database now.")
+    node_status: str = Field(description="The node's status in the database now.")
+    running: bool = Field(description="The node still runs this attempt: it can be stopped.")
+    started_at: datetime | None = Field(description="When the attempt started: busy since.")
+    heartbeat_at: datetime | None = Field(description="The node's last heartbeat.")
+    url: str = Field(description="The run page, opened on this node.")
+    stop: str | None = Field(
+        description="POST here with a reason and expected_attempt to stop the node (it fails, "
+        "and is not retried); null when the node no longer runs this attempt."
+    )
+
+    @staticmethod
+    def resolve_run(current) -> int:
+        return current.run_id
+
+    @staticmethod
+    def resolve_node(current) -> str:
+        return current.node_key
+
+    @staticmethod
+    def resolve_stop(current) -> str | None:
+        if not current.running:
+            return None
+        return reverse(
+            "api:node-stop-node", kwargs={"run_id": current.run_id, "node_key": current.node_key}
+        )
+
+
+class RestartsOut(Schema):
+    count: int | None = Field(description="null: nothing says honestly (see note).")
+    exact: bool = Field(description="false: a lower bound.")
+    source: str = Field(description="devstack, worker names, or empty when unknown.")
+    note: str
+
+
+class WorkerOut(Schema):
+    name: str
+    host: str
+    pid: int | None
+    queues: list[str]
+    state: Literal[worker_selector.STATES]  # type: ignore[valid-type]
+    rq_state: str = Field(description="What the worker last wrote in its RQ hash.")
+    current_job: str
+    current_node: CurrentNodeOut | None
+    since: datetime | None = Field(description="When the current node's attempt started.")
+    last_heartbeat: datetime | None = Field(description="The worker's last RQ heartbeat.")
+    birth: datetime | None
+    successful_jobs: int
+    failed_jobs: int
+    restarts: RestartsOut
+
+    @staticmethod
+    def resolve_current_node(worker):
+        return worker.current
+
+
+class WorkerList(Schema):
+    generated_at: datetime
+    registered: int = Field(description="How many workers RQ lists.")
+    shown: int
+    hidden: int = Field(description="Listed by RQ but not read: past the limit.")
+    counts: dict[str, int] = Field(description="Workers shown, by state.")
+    workers: list[WorkerOut]
+
+
+class WorkerQuery(Schema):
+    limit: int = Field(
+        worker_selector.WORKERS_SHOWN,
+        ge=1,
+        le=5000,
+        description="Read at most this many workers in full: those gone quiet or shut down "
+        "first, then the busy ones (every one is counted in registered).",
+    )
+
+
 class QueueAction(Schema):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -122,9 +205,40 @@ def finding_list(request, query: Query[FindingQuery]):
     return {"results": rows, "next": pages.next_url(request, before=rows[-1].pk) if more else None}
 
 
+@router.get(
+    "/workers",
+    response={200: WorkerList, **errors(400)},
+    url_name="worker-list",
+    operation_id="listWorkers",
+    summary="Every RQ worker, and the node each runs",
+    description="Host, pid, queues, state (busy, idle, suspended, unresponsive, dead), the "
+    "current node and since when, last heartbeat, job counts and restarts. A busy worker's "
+    "node is stopped through its stop link (the stop_node action). 503 while Redis cannot "
+    "be read.",
+)
+def worker_list(request, query: Query[WorkerQuery]):
+    require(request.user, VIEW_FINDINGS, VIEW_PERMISSION)
+    listing = worker_selector.list_workers(limit=query.limit)
+    if listing.error:
+        raise ApiError(
+            503,
+            f"Redis could not be read ({listing.error}), so the workers cannot be listed; "
+            "retry in a few seconds (manage.py doctor says why).",
+            headers={"Retry-After": "5"},
+        )
+    return {
+        "generated_at": listing.generated_at,
+        "registered": listing.registered,
+        "shown": len(listing.workers),
+        "hidden": listing.hidden,
+        "counts": listing.counts,
+        "workers": listing.workers,
+    }
+
+
 def _queue_action(request, name: str, body: QueueAction, perform) -> dict:
-    require(request.user, operations.PERMISSION)
-    if name not in settings.RQ_QUEUES:
+    # No permission check before the operation: it refuses, and audits the refusal.
+    if name not in settings.RQ_QUEUES and request.user.has_perm(operations.PERMISSION):
         raise ApiError(
             404, f"No queue {name!r}; Keel's queues are {', '.join(settings.RQ_QUEUES)}."
         )

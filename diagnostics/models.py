@@ -81,6 +81,8 @@ class Finding(models.Model):
 
     class Meta:
         ordering = ["-last_seen", "-id"]
+        # Held by AuditEvent until that moved to workflows (it audits run starts too).
+        permissions = [("operate_queues", "Can clear queues and requeue failed jobs")]
         constraints = [
             models.UniqueConstraint(
                 fields=["code", "subject"],
@@ -130,44 +132,3 @@ class Finding(models.Model):
     @property
     def is_open(self) -> bool:
         return self.resolved_at is None
-
-
-class AuditAction(models.TextChoices):
-    CLEAR_QUEUE = "clear_queue"
-    REQUEUE_FAILED = "requeue_failed"
-
-
-class AuditEvent(models.Model):
-    """One operator action that belongs to no run (a run's own actions are RunEvents).
-
-    Written by diagnostics/operations.py in the same call that acts, with the counts seen
-    just before and just after, so the trail says what the action actually changed.
-    """
-
-    Action = AuditAction
-
-    actor = models.CharField(max_length=150, help_text="Username of who acted.")
-    action = models.CharField(max_length=32, choices=AuditAction.choices)
-    target = models.CharField(max_length=200, help_text="What was acted on, e.g. queue:default.")
-    reason = models.TextField()
-    before = models.JSONField(default=dict, blank=True)
-    after = models.JSONField(default=dict, blank=True)
-    at = models.DateTimeField(auto_now_add=True)
-
-    class Meta:
-        ordering = ["-at", "-id"]
-        permissions = [
-            ("operate_queues", "Can clear queues and requeue failed jobs"),
-        ]
-        constraints = [
-            models.CheckConstraint(
-                condition=Q(action__in=AuditAction.values), name="auditevent_action_valid"
-            ),
-        ]
-        indexes = [
-            # The history of one target (a queue), newest first.
-            models.Index(fields=["target", "-at"], name="auditevent_target_at"),
-        ]
-
-    def __str__(self):
-        return f"{self.action} on {self.target} by {self.actor}"

@@ -3,7 +3,8 @@
 The dashboard, the admin and commands call these. Each checks the actor's permission
 (``diagnostics.operate_queues``) and the reason, acts, and writes an AuditEvent with the
 counts seen just before and just after. Acting twice is harmless: a second click finds
-nothing left to do, changes nothing and writes no second event.
+nothing left to do, changes nothing and writes no second event. A refusal (no
+permission) is audited as well, a burst of them as one row with a count.
 
 What they mean for Keel's own jobs (the database is the truth, Redis only carries
 messages): a node still ``queued`` in the database whose job was cleared is re-sent by
@@ -20,7 +21,8 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from diagnostics.models import AuditEvent
+from workflows import audit
+from workflows.models import AuditEvent
 from workflows.runtime import dispatch
 
 PERMISSION = "diagnostics.operate_queues"
@@ -57,8 +59,11 @@ def queue_counts(queue_name: str) -> dict:
         ) from None
 
 
-def _check(queue_name: str, actor, reason: str) -> str:
+def _check(queue_name: str, actor, reason: str, action: str) -> str:
     if not actor.has_perm(PERMISSION):
+        audit.record_refusal(
+            actor.get_username(), action, f"queue:{queue_name}", reason, PERMISSION
+        )
         raise QueuePermissionDenied(
             f"{actor.get_username() or 'This user'} may not operate queues; "
             f"an administrator can grant the permission {PERMISSION}."
@@ -75,7 +80,7 @@ def _check(queue_name: str, actor, reason: str) -> str:
 
 def clear_queue(queue_name: str, *, actor, reason: str) -> QueueOutcome:
     """Remove every job waiting in a queue (running and finished jobs are untouched)."""
-    reason = _check(queue_name, actor, reason)
+    reason = _check(queue_name, actor, reason, AuditEvent.Action.CLEAR_QUEUE)
     before = queue_counts(queue_name)
     try:
         removed = int(dispatch.get_queue(queue_name).empty() or 0)
@@ -110,7 +115,7 @@ def clear_queue(queue_name: str, *, actor, reason: str) -> QueueOutcome:
 
 def requeue_failed(queue_name: str, *, actor, reason: str) -> QueueOutcome:
     """Put every job of the queue's failed registry back on the queue."""
-    reason = _check(queue_name, actor, reason)
+    reason = _check(queue_name, actor, reason, AuditEvent.Action.REQUEUE_FAILED)
     before = queue_counts(queue_name)
     queue = dispatch.get_queue(queue_name)
     registry = FailedJobRegistry(queue=queue, serializer=JSONSerializer)

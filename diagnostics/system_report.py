@@ -26,9 +26,9 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from diagnostics import health
-from diagnostics.models import AuditEvent
 from diagnostics.rq_state import read_queues, read_workers, sweep_workers
 from diagnostics.selectors import findings_summary
+from workflows.models import AuditEvent
 
 MASK = "********"
 # Workers the report lists besides those gone quiet and those on this host (all are counted).

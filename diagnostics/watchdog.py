@@ -46,6 +46,7 @@ class TickReport:
     retries_queued: int = 0
     messages_resent: int = 0
     runs_expired: int = 0
+    pool_waits_failed: int = 0
     # Lost attempts not ended this tick (out of time): the next tick ends them.
     repairs_left: int = 0
     opened: tuple[str, ...] = ()
@@ -63,6 +64,7 @@ class TickReport:
             self.retries_queued
             or self.messages_resent
             or self.runs_expired
+            or self.pool_waits_failed
             or self.opened
             or self.resolved
             or self.repairs
@@ -84,7 +86,13 @@ class TickReport:
             return f"Redis failed during the tick ({self.redis_failed}); checking again"
         lines = [
             f"retries queued: {self.retries_queued}, lost messages re-sent: "
-            f"{self.messages_resent}, runs expired: {self.runs_expired}, findings opened: "
+            f"{self.messages_resent}, runs expired: {self.runs_expired}, "
+            + (
+                f"pool waits timed out: {self.pool_waits_failed}, "
+                if self.pool_waits_failed
+                else ""
+            )
+            + "findings opened: "
             f"{len(self.opened)}, resolved: {len(self.resolved)}, repairs: {len(self.repairs)}"
             + (f" ({self.repairs_left} left for the next tick)" if self.repairs_left else "")
         ]
@@ -270,11 +278,13 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
     if ctx.redis_ok:
         repairs.confirm_resent(found.detections, recorded.by_key, report)
     expired = engine.expire_overdue_runs()
+    pool_waits = engine.fail_pool_timeouts()
     return TickReport(
         acted=True,
         retries_queued=retries,
         messages_resent=resent,
         runs_expired=expired,
+        pool_waits_failed=pool_waits,
         opened=tuple(_describe(f) for f in recorded.opened),
         resolved=tuple(_describe(f) for f in recorded.resolved),
         repairs=tuple(report.abandoned + report.resent),

@@ -237,3 +237,24 @@ register(
         preview=_preview("mark_succeeded"),
     )
 )
+register(
+    Action(
+        "stop_node",
+        "Stop node",
+        "run",
+        "Stop a running node now: its attempt fails with your reason and is not retried, and "
+        "its worker is told to stop the job. The run goes on, or fails, as after any node "
+        "failure; retry the node later to run it again.",
+        (
+            NODE,
+            Option(
+                "expected_attempt",
+                int,
+                help="Refuse if the node has moved past this attempt (a stale page).",
+            ),
+        ),
+        perform=lambda run_id, node, **kwargs: operations.stop_node(run_id, node, **kwargs),
+        preview=_preview("stop_node"),
+        danger=True,
+    )
+)

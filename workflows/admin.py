@@ -8,6 +8,7 @@ from workflows.admin_lists import HistoryAdmin, LargeListMixin, choices_filter
 from workflows.api import auth as api_auth
 from workflows.models import (
     ApiToken,
+    AuditEvent,
     Checkpoint,
     LogLine,
     NodeAttempt,
@@ -185,6 +186,7 @@ class NodeRunAdmin(LargeListMixin, admin_actions.OperateRunsMixin, HistoryAdmin)
         admin_actions.retry_nodes_with_downstream,
         admin_actions.skip_nodes,
         admin_actions.rollback_to_node,
+        admin_actions.stop_nodes,
     ]
     list_display = [
         "id",
@@ -252,6 +254,15 @@ class NodeAttemptAdmin(LargeListMixin, HistoryAdmin):
     ]
     readonly_fields = [f.name for f in NodeAttempt._meta.fields]
     inlines = [LogLineInline]
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(HistoryAdmin):
+    list_display = ["at", "actor", "action", "target", "reason", "before", "after"]
+    list_filter = ["action", "target"]
+    search_fields = ["actor", "target", "reason"]
+    date_hierarchy = "at"
+    readonly_fields = ["at", "actor", "action", "target", "reason", "before", "after"]
 
 
 @admin.register(RunEvent)

@@ -159,6 +159,22 @@ def skip_nodes(modeladmin, request, queryset):
     )
 
 
+@admin.action(permissions=["operate"], description="Stop selected running nodes (no retry)…")
+def stop_nodes(modeladmin, request, queryset):
+    # Each at the attempt seen when selected: one that moved on meanwhile is left alone.
+    targets = [
+        Target(
+            f"run {node.run_id} node {node.node_key}",
+            node.run_id,
+            {"node": node.node_key, "expected_attempt": node.attempt},
+        )
+        for node in queryset
+    ]
+    return operate(
+        modeladmin, request, queryset, action="stop_node", title="Stop nodes", targets=targets
+    )
+
+
 @admin.action(permissions=["operate"], description="Roll back to just before the selected node…")
 def rollback_to_node(modeladmin, request, queryset):
     targets = [

@@ -218,6 +218,11 @@ class NodeRun(models.Model):
         blank=True,
         help_text="How long the node may go without progress (its definition's stall_after).",
     )
+    pool_timeout_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="How long the node may wait for a slot of its pool (its pool_timeout).",
+    )
     # Copied from the pinned version when the run starts, so a worker never has to read
     # the whole definition to run or advance one node (that would cost O(N) per node).
     params = models.JSONField(default=dict, blank=True)
@@ -259,6 +264,13 @@ class NodeRun(models.Model):
                 fields=["heartbeat_at"],
                 name="noderun_running_heartbeat",
                 condition=Q(status="running"),
+            ),
+            # engine.fail_pool_timeouts: the few nodes that may wait for a pool only so
+            # long (their definition's pool_timeout), by when they began to wait.
+            models.Index(
+                fields=["updated_at"],
+                name="noderun_pool_wait",
+                condition=Q(status="pending", pool_timeout_seconds__isnull=False),
             ),
             # engine.promote_due_retries: retries whose backoff has passed.
             models.Index(
@@ -352,6 +364,10 @@ class NodeAttempt(models.Model):
             models.Index(
                 fields=["node_run"], name="attempt_timed_out", condition=Q(status="timed_out")
             ),
+            # Run search by error text (workflows.selectors.search_runs): only the attempts
+            # that ended with an error are read, not every attempt (measured: 60 ms -> 2 ms
+            # at 1 000 000 attempts on PostgreSQL).
+            models.Index(fields=["node_run"], name="attempt_error", condition=~Q(error_type="")),
         ]
 
     def __str__(self):
@@ -414,6 +430,12 @@ class LogLine(models.Model):
         ordering = ["attempt", "seq"]
         constraints = [
             models.UniqueConstraint(fields=["attempt", "seq"], name="logline_seq_unique"),
+        ]
+        indexes = [
+            # Log search across runs (workflows.log_search): a time window, newest first,
+            # paged by (at, id). Without it every search read the whole table (85 ms -> 5 ms
+            # for 24 hours of 1 000 000 lines on PostgreSQL).
+            models.Index(fields=["at", "id"], name="logline_at"),
         ]
 
     def __str__(self):
@@ -516,3 +538,45 @@ class ApiToken(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class AuditAction(models.TextChoices):
+    START_RUN = "start_run"
+    CLEAR_QUEUE = "clear_queue"
+    REQUEUE_FAILED = "requeue_failed"
+
+
+class AuditEvent(models.Model):
+    """One operator action that belongs to no run (a run's own actions are RunEvents), or
+    one refused: a queue action (diagnostics/operations.py), a run start that was not
+    allowed (workflows/operations.py).
+
+    Written in the same call that acts, with what was seen just before and just after, so
+    the trail says what the action actually changed; a refusal says so in ``before``.
+    """
+
+    Action = AuditAction
+
+    actor = models.CharField(max_length=150, help_text="Username of who acted.")
+    action = models.CharField(max_length=32, choices=AuditAction.choices)
+    target = models.CharField(max_length=200, help_text="What was acted on, e.g. queue:default.")
+    reason = models.TextField()
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        db_table = "diagnostics_auditevent"  # where it was made, before it moved here
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(action__in=AuditAction.values), name="auditevent_action_valid"
+            ),
+        ]
+        indexes = [
+            # The history of one target (a queue, a workflow), newest first.
+            models.Index(fields=["target", "-at"], name="auditevent_target_at"),
+        ]
+
+    def __str__(self):
+        return f"{self.action} on {self.target} by {self.actor}"

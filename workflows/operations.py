@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass, field
 
 from django.db import IntegrityError, transaction
 
-from workflows import engine
+from workflows import audit, engine
 from workflows.definitions import registry
 from workflows.definitions.versioning import latest_version
-from workflows.models import Checkpoint, NodeRun, Run, RunEvent, Workflow
+from workflows.models import AuditEvent, Checkpoint, NodeAttempt, NodeRun, Run, RunEvent, Workflow
 
 OPERATE_PERMISSION = "workflows.operate_run"
-ACTIONS = ("resume", "retry", "rollback", "cancel", "skip", "mark_succeeded")
+ACTIONS = ("resume", "retry", "rollback", "cancel", "skip", "mark_succeeded", "stop_node")
 
 
 class OperationError(Exception):
@@ -112,10 +112,7 @@ def start_run(
         raise OperationError(
             f"No workflow {workflow_slug!r} (known: {known}). Load it with manage.py load_workflow PATH."
         ) from None
-    if not actor.may_operate():
-        raise OperationDenied(
-            f"{actor.name} may not start runs (needs the {OPERATE_PERMISSION} permission)."
-        )
+    check_may_start(actor, workflow)
     version = latest_version(workflow)
     if version is None:
         raise OperationError(
@@ -135,6 +132,19 @@ def start_run(
         if earlier is None:
             raise
         return earlier
+
+
+def check_may_start(actor, workflow: Workflow) -> None:
+    """Refuse an actor who may not start runs; the refusal is audited (rate-limited)."""
+    actor = _as_actor(actor)
+    if actor.may_operate():
+        return
+    target = f"workflow:{workflow.slug}"
+    audit.record_refusal(actor.name, AuditEvent.Action.START_RUN, target, "", OPERATE_PERMISSION)
+    raise OperationDenied(
+        f"{actor.name} may not start runs: ask an administrator for the "
+        f"'{OPERATE_PERMISSION}' permission."
+    )
 
 
 def _run_started_by(request_key: str) -> Run | None:
@@ -285,6 +295,41 @@ def cancel_run(run_id, *, actor, reason: str, request_key: str | None = None) ->
     return Outcome(run, True, f"Run {run.pk} cancelled.")
 
 
+def stop_node(
+    run_id,
+    node_key: str,
+    *,
+    actor,
+    reason: str,
+    expected_attempt: int | None = None,
+    request_key: str | None = None,
+) -> Outcome:
+    """Stop a running node now: its attempt fails with "stopped by <actor>: <reason>" and
+    is not retried; its worker is told to stop the job. A node no longer running that
+    attempt (finished meanwhile, a second click) changes nothing and says why."""
+    actor = _as_actor(actor)
+    reason = _required_reason(reason, "stop a node of")
+    run = get_run(run_id)
+    _check_permission(actor, run, "stop_node", reason)
+    try:
+        stopped = engine.stop_node(
+            run.pk,
+            node_key,
+            actor=actor.name,
+            reason=reason,
+            expected_attempt=expected_attempt,
+            request_key=request_key,
+        )
+    except engine.EngineError as error:
+        raise OperationError(
+            f"{error} Pick a running node on the run page or the Workers page."
+        ) from None
+    except IntegrityError:
+        # The same request key raced in from another process: it was applied once.
+        return Outcome(get_run(run_id), False, "This request was already applied; nothing changed.")
+    return Outcome(stopped.run, stopped.changed, stopped.message)
+
+
 # --- Previews ---------------------------------------------------------------------------------
 
 
@@ -307,6 +352,8 @@ def preview(action: str, run_id, **options) -> Preview:
             ],
             noop="" if run.status in Run.ACTIVE else f"Run {run.pk} is already {run.status}.",
         )
+    if action == "stop_node":
+        return _stop_preview(run, nodes, options["node"], options.get("expected_attempt"))
     makers: dict[str, Callable] = {
         "resume": lambda: engine.plan_resume(run, nodes),
         "retry": lambda: engine.plan_retry(
@@ -335,6 +382,39 @@ def preview(action: str, run_id, **options) -> Preview:
     except engine.RecoveryError as error:
         raise OperationError(str(error)) from None
     return _preview(run, action, _describe(plan), noop=plan.noop_message)
+
+
+def _stop_preview(run: Run, nodes: dict[str, NodeRun], key: str, expected_attempt) -> Preview:
+    if key not in nodes:
+        raise OperationError(
+            f"Run {run.pk} has no node {key!r} (nodes: {', '.join(list(nodes)[:20])})."
+        )
+    node = nodes[key]
+    refusal = engine.why_not_stoppable(node, expected_attempt)
+    if refusal:
+        return _preview(run, "stop_node", [], noop=refusal)
+    worker = (
+        NodeAttempt.objects.filter(node_run=node, number=node.attempt)
+        .values_list("worker", flat=True)
+        .first()
+    )
+    on = f" on worker {worker}" if worker else ""
+    preview = _preview(
+        run,
+        "stop_node",
+        [(node, f"attempt {node.attempt}{on} is stopped and fails; it is not retried")],
+        noop="",
+    )
+    if node.downstream:
+        preview.warnings.append(
+            f"{', '.join(node.downstream)} will not run until you retry or skip {key}."
+        )
+    if registry.get(node.node_type).side_effects:
+        preview.warnings.append(
+            f"{key} has side effects: what it wrote before it stops stays (no compensate "
+            "hook runs)."
+        )
+    return preview
 
 
 def _describe(plan: engine.Plan) -> list[tuple[NodeRun, str]]:

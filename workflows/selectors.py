@@ -1,8 +1,13 @@
 """Reads for commands and the API: precomputed, with a fixed number of queries."""
 
-from django.db.models import Prefetch
+import re
 
-from workflows.models import NodeAttempt, NodeRun, Run
+from django.db.models import Prefetch, Q
+
+from workflows.models import NodeAttempt, NodeRun, Run, Workflow
+
+# "123" or "#123": a run id; anything else is searched as text.
+RUN_ID = re.compile(r"^#?(\d{1,18})$")
 
 
 def seconds_between(start, end):
@@ -16,6 +21,34 @@ def attempt_words(attempt: int, max_attempts: int, attempts_base: int) -> str:
     reset. "2/3"; after a reset, "1/1 (#2)": never "2/1"."""
     counted = f"{max(attempt - attempts_base, 0)}/{max_attempts}"
     return f"{counted} (#{attempt})" if attempts_base else counted
+
+
+def search_runs(runs, text: str):
+    """``runs`` narrowed to what ``text`` finds (case-insensitive): a number is a run id;
+    other text matches the workflow's slug or name, the run's reason, or the error type or
+    message of any of its attempts. Log lines are not read (the Logs page searches them).
+
+    Cost at 100 000 runs and 1 000 000 attempts: the workflow match reads the few workflow
+    rows, then run_workflow_id; the error match reads only the attempts that have an error
+    (the attempt_error partial index), once per query; the reason is checked on each run
+    the page or its capped count reads. At most ~80 ms of database time per page on
+    either database (docs/architecture.md, "Searching runs and logs").
+    """
+    text = text.strip()
+    number = RUN_ID.match(text)
+    if number:
+        return runs.filter(pk=int(number.group(1)))
+    if not text:
+        return runs
+    workflows = Workflow.objects.filter(Q(slug__icontains=text) | Q(name__icontains=text))
+    failed_here = (
+        NodeAttempt.objects.exclude(error_type="")
+        .filter(Q(error_type__icontains=text) | Q(error_message__icontains=text))
+        .values("node_run__run_id")
+    )
+    return runs.filter(
+        Q(workflow__in=workflows.values("pk")) | Q(reason__icontains=text) | Q(pk__in=failed_here)
+    )
 
 
 def run_summary_line(run: Run) -> str:

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from tests.api.conftest import Api, make_user
 from workflows.api import auth
-from workflows.models import ApiToken, RunEvent
+from workflows.models import ApiToken, AuditEvent, RunEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -189,7 +189,10 @@ def test_acting_without_the_operate_permission_is_403_and_the_denial_is_audited(
 def test_a_viewer_may_preview_but_not_start_a_run(viewer_api, failed_chain):
     preview = viewer_api.post(f"runs/{failed_chain.pk}/resume?dry_run=1")
     assert preview.status_code == 200
-    assert viewer_api.post("workflows/chain/runs", {"wait": 0}).status_code == 403
+    refused = viewer_api.post("workflows/chain/runs", {"wait": 0})
+    assert refused.status_code == 403 and "workflows.operate_run" in refused.content.decode()
+    [refusal] = AuditEvent.objects.filter(action="start_run")  # audited
+    assert (refusal.actor, refusal.target) == ("vic", "workflow:chain")
 
 
 @pytest.mark.parametrize("query", ["", "?dry_run=1"])

@@ -43,10 +43,10 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from diagnostics.models import AuditEvent, Finding
+from diagnostics.models import Finding
 from tests.api.conftest import CHAIN, work
 from workflows.api.schemas import MAX_WAIT_SECONDS as MAX_WAIT
-from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
+from workflows.models import AuditEvent, Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
 
 APP = WSGIHandler()
 SCHEMA = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", APP)

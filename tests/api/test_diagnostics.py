@@ -7,8 +7,9 @@ from django.contrib.auth.models import Permission
 from django.utils import timezone
 
 from diagnostics import watchdog
-from diagnostics.models import AuditEvent, Finding
+from diagnostics.models import Finding
 from tests.api.conftest import Api
+from workflows.models import AuditEvent
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,7 +109,14 @@ def test_clearing_a_queue_removes_its_jobs_and_is_audited(queue_operator, clean_
 
 
 def test_queue_actions_need_the_permission_a_known_queue_and_a_reason(api, queue_operator):
-    assert api.post("queues/default/clear", {"reason": "x"}).status_code == 403
+    refused = api.post("queues/default/clear", {"reason": "x"})
+    assert refused.status_code == 403 and "diagnostics.operate_queues" in refused.content.decode()
+    [denial] = AuditEvent.objects.all()  # the refusal is audited
+    assert (denial.action, denial.target, denial.before["denied"]) == (
+        "clear_queue",
+        "queue:default",
+        True,
+    )
     unknown = queue_operator.post("queues/nope/requeue-failed", {"reason": "x"})
     assert unknown.status_code == 404
     assert "Keel's queues are" in unknown.json()["error"]["message"]

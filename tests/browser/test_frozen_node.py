@@ -49,12 +49,11 @@ def test_a_frozen_node_is_diagnosed_and_one_retry_click_frees_its_worker(
 
     # The run page says what is wrong and offers the fix.
     page.goto(f"{live_server.url}/runs/{run.pk}/")
-    diagnosis = page.locator("#run-live section.diagnosis")
-    expect(diagnosis.locator("article.finding-box").first).to_contain_text(
-        "declared stall_after 3 s", timeout=30_000
-    )
+    summary = page.locator("#run-live section.run-summary")
+    expect(summary).to_contain_text("declared stall_after 3 s", timeout=30_000)
+    expect(summary.locator("article.finding-box table.evidence")).to_be_visible()
     page.screenshot(path=str(tmp_path / "frozen-run-page.png"), full_page=True)
-    diagnosis.get_by_role("link", name=re.compile(r"Retry")).first.click()
+    summary.get_by_role("link", name=re.compile(r"Retry")).first.click()
 
     expect(page.locator("h1")).to_contain_text("Retry a node")
     expect(page.locator("table.preview-nodes")).to_contain_text("frozen")

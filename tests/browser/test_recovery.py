@@ -73,14 +73,14 @@ def test_a_failed_demo_run_is_resumed_by_clicking_and_finishes_on_screen(
     expect(page.locator(".messages")).to_contain_text(f"Run {run.pk} resumed")
     page.evaluate("window.__stillTheSamePage = true")
     expect(status).to_contain_text("running")
-    expect(page.locator(".live-dot")).to_have_count(1)
+    expect(page.locator(".run-summary .live-dot")).to_have_count(1)
     page.wait_for_event("response", lambda response: "/live/" in response.url)
     start_worker(KEEL_NODE_MODULES=NODE_MODULES)
     expect(status).to_contain_text(SUCCEEDED, timeout=60_000)
     assert page.evaluate("window.__stillTheSamePage") is True  # swapped in by htmx, not reloaded
     expect(page.locator("svg.dag g.dag-node.s-succeeded")).to_have_count(3)
     expect(page.locator("table.history")).to_contain_text("the export has landed now")
-    expect(page.locator(".live-dot")).to_have_count(0)
+    expect(page.locator(".run-summary .live-dot")).to_have_count(0)
 
     # The page polled while the run went on; then the server said 286 and it stopped.
     assert 200 in live and live[-1] == 286
@@ -109,7 +109,7 @@ def test_rollback_to_a_checkpoint_from_the_run_page(signed_in, live_server, work
     page.locator('svg.dag a[data-node="import_orders"]').click()
     panel = page.locator("#node")
     expect(panel.locator("h2")).to_contain_text("import_orders")
-    row = panel.locator("table.checkpoints tr", has_text=re.compile(r"^\s*2\s"))
+    row = panel.locator("table.checkpoints tr", has_text=re.compile(r"^\s*#2 "))
     row.get_by_role("link", name="Roll back to here…").click()
 
     expect(page.locator("h1")).to_contain_text("Roll the run back")

@@ -9,7 +9,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from diagnostics import selectors
-from diagnostics.models import AuditEvent, Finding
+from diagnostics.models import Finding
+from workflows.models import AuditEvent
 
 DEFINITION = {
     "name": "Diagnosed",
@@ -213,7 +214,7 @@ def test_admin_lists_findings_read_only(staff_client, start_run):
     assert change.status_code == 200
     assert 'name="_save"' not in change.content.decode()  # read-only
     assert staff_client.get("/admin/diagnostics/finding/add/").status_code == 403
-    assert staff_client.get("/admin/diagnostics/auditevent/").status_code == 200
+    assert staff_client.get("/admin/workflows/auditevent/").status_code == 200
 
 
 @pytest.mark.django_db

@@ -6,8 +6,9 @@ from django.test import Client
 from rq.registry import FailedJobRegistry
 
 from diagnostics import operations
-from diagnostics.models import AuditEvent
 from tests.conftest import wait_for
+from workflows import audit
+from workflows.models import AuditEvent
 from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -95,7 +96,27 @@ def test_queue_actions_need_the_permission(client, django_user_model, three_jobs
     assert low_queue().count == 3
     with pytest.raises(operations.QueuePermissionDenied, match=r"diagnostics\.operate_queues"):
         operations.clear_queue("low", actor=staff, reason="from a script")
-    assert not AuditEvent.objects.exists()
+    # Each refusal is audited; a burst of the same one is one row with a count.
+    refusals = {(e.action, e.target): e for e in AuditEvent.objects.all()}
+    assert set(refusals) == {("clear_queue", "queue:low"), ("requeue_failed", "queue:low")}
+    cleared = refusals["clear_queue", "queue:low"]
+    assert cleared.actor == "staff" and cleared.reason == "try"
+    assert cleared.before == {"denied": True, "missing_permission": "diagnostics.operate_queues"}
+    assert cleared.after == {"refused_again": 1}
+    assert refusals["requeue_failed", "queue:low"].after == {}
+
+
+def test_a_refusal_after_the_counting_window_is_a_row_of_its_own(django_user_model):
+    staff = django_user_model.objects.create_user("script", password="pw", is_staff=True)
+    for _ in range(50):
+        with pytest.raises(operations.QueuePermissionDenied):
+            operations.clear_queue("low", actor=staff, reason="loop")
+    [event] = AuditEvent.objects.all()
+    assert event.after == {"refused_again": 49}
+    AuditEvent.objects.update(at=event.at - audit.REFUSALS_COUNTED_FOR)
+    with pytest.raises(operations.QueuePermissionDenied):
+        operations.clear_queue("low", actor=staff, reason="loop")
+    assert AuditEvent.objects.count() == 2
 
 
 def test_queue_actions_are_post_only_and_csrf_protected(operator, operator_client, clean_redis):

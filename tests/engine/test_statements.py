@@ -122,6 +122,7 @@ def new_row(key: str, **changes) -> dict:
         "soft_timeout_seconds": None,
         "expected_seconds": 5,
         "stall_after_seconds": None,
+        "pool_timeout_seconds": 45,
         "params": {"text": "ünïcode 'quoted' \"too\"", "n": 1.5, "none": None, "list": [1, "a"]},
         "upstream": [],
         "downstream": ["b"],

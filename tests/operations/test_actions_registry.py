@@ -8,7 +8,7 @@ from workflows import actions
 from workflows.admin import NodeRunAdmin, RunAdmin
 from workflows.api.actions import router
 
-RUN_ACTIONS = ["resume", "retry", "rollback", "cancel", "skip", "mark_succeeded"]
+RUN_ACTIONS = ["resume", "retry", "rollback", "cancel", "skip", "mark_succeeded", "stop_node"]
 
 
 def test_the_registry_holds_the_run_and_queue_actions():
@@ -41,9 +41,14 @@ def test_the_admin_offers_each_run_action_it_can_apply_to_a_selection():
         for function in admin.actions
         if callable(function)
     }
-    assert {"resume_runs", "cancel_runs", "retry_nodes", "skip_nodes", "rollback_to_node"} <= (
-        offered
-    )
+    assert {
+        "resume_runs",
+        "cancel_runs",
+        "retry_nodes",
+        "skip_nodes",
+        "rollback_to_node",
+        "stop_nodes",
+    } <= offered
 
 
 def test_every_action_has_an_input_model_with_a_reason():

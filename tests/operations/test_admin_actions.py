@@ -185,14 +185,15 @@ def test_the_admin_never_adds_changes_or_deletes_history(client, admin_user, fai
 
 
 def test_findings_and_the_audit_are_read_only_too(client, admin_user):
-    from diagnostics.admin import AuditEventAdmin, FindingAdmin
+    from diagnostics.admin import FindingAdmin
+    from workflows.admin import AuditEventAdmin
     from workflows.admin_lists import HistoryAdmin
 
     assert issubclass(FindingAdmin, HistoryAdmin) and issubclass(AuditEventAdmin, HistoryAdmin)
     client.force_login(admin_user)
-    for model in ("finding", "auditevent"):
-        assert client.get(f"/admin/diagnostics/{model}/add/").status_code == 403
-        assert "delete_selected" not in client.get(f"/admin/diagnostics/{model}/").content.decode()
+    for path in ("diagnostics/finding", "workflows/auditevent"):
+        assert client.get(f"/admin/{path}/add/").status_code == 403
+        assert "delete_selected" not in client.get(f"/admin/{path}/").content.decode()
 
 
 def test_the_history_keeps_its_operator_actions(operator, failed_run):

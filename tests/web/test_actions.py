@@ -13,7 +13,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from tests.web.conftest import CHAIN, nodes, work
-from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
+from workflows.models import AuditEvent, Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
 
 pytestmark = pytest.mark.django_db
 
@@ -463,8 +463,18 @@ def test_start_run_needs_the_operate_permission(viewer_client, make_version):
     make_version(PARAMS)
     response = viewer_client.post("/workflows/with-params/start/", {"params": "{}"})
     assert response.status_code == 403
+    assert "workflows.operate_run" in response.content.decode()
     assert not Run.objects.exists()
     assert viewer_client.get("/workflows/with-params/start/").status_code == 405
+    # The refusal is audited; a burst of them is one row with a count.
+    viewer_client.post("/workflows/with-params/start/", {"params": "{}"})
+    [refusal] = AuditEvent.objects.all()
+    assert (refusal.actor, refusal.action, refusal.target) == (
+        "victor",
+        "start_run",
+        "workflow:with-params",
+    )
+    assert refusal.before["denied"] is True and refusal.after == {"refused_again": 1}
 
 
 def test_post_without_permission_or_reason_is_still_a_recorded_403(viewer_client, failed_run):

@@ -187,12 +187,17 @@ def nav_links(html: str) -> list[str]:
 
 
 def test_the_menu_shows_only_what_the_user_may_open(viewer_client, client, django_user_model):
-    assert nav_links(viewer_client.get("/").content.decode()) == ["Overview", "Workflows", "Runs"]
+    assert nav_links(viewer_client.get("/").content.decode()) == [
+        "Overview",
+        "Workflows",
+        "Runs",
+        "Logs",
+    ]
     staff = django_user_model.objects.create_user("sam", password="pw", is_staff=True)
     client.force_login(staff)
     refused = client.get("/")  # staff without the view permission
 
-    assert nav_links(refused.content.decode()) == ["Findings", "System", "Admin"]
+    assert nav_links(refused.content.decode()) == ["Findings", "System", "Workers", "Admin"]
     assert refused.status_code == 403
 
 

@@ -112,7 +112,7 @@ def test_the_rollback_picker_groups_checkpoints_by_node_with_their_state(
     # a first (the order nodes run in), its progress checkpoint and the engine's node-done
     # one; b's newest checkpoint first, the earlier folded under it.
     assert picker.index("<code>a</code>") < picker.index("<code>b</code>")
-    assert "offset 100 · file orders.csv · rows [3 items]" in picker
+    assert "file orders.csv · offset 100 · rows [3 items]" in picker
     assert "offset 9" in picker and "attempt 2" in picker
     assert "1 earlier checkpoint of <code>b</code>" in picker
     folded = picker[picker.index("1 earlier checkpoint of <code>b</code>") :]
@@ -121,3 +121,16 @@ def test_the_rollback_picker_groups_checkpoints_by_node_with_their_state(
         picker.count("?to_checkpoint=")
         == node_b.checkpoints.count() + nodes(run)["a"].checkpoints.count()
     )
+
+
+def test_a_running_node_can_be_stopped_from_its_panel(operator_client, start_run):
+    from workflows import engine
+
+    run = start_run(CHAIN)
+    a = nodes(run)["a"]
+    engine.claim_attempt(a.pk, a.attempt, worker="w-1", pid=4242, host="host-1")
+    stop = f"/runs/{run.pk}/stop-node/preview/?node=a"
+    assert stop in buttons(operator_client.get(f"/runs/{run.pk}/?node=a").content.decode())
+    preview = operator_client.get(stop).content.decode()
+    assert "Stop a running node" in preview and 'name="expected_attempt" value="1"' in preview
+    assert stop not in operator_client.get(f"/runs/{run.pk}/?node=b").content.decode()

@@ -28,7 +28,7 @@ XSS = [
 PAYLOAD = " ".join(XSS)
 
 
-OUR_SCRIPTS = ("/static/vendor/htmx.min.js", "/static/times.js")
+OUR_SCRIPTS = ("/static/vendor/htmx.min.js", "/static/times.js", "/static/select_all.js")
 
 
 class Markup(HTMLParser):

@@ -3,9 +3,11 @@ and logs. Reads only; the actions on runs are in actions.py."""
 
 from ninja import Query, Router
 
+from workflows import log_search
 from workflows.api import lookups, pages
 from workflows.api.auth import VIEW_PERMISSION, require
 from workflows.api.errors import ApiError, invalid
+from workflows.api.log_schemas import LogCounts, LogSearchPage, LogSearchPageQuery, LogSearchQuery
 from workflows.api.schemas import (
     AfterQuery,
     AllRunsQuery,
@@ -160,4 +162,90 @@ def node_logs(request, run_id: int, node_key: str, query: Query[LogQuery]):
         "next": pages.next_url(request, attempt=attempt.number, after=rows[-1].seq)
         if more
         else None,
+    }
+
+
+# --- Log search across runs -------------------------------------------------------------------
+
+
+def _log_filter(query: LogSearchQuery) -> log_search.LogFilter:
+    """The search the query asks for; a 400 naming the field for what cannot be found."""
+    workflow_id = None
+    if query.workflow:
+        workflow_id = Workflow.objects.filter(slug=query.workflow).values_list("pk", flat=True)
+        workflow_id = workflow_id.first()
+        if workflow_id is None:
+            raise invalid(
+                "workflow",
+                f"there is no workflow {query.workflow!r}; list them at GET /api/v1/workflows.",
+            )
+    since = query.since if query.since is not None else log_search.default_since()
+    if query.until is not None and since >= query.until:
+        raise invalid("until", "must be after since (the window is since ≤ at < until).")
+    return log_search.LogFilter(
+        text=query.q or "",
+        level=query.level or "",
+        workflow_id=workflow_id,
+        node=query.node or "",
+        run_id=query.run,
+        since=since,
+        until=query.until,
+    )
+
+
+@router.get(
+    "/logs",
+    response={200: LogSearchPage, **errors(400)},
+    url_name="log-search",
+    operation_id="searchLogs",
+    summary="Log lines across runs, newest first",
+    description="Filters combine: text (case-insensitive contains), level and above, "
+    "workflow, node key, run, and a time window (default: the last 24 hours). Keyset pages "
+    "by (at, id): follow `next`.",
+)
+def log_search_page(request, query: Query[LogSearchPageQuery]):
+    require(request.user, VIEW_PERMISSION)
+    search = _log_filter(query)
+    cursor = None
+    if query.cursor:
+        try:
+            cursor = log_search.Cursor.decode(query.cursor)
+        except ValueError:
+            raise invalid(
+                "cursor", "is not one this API gave out; copy the next link of the previous page."
+            ) from None
+    found = log_search.page(search, cursor=cursor, size=query.limit)
+    return {
+        "since": search.since,
+        "until": search.until,
+        "results": found.lines,
+        # The window is pinned in the link: "24 hours ago" must not move between pages.
+        "next": pages.next_url(
+            request, cursor=found.next_cursor.encode(), since=search.since.isoformat()
+        )
+        if found.next_cursor
+        else None,
+    }
+
+
+@router.get(
+    "/logs/counts",
+    response={200: LogCounts, **errors(400)},
+    url_name="log-counts",
+    operation_id="countLogs",
+    summary="How many log lines match, in all and by level",
+    description=f"The same filters as GET /logs. Counting stops at {log_search.COUNT_CAP} "
+    "lines (`capped`), so it costs the same however many match.",
+)
+def log_counts(request, query: Query[LogSearchQuery]):
+    require(request.user, VIEW_PERMISSION)
+    search = _log_filter(query)
+    counted = log_search.counts(search)
+    return {
+        "since": search.since,
+        "until": search.until,
+        "total": counted.total,
+        "capped": counted.capped,
+        "cap": counted.cap,
+        "by_level": dict(counted.by_level),
     }

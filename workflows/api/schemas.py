@@ -441,6 +441,13 @@ class RunQuery(Schema):
         description="Only runs in these states, comma-separated (e.g. failed,cancelled).",
         max_length=200,
     )
+    q: str | None = Field(
+        None,
+        max_length=200,
+        description="Search, case-insensitive: a number finds the run with that id; other "
+        "text matches the workflow's slug or name, the run's reason, or an attempt's error "
+        "type or message.",
+    )
     cursor: str | None = Field(
         None,
         min_length=1,
@@ -448,6 +455,8 @@ class RunQuery(Schema):
         description="Where the page starts; copy it from the previous page's next link.",
     )
     limit: int = _limit(50, 200)
+
+    _q_text = field_validator("q")(classmethod(lambda cls, value: check_text(value)))
 
     @field_validator("status")
     @classmethod

@@ -10,7 +10,7 @@ from ninja.responses import Status
 
 from workflows import engine, operations
 from workflows.api import idempotency, lookups, pages
-from workflows.api.auth import OPERATE_PERMISSION, VIEW_PERMISSION, require
+from workflows.api.auth import VIEW_PERMISSION, require
 from workflows.api.errors import ApiError, invalid
 from workflows.api.schemas import (
     RunDetail,
@@ -25,6 +25,7 @@ from workflows.api.schemas import (
 )
 from workflows.definitions.versioning import latest_version
 from workflows.models import Run, Workflow
+from workflows.selectors import search_runs
 
 router = Router(tags=["workflows"])
 
@@ -82,6 +83,8 @@ def run_page(request, query, workflow) -> dict:
         runs = runs.filter(workflow=workflow)
     if query.status:
         runs = runs.filter(status__in=query.status)
+    if query.q:
+        runs = search_runs(runs, query.q)
     if query.cursor:
         created_at, pk = pages.decode_cursor(query.cursor)
         # (created_at, id) < cursor, with the created_at bound stated alone so that the
@@ -114,12 +117,7 @@ def start_run(
     timeout: after that the run is expired and waiting longer is pointless."""
     body = body or StartRun()
     workflow = lookups.get_workflow(slug)
-    if not request.user.has_perm(OPERATE_PERMISSION):
-        raise ApiError(
-            403,
-            f"{request.user.get_username()} may not start runs: ask an administrator for the "
-            f"'{OPERATE_PERMISSION}' permission.",
-        )
+    operations.check_may_start(operations.Actor.for_user(request.user), workflow)
     version = latest_version(workflow)
     if version is None:
         raise ApiError(

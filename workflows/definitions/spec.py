@@ -209,6 +209,8 @@ class Node(_Model):
     stall_after: OptionalSeconds = None
     retries: Retries = Field(default_factory=Retries)
     pool: Any = ""
+    # Declared after pool: its validator needs the pool.
+    pool_timeout: OptionalSeconds = None
     priority: Any = None
     description: Text = ""
 
@@ -271,6 +273,13 @@ class Node(_Model):
             )
         return value or ""
 
+    @field_validator("pool_timeout", mode="after")
+    @classmethod
+    def _pool_timeout_needs_a_pool(cls, value, info: ValidationInfo):
+        if value is not None and not info.data.get("pool"):
+            raise _problem("needs a pool: it is how long the node waits for one of its slots")
+        return value
+
     @field_validator("priority", mode="before")
     @classmethod
     def _priority(cls, value):
@@ -279,11 +288,12 @@ class Node(_Model):
         return value
 
     def normalised(self) -> dict:
-        node = self.model_dump(exclude={"stall_after"})
-        # Only when declared: the checksum of a definition that does not use it stays
+        node = self.model_dump(exclude={"stall_after", "pool_timeout"})
+        # Only when declared: the checksum of a definition that does not use them stays
         # the same, so loading it again makes no new version.
-        if self.stall_after is not None:
-            node["stall_after"] = self.stall_after
+        for name in ("stall_after", "pool_timeout"):
+            if getattr(self, name) is not None:
+                node[name] = getattr(self, name)
         return node
 
 

@@ -3,12 +3,12 @@
 Runtime, watchdog and operations call these functions; nothing else writes a run's or
 a node's status. Modules: ``runs`` (start, close, cancel, expire), ``attempts`` (claim,
 heartbeats, checkpoints), ``outcomes`` (success, failure, abandon, retries),
-``queueing`` (queue or wait for a pool slot), ``plans`` (what resume, retry, rollback,
-skip and mark succeeded would change), ``compensation`` (a rollback's compensate
-hooks), ``recovery`` (``recover``: compensate, lock, plan again, apply), ``sweeps``
-(what the watchdog runs each tick), ``statements`` (the claim's and the success's named
-statements), ``common`` (lock order, errors). Jobs go to RQ only after commit
-(``workflows.runtime.dispatch``).
+``stops`` (an operator stops a running node), ``queueing`` (queue or wait for a pool
+slot), ``plans`` (what resume, retry, rollback, skip and mark succeeded would change),
+``compensation`` (a rollback's compensate hooks), ``recovery`` (``recover``: compensate,
+lock, plan again, apply), ``sweeps`` (what the watchdog runs each tick), ``statements``
+(the claim's and the success's named statements), ``common`` (lock order, errors). Jobs
+go to RQ only after commit (``workflows.runtime.dispatch``).
 """
 
 from workflows.engine.attempts import (
@@ -51,7 +51,13 @@ from workflows.engine.runs import (
     resolve_run_params,
     start_run,
 )
-from workflows.engine.sweeps import expire_overdue_runs, promote_due_retries, resend_lost_messages
+from workflows.engine.stops import Stopped, stop_node, why_not_stoppable
+from workflows.engine.sweeps import (
+    expire_overdue_runs,
+    fail_pool_timeouts,
+    promote_due_retries,
+    resend_lost_messages,
+)
 
 __all__ = [
     "ENGINE",
@@ -63,6 +69,7 @@ __all__ = [
     "Recovered",
     "RecoveryError",
     "RunParamsError",
+    "Stopped",
     "abandon_attempt",
     "attempt_is_running",
     "backoff_delay",
@@ -73,6 +80,7 @@ __all__ = [
     "expire_overdue_runs",
     "expire_run",
     "fail_attempt",
+    "fail_pool_timeouts",
     "fill_pool",
     "latest_progress_state",
     "load_nodes",
@@ -93,5 +101,7 @@ __all__ = [
     "run_params",
     "save_progress_checkpoint",
     "start_run",
+    "stop_node",
     "upstream_outputs",
+    "why_not_stoppable",
 ]

@@ -186,13 +186,22 @@ def _after_failure(run: Run, node: NodeRun, failure: Failure, now, actor: str) -
     )
     node.reason = f"{summary} ({tries})"
     node.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+    record_node_end(run, node, now, actor)
+
+
+def record_node_end(
+    run: Run, node: NodeRun, now, actor: str, was: str = NodeRun.Status.RUNNING
+) -> None:
+    """A node has ended for good (``node`` holds its new status and reason; it ``was``
+    running unless said): its transition event, and its pending downstream told why it
+    waits."""
     RunEvent.objects.create(
         run=run,
         node_run=node,
         kind=RunEvent.Kind.TRANSITION,
         actor=actor,
         reason=node.reason,
-        before={"status": NodeRun.Status.RUNNING},
+        before={"status": was},
         after={"status": node.status},
     )
     if node.downstream:

@@ -145,6 +145,7 @@ def new_node_row(key: str, node: dict, downstream: list[str], run_priority: str)
         "soft_timeout_seconds": node.get("soft_timeout"),
         "expected_seconds": node.get("expected_duration"),
         "stall_after_seconds": node.get("stall_after"),
+        "pool_timeout_seconds": node.get("pool_timeout"),
         "params": registry.get(node["type"]).resolve_params(node["params"]),
         "upstream": list(node["after"]),
         "downstream": downstream,

@@ -143,6 +143,7 @@ NEW_NODE_COLUMNS = (
     "soft_timeout_seconds",
     "expected_seconds",
     "stall_after_seconds",
+    "pool_timeout_seconds",
     "params",
     "upstream",
     "downstream",

@@ -1,13 +1,15 @@
-"""Transitions the watchdog sweeps for each tick: due retries, overdue runs, lost messages."""
+"""Transitions the watchdog sweeps for each tick: due retries, pool waits past their
+timeout, overdue runs, lost messages."""
 
 from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
-from workflows.engine.common import lock_pools, lock_run
+from workflows.engine.common import ENGINE, lock_pools, lock_run
+from workflows.engine.outcomes import record_node_end
 from workflows.engine.queueing import queue_or_wait
-from workflows.engine.runs import expire_run
+from workflows.engine.runs import close_run_if_done, expire_run
 from workflows.models import NodeRun, Run
 from workflows.runtime import dispatch
 
@@ -38,6 +40,57 @@ def promote_due_retries(limit: int = 500) -> int:
             )
             promoted += len(queue_or_wait(run, nodes, now))
     return promoted
+
+
+def fail_pool_timeouts(limit: int = 500) -> int:
+    """Fail the nodes that waited for a slot of their pool longer than their definition's
+    ``pool_timeout`` allows; the reason says so. They are not retried: a full pool is not
+    something another attempt changes. Returns how many failed.
+
+    A node waiting for its pool is ``pending`` with no upstream left, and its row is not
+    touched while it waits (``queueing.fill_pool`` moves only the ones it queues), so
+    ``updated_at`` is when the wait began, as the pool_exhausted detector reads it too.
+    """
+    now = timezone.now()
+    waiting = (
+        NodeRun.objects.filter(
+            status=NodeRun.Status.PENDING,
+            pool_timeout_seconds__isnull=False,
+            pending_upstreams=0,
+            updated_at__lt=now - timedelta(seconds=1),
+        )
+        .only("id", "run_id", "updated_at", "pool_timeout_seconds")
+        .order_by("updated_at")[:limit]
+    )
+    over = [
+        node
+        for node in waiting
+        if node.updated_at + timedelta(seconds=node.pool_timeout_seconds) <= now
+    ]
+    failed = 0
+    for run_id in sorted({node.run_id for node in over}):
+        ids = [node.pk for node in over if node.run_id == run_id]
+        with transaction.atomic():
+            run = lock_run(run_id)
+            if run.status != Run.Status.RUNNING:
+                continue
+            lock_pools(run)
+            for node in NodeRun.objects.select_for_update(no_key=True).filter(
+                pk__in=ids, status=NodeRun.Status.PENDING, pending_upstreams=0
+            ):
+                waited = (now - node.updated_at).total_seconds()
+                if waited < node.pool_timeout_seconds:
+                    continue  # it began to wait again since it was read
+                node.status, node.finished_at = NodeRun.Status.FAILED, now
+                node.reason = (
+                    f"waited {waited:.0f}s for a slot of pool {node.pool}, longer than its "
+                    f"pool_timeout ({node.pool_timeout_seconds}s); not retried"
+                )
+                node.save(update_fields=["status", "finished_at", "reason", "updated_at"])
+                record_node_end(run, node, now, ENGINE, was=NodeRun.Status.PENDING)
+                failed += 1
+            close_run_if_done(run, now)
+    return failed
 
 
 def expire_overdue_runs() -> int:
