@@ -37,9 +37,14 @@ def test_every_page_runs_under_the_policy_with_nothing_refused(
         "/findings/",
         "/system/",
         "/admin/",
+        "/workers/",
+        "/logs/?window=all",
+        f"/runs/bulk/?action=resume&run={run.pk}",
+        f"/workflows/{version.workflow.slug}/?expand=a",
         "/admin/workflows/run/",
         f"/admin/workflows/run/{run.pk}/change/",
         "/admin/workflows/noderun/",
+        "/admin/workflows/auditevent/",
     ]
     for path in paths:
         answer = page.goto(f"{live_server.url}{path}")
