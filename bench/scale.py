@@ -83,17 +83,23 @@ def fill_database(runs: int, nodes: int, running: int, now: datetime) -> dict:
 
         workflow_rows = ", ".join(f"({i}, {v.workflow_id}, {v.pk})" for i, v in enumerate(versions))
         # Run i was created i/runs of the way through the window; the newest are running.
+        # Every 31st run that succeeded had failed first and was resumed.
         timed(
             "runs",
             f"""
             INSERT INTO workflows_run (id, workflow_id, version_id, status, params, trigger,
-                priority, reason, created_at, updated_at, started_at, finished_at, pools)
+                priority, reason, created_at, updated_at, started_at, finished_at, pools,
+                first_failed_at)
             SELECT i, w.workflow_id, w.version_id, s.status, '{{}}', 'bench', 'default',
                 CASE s.status WHEN 'failed' THEN 'node part_{nodes - 1} failed' ELSE '' END,
                 t.at, t.at, t.at + interval '1 second',
                 CASE WHEN s.status IN ('running') THEN NULL
                      ELSE t.at + interval '240 seconds' END,
-                '[]'
+                '[]',
+                CASE WHEN s.status = 'failed' THEN t.at + interval '240 seconds'
+                     WHEN s.status = 'succeeded' AND i %% 31 = 0
+                         THEN t.at + interval '120 seconds'
+                     END
             FROM generate_series(1, %(runs)s) AS i
             JOIN (VALUES {workflow_rows}) AS w(slot, workflow_id, version_id)
                 ON w.slot = i %% {WORKFLOWS}
@@ -411,8 +417,12 @@ def page_urls(sample: dict) -> list[tuple[str, str]]:
         ("page", f"/workflows/{slug}/?window=24h"),
         ("page", f"/workflows/{slug}/?window=30d"),
         ("page", f"/workflows/{slug}/?window=90d"),
+        ("page", "/runs/?q=failed"),
+        ("page", f"/runs/?q={run}"),
+        ("page", "/logs/"),
         ("page", "/findings/"),
         ("page", "/system/"),
+        ("page", "/workers/"),
         ("api", "/api/v1/runs"),
         ("api", "/api/v1/runs?status=failed"),
         ("api", f"/api/v1/runs?workflow={slug}"),
@@ -423,6 +433,9 @@ def page_urls(sample: dict) -> list[tuple[str, str]]:
         ("api", f"/api/v1/workflows/{slug}/runs"),
         ("api", "/api/v1/findings"),
         ("api", "/api/v1/findings?state=recent"),
+        ("api", "/api/v1/runs?q=failed"),
+        ("api", "/api/v1/logs"),
+        ("api", "/api/v1/workers"),
         ("admin", "/admin/workflows/run/"),
         ("admin", "/admin/workflows/noderun/"),
         ("admin", "/admin/diagnostics/finding/"),
@@ -430,7 +443,7 @@ def page_urls(sample: dict) -> list[tuple[str, str]]:
     ]
     if wide:
         urls.insert(6, ("page", f"/runs/{wide}/"))
-        urls.insert(19, ("api", f"/api/v1/runs/{wide}"))
+        urls.insert(23, ("api", f"/api/v1/runs/{wide}"))
     return urls
 
 
