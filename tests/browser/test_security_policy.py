@@ -1,5 +1,6 @@
 """Every page, the admin's included, works under Keel's Content-Security-Policy in real
-Chromium: scripts and styles from /static/ only, nothing refused, htmx still polling."""
+Chromium: scripts and styles from /static/ only, nothing refused, htmx still polling; and
+fits a phone's screen."""
 
 import pytest
 
@@ -54,4 +55,10 @@ def test_every_page_runs_under_the_policy_with_nothing_refused(
         page.wait_for_load_state("networkidle")
         if not path.startswith("/admin/"):
             assert page.evaluate("typeof htmx") == "object", f"htmx loaded on {path}"
+    # On a phone no page is wider than the screen (tables scroll or stack within it).
+    page.set_viewport_size({"width": 390, "height": 844})
+    for path in paths:
+        page.goto(f"{live_server.url}{path}")
+        wider = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert wider <= 0, f"{path} is {wider}px wider than a 390px screen"
     assert browser_errors == []
