@@ -420,7 +420,8 @@ def _change(event: RunEvent) -> str:
     if event.kind == RunEvent.Kind.OPERATOR:
         action = str(before.get("action", "")).replace("_", " ")
         if before.get("denied"):
-            return f"{action}: denied"
+            again = after.get("refused_again")
+            return f"{action}: denied" + (f" ({again + 1} times)" if again else "")
         if "run_status" in before and "run_status" in after:
             return f"{action}: run {before['run_status']} → {after['run_status']}"
         return action

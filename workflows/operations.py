@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from workflows import audit, engine
 from workflows.definitions import registry
@@ -518,6 +519,35 @@ def _operate(
     return Outcome(result.run, True, done(result.plan))
 
 
+def _record_refusal(actor: Actor, run: Run, action: str, reason: str) -> None:
+    with transaction.atomic():
+        earlier = (
+            RunEvent.objects.select_for_update()
+            .filter(
+                run=run,
+                kind=RunEvent.Kind.OPERATOR,
+                actor=actor.name,
+                at__gte=timezone.now() - audit.REFUSALS_COUNTED_FOR,
+                before={"action": action, "denied": True},
+            )
+            .order_by("-id")
+            .first()
+        )
+        if earlier is not None:
+            earlier.after = {"refused_again": ((earlier.after or {}).get("refused_again", 0) + 1)}
+            earlier.save(update_fields=["after"])
+            return
+        RunEvent.objects.create(
+            run=run,
+            kind=RunEvent.Kind.OPERATOR,
+            actor=actor.name,
+            reason=f"denied {action}: {actor.name} lacks the {OPERATE_PERMISSION} permission "
+            f"(asked: {reason})",
+            before={"action": action, "denied": True},
+            after=None,
+        )
+
+
 def _as_actor(actor) -> Actor:
     return actor if isinstance(actor, Actor) else Actor(name=str(actor))
 
@@ -531,16 +561,12 @@ def _required_reason(reason, action: str) -> str:
 
 
 def _check_permission(actor: Actor, run: Run, action: str, reason: str) -> None:
+    """Refuse an actor without the permission; the refusal goes in the run's history,
+    a burst of the same one (actor, action) within audit.REFUSALS_COUNTED_FOR counted on
+    its first event rather than written again."""
     if actor.may_operate():
         return
-    RunEvent.objects.create(
-        run=run,
-        kind=RunEvent.Kind.OPERATOR,
-        actor=actor.name,
-        reason=f"denied {action}: {actor.name} lacks the {OPERATE_PERMISSION} permission (asked: {reason})",
-        before={"action": action, "denied": True},
-        after=None,
-    )
+    _record_refusal(actor, run, action, reason)
     raise OperationDenied(
         f"{actor.name} may not {action.replace('_', ' ')} runs: ask an administrator for the "
         f"'{OPERATE_PERMISSION}' permission."

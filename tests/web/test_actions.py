@@ -13,6 +13,7 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from tests.web.conftest import CHAIN, nodes, work
+from workflows import audit
 from workflows.models import AuditEvent, Checkpoint, NodeAttempt, NodeRun, Run, RunEvent
 
 pytestmark = pytest.mark.django_db
@@ -75,6 +76,20 @@ def test_post_without_operate_permission_is_403_and_the_denial_is_audited(
     assert list(NodeRun.objects.filter(run=failed_run).values_list("node_key", "status")) == before
     failed_run.refresh_from_db()
     assert failed_run.status == Run.Status.FAILED
+
+
+def test_a_burst_of_refusals_is_one_history_row_with_a_count(viewer_client, failed_run):
+    for _ in range(5):
+        viewer_client.post(action_url(failed_run, "resume"), valid_post(failed_run, "resume"))
+    [denial] = operator_events(failed_run)
+    assert denial.after == {"refused_again": 4}
+    # Another action is another row; so is the same one after the counting window.
+    viewer_client.post(action_url(failed_run, "cancel"), valid_post(failed_run, "cancel"))
+    RunEvent.objects.filter(pk=denial.pk).update(at=denial.at - audit.REFUSALS_COUNTED_FOR)
+    viewer_client.post(action_url(failed_run, "resume"), valid_post(failed_run, "resume"))
+    assert len(operator_events(failed_run)) == 3
+    page = viewer_client.get(f"/runs/{failed_run.pk}/").content.decode()
+    assert "resume: denied (5 times)" in page
 
 
 @pytest.mark.parametrize("slug", ACTIONS)
