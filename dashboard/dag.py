@@ -175,6 +175,7 @@ class PlacedGroup(_Text):
     toggle_href: str
     toggle_label: str
     members: list[Member]
+    keys: tuple[str, ...] = ()  # every member's key
     x: int = 0
     y: int = 0
     width: int = NODE_WIDTH
@@ -481,6 +482,7 @@ def _group(
         toggle += f" (+{hidden} more)"
     return PlacedGroup(
         id=fold.id,
+        keys=fold.members,
         label=fold.label,
         title=title,
         size=size,

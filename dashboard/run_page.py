@@ -7,7 +7,7 @@ run has (tests/web/test_dashboard.py counts them).
 
 from collections import namedtuple
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from urllib.parse import quote_plus, urlencode
 
@@ -195,6 +195,28 @@ def timeline(run: Run, nodes: list[NodeRun], attempts: list[TimelineAttempt], no
         rows.append(row)
     ticks = [(percent, span * percent / 100) for percent in (0, 25, 50, 75, 100)]
     return Timeline(start=start, end=end, span_seconds=span, rows=rows, ticks=ticks)
+
+
+def fold_timeline(line: Timeline, graph) -> Timeline:
+    """The timeline folded as the graph is: a folded group's members on one row (its
+    label and size; the row opens the group), where the first of them was. The row shows
+    when each member ran; their queued parts, drawn over each other, would hide that."""
+    folded = {key: group for group in graph.groups if not group.expanded for key in group.keys}
+    if not folded:
+        return line
+    rows, placed = [], {}
+    for row in line.rows:
+        group = folded.get(row.key)
+        if group is None:
+            rows.append(row)
+        else:
+            if group.id not in placed:
+                placed[group.id] = TimelineRow(
+                    key=f"{group.label} ({group.size})", href=group.toggle_href
+                )
+                rows.append(placed[group.id])
+            placed[group.id].bars.extend(replace(bar, wait_width=0) for bar in row.bars)
+    return replace(line, rows=rows)
 
 
 def run_actions(run: Run) -> RunActions:
@@ -513,7 +535,7 @@ def run_page(
         "node_counts": sorted(counts.items()),
         "nodes_done": sum(counts.get(status, 0) for status in NodeRun.DONE),
         "graph": graph,
-        "timeline": timeline(run, nodes, attempts, now),
+        "timeline": fold_timeline(timeline(run, nodes, attempts, now), graph),
         "panel": panel,
         "summary": run_summary,
         "node_findings": [finding for finding in node_diagnosis.findings if finding.id not in shown]

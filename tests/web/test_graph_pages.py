@@ -73,6 +73,20 @@ def test_run_page_folds_the_shards_into_one_group_with_counts(operator_client, f
     assert 'data-from="shard_00" data-to="combine"' in page
 
 
+def test_the_timeline_folds_as_the_graph_does(operator_client, fan_run):
+    def timeline(query: str) -> str:
+        page = operator_client.get(f"/runs/{fan_run.pk}/{query}").content.decode()
+        return page[page.index('class="timeline"') : page.index("<h2>History")]
+
+    folded = timeline("")
+    assert folded.count('class="tl-row"') == 2  # the 50 shards on one row, combine
+    assert ">shard_00…49 (50)</a>" in folded and "expand=shard_00" in folded
+    assert folded.count('class="tl-bar s-succeeded"') == 48
+    assert folded.count('class="tl-bar s-failed"') == 2
+    opened = timeline("?expand=shard_00")
+    assert opened.count('class="tl-row"') == 51
+
+
 def test_run_page_opens_the_group_and_its_member_links_keep_it_open(operator_client, fan_run):
     page = operator_client.get(
         f"/runs/{fan_run.pk}/?node=shard_17&expand=shard_00"
