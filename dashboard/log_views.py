@@ -44,11 +44,23 @@ def logs(request):
             "window_words": form.window_words() if valid else "in the last 24 hours",
             "first_page": cursor is None,
             "newest_query": query.urlencode(),
-            "older_query": _with(query, cursor=page.next_cursor.encode())
+            "older_query": _older(query, search, page.next_cursor.encode())
             if page.next_cursor
             else None,
         },
     )
+
+
+def _older(query, search, cursor: str) -> str:
+    """The next page's query: its window pinned where this page's began ("the last 24
+    hours" read later would start later and skip the oldest lines)."""
+    query = query.copy()
+    query.pop("window", None)
+    if search.since is not None:
+        query["since"] = search.since.isoformat()
+    else:
+        query["window"] = "all"
+    return _with(query, cursor=cursor)
 
 
 def _with(query, **changes) -> str:

@@ -3,7 +3,8 @@ newest first, with capped counts by level and keyset pages."""
 
 import html
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
+from urllib.parse import unquote
 
 import pytest
 from django.db import connection
@@ -212,3 +213,20 @@ def test_the_page_runs_the_same_queries_however_many_lines(operator_client, logg
         run = start_run(CHAIN)
         work(run, "a", logs=[f"error {n}" for n in range(40)])
     assert [count(url) for url in urls] == few
+
+
+def test_the_next_page_keeps_the_window_where_the_first_page_began(
+    operator_client, start_run, monkeypatch
+):
+    monkeypatch.setattr(log_search, "PAGE_SIZE", 1)
+    run = start_run(CHAIN)
+    work(run, "a")
+    add_lines(run, "a", (1, "INFO", "line 1"), (2, "INFO", "line 2"))
+    before = timezone.now()
+    page = operator_client.get("/logs/?q=line").content.decode()
+    older = html.unescape(re.search(r'rel="next" href="\?([^"]+)"', page).group(1))
+    query = dict(pair.split("=", 1) for pair in older.split("&"))
+    assert "window" not in query
+    since = datetime.fromisoformat(unquote(query["since"]))
+    assert before - timedelta(hours=24, seconds=5) < since <= timezone.now() - timedelta(hours=24)
+    assert found(operator_client, "?" + older) == ["line 2"]
