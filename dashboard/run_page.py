@@ -9,15 +9,15 @@ from collections import namedtuple
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import urlencode
 
-from django.db.models import F, Max
+from django.db.models import Max
 from django.urls import reverse
 from django.utils import timezone
 
-from dashboard import dag
+from dashboard import dag, run_summary
+from dashboard.run_summary import node_href
 from diagnostics import explain
-from diagnostics import selectors as diagnostics_selectors
 from workflows.definitions import graph
 from workflows.models import Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
 
@@ -60,14 +60,6 @@ class Timeline:
 
 
 @dataclass
-class RunActions:
-    resume: bool
-    cancel: bool
-    rollback: bool
-    why_no_rollback: str
-
-
-@dataclass
 class NodeActions:
     retry: bool
     retry_downstream: bool
@@ -75,36 +67,6 @@ class NodeActions:
     mark_succeeded: bool
     rollback: bool
     stop: bool
-
-
-@dataclass
-class Failure:
-    """The failure that stopped the run, told once: which node, which attempt, the error."""
-
-    node_key: str
-    status: str
-    attempt: int
-    max_attempts: int
-    error: str
-    href: str
-
-
-@dataclass
-class Summary:
-    """The top of the run page: where the run is, what failed and why, the finding in
-    plain words, and the one action recommended; the other run actions beside it."""
-
-    headline: str
-    failure: Failure | None
-    finding: explain.Explanation | None
-    other_findings: list
-    recommended: dict | None
-    other_actions: list[dict]
-
-    @property
-    def finding_ids(self) -> set[int]:
-        shown = [self.finding, *self.other_findings] if self.finding else self.other_findings
-        return {finding.id for finding in shown}
 
 
 @dataclass
@@ -126,7 +88,6 @@ class NodePanel:
     checkpoint_count: int
     inputs: dict
     actions: NodeActions
-    findings: list
     progress: dict
     progress_percent: float | None
     progress_stopped: bool  # the figure is where the node stopped, not live
@@ -143,10 +104,6 @@ class NodePanel:
 # What the page reads of every node (the open one is read in full): a 1 000-node run's
 # full rows took 28 ms to load as models, these few 8 ms.
 LIST_FIELDS = ("id", "run_id", "node_key", "status", "attempt", "upstream")
-
-
-def node_href(key: str) -> str:
-    return "?node=" + quote_plus(key)
 
 
 def _percent(moment, start, span) -> float:
@@ -219,114 +176,6 @@ def fold_timeline(line: Timeline, graph) -> Timeline:
     return replace(line, rows=rows)
 
 
-def run_actions(run: Run) -> RunActions:
-    active = run.status in Run.ACTIVE
-    return RunActions(
-        resume=run.status in (Run.Status.FAILED, Run.Status.CANCELLED),
-        cancel=active,
-        rollback=not active,
-        why_no_rollback="Cancel the run first to roll it back." if active else "",
-    )
-
-
-def run_action_links(run: Run) -> list[dict]:
-    """The run-level actions open to this run, as links to their preview pages."""
-    actions = run_actions(run)
-    links = []
-    if actions.resume:
-        links.append({"label": "Resume run", "href": _preview_url("resume", run)})
-    if actions.rollback:
-        links.append({"label": "Roll back", "href": _preview_url("rollback", run)})
-    if actions.cancel:
-        links.append({"label": "Cancel run", "href": _preview_url("cancel", run), "danger": True})
-    return links
-
-
-def _preview_url(action: str, run: Run) -> str:
-    return reverse(f"dashboard:run-{action}-preview", args=[run.pk])
-
-
-def first_failure(run: Run, nodes: list[NodeRun]) -> Failure | None:
-    """The earliest failed or timed-out node and the error of its last attempt."""
-    stopped = (NodeRun.Status.FAILED, NodeRun.Status.TIMED_OUT)
-    if not any(node.status in stopped for node in nodes):
-        return None
-    attempt = (
-        NodeAttempt.objects.filter(
-            node_run__run=run, node_run__status__in=stopped, number=F("node_run__attempt")
-        )
-        .select_related("node_run")
-        .order_by("node_run__finished_at", "node_run_id")
-        .first()
-    )
-    if attempt is None:
-        return None
-    node = attempt.node_run
-    error = ": ".join(part for part in (attempt.error_type, attempt.error_message) if part)
-    return Failure(
-        node_key=node.node_key,
-        status=node.status,
-        attempt=node.attempt - node.attempts_base,
-        max_attempts=node.max_attempts,
-        error=error or node.reason,
-        href=node_href(node.node_key),
-    )
-
-
-def summary(run: Run, nodes: list[NodeRun], diagnosis, now) -> Summary:
-    """What the top of the run page says; every value also shown below is left out there."""
-    findings = list(diagnosis.findings)
-    finding = findings[0] if findings else None
-    failure = first_failure(run, nodes)
-    links = run_action_links(run)
-    recommended = None
-    if finding and finding.action:
-        recommended = action_link(finding.action)
-        if "href" not in recommended and "command" not in recommended:
-            recommended = None
-    if recommended is None and run.status in (Run.Status.FAILED, Run.Status.CANCELLED):
-        recommended = links[0]  # resume: what stopped runs again, the rest goes on
-    others = [link for link in links if not recommended or link["href"] != recommended.get("href")]
-    return Summary(
-        headline=headline(run, nodes, failure, finding, now),
-        failure=failure,
-        finding=finding,
-        other_findings=findings[1:],
-        recommended=recommended,
-        other_actions=others,
-    )
-
-
-def headline(run: Run, nodes: list[NodeRun], failure, finding, now) -> str:
-    never_ran = [node.node_key for node in nodes if node.status == NodeRun.Status.PENDING]
-    done = sum(1 for node in nodes if node.status in NodeRun.DONE)
-    if run.status == Run.Status.SUCCEEDED:
-        took = (run.finished_at - (run.started_at or run.created_at)).total_seconds()
-        return f"Succeeded in {explain.duration_words(took)}: all {len(nodes)} nodes done."
-    if run.status == Run.Status.CANCELLED:
-        return f"Cancelled: {run.reason or 'no reason given'}."
-    if run.status == Run.Status.FAILED:
-        if failure is None:
-            return f"Failed: {run.reason or 'no reason recorded'}."
-        words = failure.status.replace("_", " ")
-        text = f"{failure.node_key} {words} on attempt {failure.attempt} of {failure.max_attempts}"
-        stopped = [
-            n for n in nodes if n.status in (NodeRun.Status.FAILED, NodeRun.Status.TIMED_OUT)
-        ]
-        if len(stopped) > 1:
-            text += f" ({len(stopped) - 1} more node{'s' if len(stopped) > 2 else ''} too)"
-        if never_ran:
-            shown = ", ".join(never_ran[:3]) + (
-                f" and {len(never_ran) - 3} more" if len(never_ran) > 3 else ""
-            )
-            text += f"; {shown} never ran"
-        return text + "."
-    progress = f"{done} of {len(nodes)} nodes done"
-    if finding:
-        return f"{run.get_status_display()}, {progress}, but: {finding.title}."
-    return f"{run.get_status_display()}: {progress}; nothing looks stuck."
-
-
 def node_actions(run: Run, node: NodeRun) -> NodeActions:
     waiting = node.status == NodeRun.Status.PENDING and node.pending_upstreams > 0
     return NodeActions(
@@ -378,7 +227,6 @@ def log_page(attempt: NodeAttempt | None, page: int | None) -> LogPage:
 def node_panel(
     run: Run,
     node: NodeRun,
-    findings: list,
     *,
     attempt_number: int | None,
     page: int | None,
@@ -412,7 +260,6 @@ def node_panel(
         checkpoint_count=checkpoint_count,
         inputs=upstream_outputs(run, node),
         actions=node_actions(run, node),
-        findings=[f for f in findings if f.node_run_id == node.pk],
         progress=progress,
         progress_percent=progress_percent,
         progress_stopped=node.status not in NodeRun.ACTIVE,
@@ -421,7 +268,7 @@ def node_panel(
 
 
 def retry_href(run: Run, node_key: str) -> str:
-    return f"{_preview_url('retry', run)}?{urlencode({'node': node_key})}"
+    return f"{run_summary.preview_url('retry', run)}?{urlencode({'node': node_key})}"
 
 
 def upstream_outputs(run: Run, node: NodeRun) -> dict:
@@ -506,7 +353,6 @@ def run_page(
         .order_by("number")
         .values_list(*TimelineAttempt._fields)
     ]
-    findings = diagnostics_selectors.latest_open(run=run)
     selected = nodes_by_key.get(node_key) if node_key else default_node(nodes)
     if selected is not None:
         selected = NodeRun.objects.get(pk=selected.pk)  # the panel shows all of it
@@ -517,17 +363,13 @@ def run_page(
     for node in nodes:
         counts[node.status] = counts.get(node.status, 0) + 1
     graph = run_graph(nodes, selected, node_key=node_key, expand=expand)
-    run_summary = summary(run, nodes, diagnosis, now)
+    top = run_summary.summary(run, nodes, diagnosis, now)
     panel = (
-        node_panel(run, selected, findings, attempt_number=attempt, page=log_page_number)
+        node_panel(run, selected, attempt_number=attempt, page=log_page_number)
         if selected
         else None
     )
-    if (
-        panel
-        and run_summary.recommended
-        and run_summary.recommended.get("href") == panel.retry_href
-    ):
+    if panel and top.recommended and top.recommended.get("href") == panel.retry_href:
         panel.actions.retry = False  # the summary offers it already
     return {
         "run": run,
@@ -537,12 +379,11 @@ def run_page(
         "graph": graph,
         "timeline": fold_timeline(timeline(run, nodes, attempts, now), graph),
         "panel": panel,
-        "summary": run_summary,
+        "summary": top,
         "node_findings": [finding for finding in node_diagnosis.findings if finding.id not in shown]
         if node_diagnosis
         else [],
         "events": history(run),
-        "findings": findings,
         "duration_seconds": (
             ((run.finished_at or now) - run.started_at).total_seconds() if run.started_at else None
         ),
@@ -550,23 +391,6 @@ def run_page(
         "selected_key": selected.node_key if selected else "",
         "live_url": reverse("dashboard:run-live", args=[run.pk]),
     }
-
-
-def action_link(action: dict) -> dict:
-    """Where the one-click action of a finding leads: the preview page that applies it."""
-    kind, run_id = action.get("kind"), action.get("run")
-    if kind == "retry_node" and run_id:
-        query = urlencode({"node": action.get("node", "")})
-        return {
-            **action,
-            "href": f"{reverse('dashboard:run-retry-preview', args=[run_id])}?{query}",
-        }
-    if kind == "resume_run" and run_id:
-        return {**action, "href": reverse("dashboard:run-resume-preview", args=[run_id])}
-    if kind == "resize_pool":
-        query = urlencode({"name": action.get("pool", "")})
-        return {**action, "href": f"{reverse('admin:workflows_resourcepool_changelist')}?{query}"}
-    return action
 
 
 # --- Reads for the action pages ---------------------------------------------------------------

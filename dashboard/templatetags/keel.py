@@ -12,7 +12,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
-from dashboard.run_page import node_href
+from dashboard.run_summary import node_href
 from diagnostics import explain
 
 register = template.Library()
