@@ -824,3 +824,44 @@ def test_a_node_that_lost_its_database_is_retried_whatever_retry_on_says(start_w
     assert first.error_type == "OperationalError"
     assert first.error_message.startswith("the database connection was lost while the node ran")
     assert second.status == NodeAttempt.Status.SUCCEEDED
+
+
+def test_a_stop_keel_did_not_ask_for_is_not_called_a_timeout_and_is_retried(
+    start_worker, start_run
+):
+    """SIGTERM from outside (an orphaned horse cleaned up after its worker died, a machine
+    shutting down) is not the node's timeout: the attempt says so and is retried, even
+    for an error its retry_on does not list."""
+    start_worker("forking")
+    run = start_run(
+        {
+            "name": "Stopped outside",
+            "nodes": {
+                "sleepy": {
+                    "type": "test.sleep_first",
+                    "params": {"seconds": 60, "until_attempt": 2},
+                    "timeout": 120,
+                    "retries": {"max_attempts": 2, "backoff": 0, "retry_on": ["ValueError"]},
+                }
+            },
+        }
+    )
+    horse = wait_for(
+        lambda: (
+            NodeAttempt.objects.filter(
+                node_run__run=run, number=1, status=NodeAttempt.Status.RUNNING
+            )
+            .values_list("pid", flat=True)
+            .first()
+        ),
+        message="the first attempt running",
+    )
+    os.kill(horse, signal.SIGTERM)
+    run = finished(run, timeout=60)
+
+    assert run.status == Run.Status.SUCCEEDED
+    first, second = attempts(run, "sleepy")
+    assert (first.status, first.error_type) == (NodeAttempt.Status.FAILED, "StoppedFromOutside")
+    assert "told to stop (SIGTERM)" in first.error_message and "not by Keel" in first.error_message
+    assert "timeout" not in first.error_message
+    assert second.status == NodeAttempt.Status.SUCCEEDED

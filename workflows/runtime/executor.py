@@ -31,6 +31,11 @@ from workflows.runtime.context import NodeContext
 logger = logging.getLogger(__name__)
 
 
+class StoppedFromOutside(BaseException):
+    """Raised in a node whose horse got SIGTERM that Keel's worker did not send: its worker
+    died and the horse was cleaned up, or the machine is shutting down."""
+
+
 class HardTimeout(BaseException):
     """Raised in a forking worker's horse when the worker asks its node to stop at the hard
     timeout (SIGTERM). A BaseException, so that a node's ``except Exception`` lets it pass."""
@@ -155,6 +160,8 @@ def run_claimed(claim: engine.Claim, started: float) -> Outcome:
         outcome = Outcome(superseded=True)
     except HardTimeout:
         outcome = Outcome(failure=timeout_failure(claim.timeout_seconds, stopped=True))
+    except StoppedFromOutside:
+        outcome = Outcome(failure=stopped_from_outside(time.monotonic() - started))
     except JobTimeoutException:
         # A simple worker's hard timeout: RQ's alarm interrupted the node.
         outcome = Outcome(failure=timeout_failure(claim.timeout_seconds, stopped=True))
@@ -196,6 +203,21 @@ def timeout_failure(timeout: int, *, stopped: bool, grace: int = 0) -> engine.Fa
         traceback="" if not stopped else traceback_module.format_exc(limit=20),
         timed_out=True,
         names=("HardTimeout", "TimeoutError"),
+    )
+
+
+def stopped_from_outside(seconds: float) -> engine.Failure:
+    """An attempt stopped by a SIGTERM Keel did not send: not a timeout, and not the node's
+    fault, so it is retried whatever its retry_on says (as a lost worker's attempt is)."""
+    return engine.Failure(
+        error_type="StoppedFromOutside",
+        message=(
+            f"the process running the node was told to stop (SIGTERM) after {seconds:.0f} s, "
+            "not by Keel: its worker died, or the machine or service is shutting down"
+        ),
+        traceback=traceback_module.format_exc(limit=20),
+        names=("StoppedFromOutside",),
+        ignore_retry_on=True,
     )
 
 

@@ -234,13 +234,16 @@ class NoDeathPenalty(BaseDeathPenalty):
 
 
 def _stop_the_node(signum, frame):
-    """SIGTERM in a horse: the worker asks its node to stop. Raised in the node itself,
-    so it stops wherever Python runs next; while the outcome is being committed it waits."""
+    """SIGTERM in a horse: the worker asks its node to stop (its timeout, or the attempt
+    is superseded), or something outside Keel does. Raised in the node itself, so it stops
+    wherever Python runs next; while the outcome is being committed it waits."""
     if executor.phase.value != Phase.RUNNING:
         return
     if executor.phase.stop_reason == Phase.SUPERSEDED:
         raise engine.AttemptSuperseded()
-    raise executor.HardTimeout()
+    if executor.phase.stop_reason == Phase.TIMEOUT:
+        raise executor.HardTimeout()
+    raise executor.StoppedFromOutside()  # no stop the worker asked for
 
 
 class KeelWorker(OutlivesOutages, RegistersAgain, Worker):
