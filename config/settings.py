@@ -118,6 +118,12 @@ def _database_from_env() -> dict:
         database["TEST"] = {"NAME": str(VAR_DIR / "test-keel.sqlite3")}
     elif engine == "django.db.backends.postgresql":
         database["CONN_HEALTH_CHECKS"] = True
+        # Django turns psycopg's prepared statements off (None), for connection poolers.
+        # Its cursors bind on the client and are never prepared anyway; the engine's
+        # named statements bind on the server and are prepared once they have run this
+        # many times on a connection (workflows/engine/statements.py). Behind PgBouncer
+        # in transaction mode, set its max_prepared_statements (1.21 or later).
+        database.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
     else:
         raise ImproperlyConfigured(
             f"DATABASE_URL names {engine}; Keel supports PostgreSQL (postgres://...) and SQLite (sqlite:///...)."

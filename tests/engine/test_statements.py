@@ -2,12 +2,12 @@
 suite runs against: `make test` runs them on SQLite, `.ci/run` on PostgreSQL too."""
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from workflows.engine import statements
 from workflows.engine.runs import new_node_row
-from workflows.models import Checkpoint, NodeAttempt, NodeRun
+from workflows.models import Checkpoint, NodeAttempt, NodeRun, Run
 from workflows.runtime import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -26,14 +26,32 @@ def node(run, key) -> NodeRun:
     return NodeRun.objects.get(run=run, node_key=key)
 
 
-def test_claim_node_moves_queued_to_running_once_and_returns_python_values(start_run):
+FAN_IN = {
+    "name": "Fan-in",
+    "nodes": {
+        "a": {"type": "keel.noop"},
+        "b": {"type": "keel.noop"},
+        "c": {"type": "keel.noop", "after": ["a", "b"]},
+        "d": {"type": "keel.noop", "after": ["a"], "pool": "warehouse"},
+    },
+    "pools": {"warehouse": 1},
+}
+
+
+def claim(node_run: NodeRun, attempt: int = 1, now=None, worker: str = "w1"):
+    return statements.claim(
+        node_run.pk, attempt, worker=worker, pid=42, host="h", now=now or timezone.now()
+    )
+
+
+def test_claim_moves_node_and_attempt_to_running_once_and_returns_python_values(start_run):
     run = start_run(PARAMS_RUN)
     a = node(run, "a")
+    row = NodeAttempt.objects.get(node_run=a, number=1)
     now = timezone.now()
 
-    with transaction.atomic():
-        claimed = statements.claim_node(a.pk, 1, now)
-        again = statements.claim_node(a.pk, 1, now)
+    claimed = claim(a, now=now)
+    again = claim(a, now=now, worker="w2")
 
     assert claimed == {
         "run_id": run.pk,
@@ -43,61 +61,139 @@ def test_claim_node_moves_queued_to_running_once_and_returns_python_values(start
         "upstream": [],
         "timeout_seconds": a.timeout_seconds,
         "soft_timeout_seconds": a.soft_timeout_seconds,
+        "attempt_id": row.pk,
     }
     assert isinstance(claimed["params"], dict)
-    assert again is None
+    assert again is None, "a claimed node cannot be claimed again"
     a.refresh_from_db()
     assert (a.status, a.started_at, a.heartbeat_at) == (NodeRun.Status.RUNNING, now, now)
+    row.refresh_from_db()
+    assert (row.status, row.worker, row.pid, row.host, row.started_at) == (
+        "running",
+        "w1",
+        42,
+        "h",
+        now,
+    )
 
 
-def test_claim_node_refuses_another_attempt_number(start_run):
+def test_claim_commits_by_itself(start_run):
+    """The worker runs the node right after: its claim must be committed, not left open."""
     a = node(start_run(PARAMS_RUN), "a")
-    with transaction.atomic():
-        assert statements.claim_node(a.pk, 2, timezone.now()) is None
+    assert claim(a) is not None
+    assert transaction.get_autocommit(), "no transaction left open"
+    a.refresh_from_db()
+    assert a.status == NodeRun.Status.RUNNING
+
+
+def test_claim_refuses_another_attempt_number_and_leaves_the_attempt_row(start_run):
+    a = node(start_run(PARAMS_RUN), "a")
+    assert claim(a, attempt=2) is None
     a.refresh_from_db()
     assert a.status == NodeRun.Status.QUEUED
+    assert NodeAttempt.objects.get(node_run=a, number=1).status == NodeAttempt.Status.QUEUED
 
 
-def test_claim_attempt_row_records_who_runs_it_and_returns_its_id(start_run):
+def test_claim_of_a_node_whose_attempt_row_is_not_queued_has_no_attempt_id(start_run):
     a = node(start_run(PARAMS_RUN), "a")
-    row = NodeAttempt.objects.get(node_run=a, number=1)
-    now = timezone.now()
+    NodeAttempt.objects.filter(node_run=a).update(status=NodeAttempt.Status.RUNNING)
+    assert claim(a)["attempt_id"] is None
 
+
+def succeed(run, node_run, output=None, attempt=1, now=None):
     with transaction.atomic():
-        got = statements.claim_attempt_row(a.pk, 1, worker="w1", pid=42, host="h", now=now)
-        again = statements.claim_attempt_row(a.pk, 1, worker="w2", pid=43, host="h", now=now)
-
-    assert (got, again) == (row.pk, None)
-    row.refresh_from_db()
-    assert (row.status, row.worker, row.pid, row.started_at) == ("running", "w1", 42, now)
+        return statements.succeed(run.pk, node_run.pk, attempt, output, now or timezone.now())
 
 
-def test_succeed_node_applies_only_to_the_running_attempt_and_keeps_the_output(start_run):
-    a = node(start_run(PARAMS_RUN), "a")
+def test_succeed_applies_only_to_the_running_attempt_and_keeps_the_output(start_run):
+    run = start_run(PARAMS_RUN)
+    a = node(run, "a")
     output = {"rows": 3, "name": "café ✓", "nested": [1, None, {"x": 1.5}]}
     now = timezone.now()
-    with transaction.atomic():
-        assert statements.succeed_node(a.pk, 1, output, now) is None  # still queued
-        statements.claim_node(a.pk, 1, now)
-        assert statements.succeed_node(a.pk, 2, output, now) is None  # another attempt
-        done = statements.succeed_node(a.pk, 1, output, now)
 
-    assert done == {"downstream": ["b"], "pool": "warehouse"}
+    assert succeed(run, a, output) is None, "still queued"
+    claim(a)
+    assert succeed(run, a, output, attempt=2) is None, "another attempt"
+    assert not Checkpoint.objects.filter(node_run=a).exists(), "nothing written when refused"
+    assert NodeAttempt.objects.get(node_run=a, number=1).status == NodeAttempt.Status.RUNNING
+    done = succeed(run, a, output, now=now)
+
+    assert done["pool"] == "warehouse"
+    assert [(n.node_key, n.status, n.attempt) for n in done["ready"]] == [("b", "pending", 0)]
     a.refresh_from_db()
     assert (a.status, a.output, a.finished_at, a.reason) == ("succeeded", output, now, "")
+    attempt = NodeAttempt.objects.get(node_run=a, number=1)
+    assert (attempt.status, attempt.finished_at) == (NodeAttempt.Status.SUCCEEDED, now)
+    assert succeed(run, a, output) is None, "a success is applied once"
+
+
+def test_succeed_counts_the_node_off_its_downstream_and_returns_only_those_ready(start_run):
+    run = start_run(FAN_IN)
+    a, b, c, d = (node(run, key) for key in "abcd")
+    claim(a), claim(b)
+
+    first = succeed(run, a)
+    assert [n.pk for n in first["ready"]] == [d.pk], "c still waits for b"
+    ready = first["ready"][0]
+    assert (ready.run_id, ready.queue, ready.timeout_seconds, ready.pool) == (
+        run.pk,
+        d.queue,
+        d.timeout_seconds,
+        "warehouse",
+    )
+    assert succeed(run, b)["ready"][0].pk == c.pk
+    assert {n.node_key: n.pending_upstreams for n in NodeRun.objects.filter(run=run)} == {
+        "a": 0,
+        "b": 0,
+        "c": 0,
+        "d": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("b_status", "moving"),
+    [
+        ("running", True),  # another node still runs
+        ("succeeded", True),  # c becomes ready
+        ("failed", False),  # c can never run (d is skipped)
+    ],
+)
+def test_succeed_says_whether_anything_still_moves_as_still_moving_would(
+    start_run, b_status, moving
+):
+    run = start_run(FAN_IN)
+    a, b = node(run, "a"), node(run, "b")
+    NodeRun.objects.filter(run=run, node_key="d").update(status=NodeRun.Status.SKIPPED)
+    claim(a)
+    NodeRun.objects.filter(pk=b.pk).update(status=b_status, pending_upstreams=0)
+    if b_status == "succeeded":  # as if b's success had counted itself off c
+        NodeRun.objects.filter(run=run, node_key="c").update(pending_upstreams=1)
+
+    done = succeed(run, a)
+
+    assert done["moving"] is moving
+    assert statements.still_moving(run.pk) is moving, "the same answer, read afterwards"
+
+
+def test_succeed_of_the_last_node_says_nothing_moves(start_run):
+    run = start_run(PARAMS_RUN)
+    a, b = node(run, "a"), node(run, "b")
+    NodeRun.objects.filter(pk=b.pk).update(status=NodeRun.Status.SUCCEEDED)
+    claim(a)
+    assert succeed(run, a)["moving"] is False
 
 
 def test_the_node_done_checkpoint_is_numbered_after_the_last_one(start_run):
-    run = start_run(PARAMS_RUN)
+    run = start_run(FAN_IN)
     a, b = node(run, "a"), node(run, "b")
     Checkpoint.objects.create(
         run=run, node_run=a, kind=Checkpoint.Kind.PROGRESS, sequence=4, attempt=1, state={}
     )
     now = timezone.now()
+    claim(a), claim(b)
 
-    with transaction.atomic():
-        statements.insert_node_done_checkpoint(run.pk, a.pk, 1, {"n": 1}, now)
-        statements.insert_node_done_checkpoint(run.pk, b.pk, 1, None, now)
+    succeed(run, a, {"n": 1}, now=now)
+    succeed(run, b, None, now=now)
 
     done = {c.node_run_id: c for c in Checkpoint.objects.filter(kind="node_done")}
     assert (done[a.pk].sequence, done[a.pk].state, done[a.pk].created_at) == (
@@ -106,6 +202,36 @@ def test_the_node_done_checkpoint_is_numbered_after_the_last_one(start_run):
         now,
     )
     assert (done[b.pk].sequence, done[b.pk].state, done[b.pk].attempt) == (1, {"output": None}, 1)
+
+
+@pytest.mark.parametrize(
+    ("c_status", "c_pending", "moving"),
+    [
+        ("queued", 0, True),
+        ("running", 0, True),
+        ("retry_wait", 0, True),
+        ("pending", 0, True),  # ready, waits for a pool slot
+        ("pending", 1, False),  # behind an upstream that failed
+        ("failed", 0, False),
+        ("succeeded", 0, False),
+    ],
+)
+def test_still_moving(start_run, c_status, c_pending, moving):
+    run = start_run(FAN_IN)
+    NodeRun.objects.filter(run=run).exclude(node_key="c").update(status=NodeRun.Status.SUCCEEDED)
+    NodeRun.objects.filter(run=run, node_key="c").update(
+        status=c_status, pending_upstreams=c_pending
+    )
+    assert statements.still_moving(run.pk) is moving
+
+
+def test_lock_run_for_outcome_reads_status_and_pools(start_run):
+    run = start_run(PARAMS_RUN)
+    with transaction.atomic():
+        locked = statements.lock_run_for_outcome(run.pk)
+    assert (locked.pk, locked.status, locked.pools) == (run.pk, "running", ["warehouse"])
+    with pytest.raises(Run.DoesNotExist):
+        statements.lock_run_for_outcome(-1)
 
 
 def new_row(key: str, **changes) -> dict:
@@ -210,3 +336,23 @@ def test_queue_waiting_nodes_takes_a_node_waiting_for_its_retry(start_run):
 
     a.refresh_from_db()
     assert (a.status, a.attempt) == (NodeRun.Status.QUEUED, 2)
+
+
+def test_the_statements_give_the_same_results_once_prepared(start_run):
+    """On PostgreSQL psycopg prepares a named statement after five runs on a connection:
+    eight nodes claimed and succeeded in this process go through both forms."""
+    nodes = {f"n{i}": {"type": "keel.noop"} for i in range(8)}
+    run = start_run(
+        {"name": "Eight", "nodes": {**nodes, "last": {"type": "keel.noop", "after": list(nodes)}}}
+    )
+    for key in nodes:
+        assert claim(node(run, key))["node_key"] == key
+    for key in nodes:
+        done = succeed(run, node(run, key))
+        assert done["moving"] is True
+    assert [n.node_key for n in done["ready"]] == ["last"]
+    assert NodeRun.objects.get(run=run, node_key="last").pending_upstreams == 0
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_prepared_statements")
+            assert cursor.fetchone()[0] >= 2, "the claim and the success are prepared"

@@ -33,29 +33,25 @@ class Claim:
 def claim_attempt(
     node_run_id: int, attempt: int, *, worker: str, pid: int, host: str
 ) -> Claim | None:
-    """Compare-and-set ``queued`` → ``running`` for exactly this attempt (two named
-    statements, ``statements.claim_node`` and ``claim_attempt_row``, in one transaction).
+    """Compare-and-set ``queued`` → ``running`` for exactly this attempt, committed
+    (``statements.claim``).
 
     Returns None when the message is stale (the node moved on, was cancelled, or this
     very message was already delivered); that is recorded, and nothing runs.
     """
-    now = timezone.now()
-    with transaction.atomic():
-        node = statements.claim_node(node_run_id, attempt, now)
-        if node is not None:
-            attempt_id = statements.claim_attempt_row(
-                node_run_id, attempt, worker=worker, pid=pid, host=host, now=now
-            )
-            if attempt_id is None:  # its row is not queued (it always is): read its id
-                attempt_id = (
-                    NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt)
-                    .values_list("pk", flat=True)
-                    .first()
-                )
+    node = statements.claim(
+        node_run_id, attempt, worker=worker, pid=pid, host=host, now=timezone.now()
+    )
     if node is None:
         record_stale_message(node_run_id, attempt, worker, "claim")
         return None
-    return Claim(node_run_id=node_run_id, attempt=attempt, attempt_id=attempt_id, **node)
+    if node["attempt_id"] is None:  # its row was not queued (it always is): read its id
+        node["attempt_id"] = (
+            NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt)
+            .values_list("pk", flat=True)
+            .first()
+        )
+    return Claim(node_run_id=node_run_id, attempt=attempt, **node)
 
 
 def note_attempt(node_run_id: int, attempt: int, note: str, *, actor: str) -> None:

@@ -8,6 +8,7 @@ foreign-key checks take (an event written outside the run's lock checks its node
 and run at commit, in no set order). On SQLite the transaction holds the database.
 """
 
+from workflows.engine import statements
 from workflows.models import NodeRun, ResourcePool, Run
 
 ENGINE = "engine"
@@ -41,8 +42,7 @@ def lock_run_for_outcome(node_run_id: int, run_id: int | None = None) -> Run:
     """Lock a node's run, then the run's pools: what an outcome takes before the node."""
     if run_id is None:
         run_id = NodeRun.objects.values_list("run_id", flat=True).get(pk=node_run_id)
-    # An outcome reads only these of the run; the rest load if ever touched.
-    run = Run.objects.select_for_update(no_key=True).only("id", "status", "pools").get(pk=run_id)
+    run = statements.lock_run_for_outcome(run_id)
     lock_pools(run)
     return run
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
-from django.db.models import F
 from django.utils import timezone
 
 from workflows.engine import statements
@@ -42,35 +41,26 @@ def complete_attempt(
 ) -> bool:
     """Apply a successful attempt and advance the run. Returns False if it was stale.
 
-    1. Lock the run and its pools; mark the node succeeded only if it is running this
-       attempt (compare-and-set, ``statements.succeed_node``), else reject.
-    2. Write the node_done checkpoint and close the attempt.
-    3. Count the node off each downstream node (the fan-in counter); queue those left
-       with nothing to wait for, as their pools allow.
-    4. Give the node's pool slot to a waiting node (in any run); close the run if
-       nothing more can happen in it (nothing can end while a node was just queued).
+    1. Lock the run and its pools; then, only if the node is running this attempt
+       (compare-and-set), mark it succeeded, write its node_done checkpoint, close the
+       attempt and count it off its downstream nodes (``statements.succeed``); else
+       reject.
+    2. Queue the downstream nodes left with nothing to wait for, as their pools allow.
+    3. Give the node's pool slot to a waiting node (in any run); close the run if
+       nothing more can happen in it (queueing and the pool only add to what moves).
     """
     now = timezone.now()
     with transaction.atomic():
         run = lock_run_for_outcome(node_run_id, run_id)
-        node = statements.succeed_node(node_run_id, attempt, output, now)
-        if node is None:
+        done = statements.succeed(run.pk, node_run_id, attempt, output, now)
+        if done is None:
             record_stale_message(node_run_id, attempt, actor, "success")
             return False
-        statements.insert_node_done_checkpoint(run.pk, node_run_id, attempt, output, now)
-        NodeAttempt.objects.filter(node_run_id=node_run_id, number=attempt).update(
-            status=NodeAttempt.Status.SUCCEEDED, finished_at=now, updated_at=now
-        )
-        queued = []
-        if node["downstream"]:
-            downstream = NodeRun.objects.filter(run=run, node_key__in=node["downstream"])
-            downstream.update(pending_upstreams=F("pending_upstreams") - 1, updated_at=now)
-            ready = downstream.filter(status=NodeRun.Status.PENDING, pending_upstreams=0)
-            queued = queue_or_wait(run, list(ready.order_by("id")), now)
-        if node["pool"]:
-            fill_pool(node["pool"], now)
-        if not queued:
-            close_run_if_done(run, now)
+        queue_or_wait(run, done["ready"], now)
+        if done["pool"]:
+            fill_pool(done["pool"], now)
+        if not done["moving"]:
+            close_run_if_done(run, now, moving=False)
     return True
 
 

@@ -155,14 +155,19 @@ def new_node_row(key: str, node: dict, downstream: list[str], run_priority: str)
     }
 
 
-def close_run_if_done(run: Run, now) -> bool:
+def close_run_if_done(run: Run, now, *, moving: bool | None = None) -> bool:
     """Close the run when nothing more can happen in it, with its transition event.
 
     Succeeded when every node is done; failed otherwise, the reason naming the first
     unfinished nodes that are not merely pending (or "nodes could not run"). The caller
-    holds the run's lock. Returns True if it closed the run.
+    holds the run's lock, and may say whether anything still ``moving`` when it knows
+    (a success's statement does). Returns True if it closed the run.
     """
-    if run.status != Run.Status.RUNNING or _still_moving(run.pk):
+    if run.status != Run.Status.RUNNING:
+        return False
+    if moving is None:
+        moving = statements.still_moving(run.pk)
+    if moving:
         return False
     first_unfinished = list(
         NodeRun.objects.filter(run_id=run.pk)
@@ -176,20 +181,6 @@ def close_run_if_done(run: Run, now) -> bool:
     named = [f"{key} {status}" for key, status in first_unfinished if status != "pending"]
     finish_run(run, Run.Status.FAILED, "; ".join(named) or "nodes could not run", now, ENGINE)
     return True
-
-
-def _still_moving(run_id: int) -> bool:
-    """Something can still happen in the run: a node is queued, running or waiting to
-    retry, or a pending node has all upstreams done (it waits for a pool slot). Pending
-    nodes behind a failed upstream cannot run and do not count."""
-    # One EXISTS per status, each a short scan of the noderun_run_status index, the
-    # first hit ending the loop. Written with OR or IN, the planner may read every node
-    # of the run instead, the finished ones too.
-    nodes = NodeRun.objects.filter(run_id=run_id)
-    return (
-        any(nodes.filter(status=status).exists() for status in sorted(NodeRun.ACTIVE))
-        or nodes.filter(status=NodeRun.Status.PENDING, pending_upstreams=0).exists()
-    )
 
 
 def finish_run(run: Run, status: str, reason: str, now, actor: str) -> None:

@@ -50,11 +50,11 @@ def warm_up() -> None:
     a forked horse).
     """
     now = timezone.now()
+    # The claim's and the success's named statements, then the ORM's share of an outcome.
+    engine_statements.claim(-1, 0, worker="", pid=0, host="", now=now)
     with transaction.atomic():
-        # The claim's and the success's named statements, then the ORM's share of an outcome.
-        engine_statements.claim_node(-1, 0, now)
-        engine_statements.claim_attempt_row(-1, 0, worker="", pid=0, host="", now=now)
-        engine_statements.succeed_node(-1, 0, {}, now)
+        engine_statements.succeed(-1, -1, 0, {}, now)
+        engine_statements.still_moving(-1)
         list(Run.objects.select_for_update(no_key=True).filter(pk=-1))
         list(NodeRun.objects.select_for_update(no_key=True).filter(pk=-1))
         NodeAttempt.objects.filter(node_run_id=-1, number=0).update(updated_at=now)
