@@ -186,6 +186,11 @@ KEEL_COMPENSATE_TIMEOUT_SECONDS = env_int(
 # database is unreachable, before it gives up and leaves the attempt to the watchdog.
 KEEL_REPORT_RETRY_SECONDS = env_int("KEEL_REPORT_RETRY_SECONDS", 600, minimum=1, maximum=86400)
 KEEL_WATCHDOG_SECONDS = env_int("KEEL_WATCHDOG_SECONDS", 2, minimum=1, maximum=300)
+# Blue-green: how long the previous version stays the instant rollback target once the
+# new one has taken over (a later rollback to any version stays possible).
+KEEL_BLUE_GREEN_RETENTION_SECONDS = env_int(
+    "KEEL_BLUE_GREEN_RETENTION_SECONDS", 3600, minimum=0, maximum=30 * 86400
+)
 KEEL_MAX_OUTPUT_BYTES = env_int("KEEL_MAX_OUTPUT_BYTES", 64 * 1024, minimum=1024)
 KEEL_MAX_LOG_LINES = env_int("KEEL_MAX_LOG_LINES", 1000, minimum=10)
 KEEL_MAX_LOG_LINE_CHARS = env_int("KEEL_MAX_LOG_LINE_CHARS", 2000, minimum=80)

@@ -22,6 +22,7 @@ from diagnostics import detectors, findings, repairs
 from diagnostics.health import LAST_TICK_KEY, WATCHDOG_HEARTBEAT_KEY, error_text
 from diagnostics.models import Finding
 from workflows import engine
+from workflows.deployments import services
 from workflows.models import NodeRun
 from workflows.runtime import dispatch
 
@@ -47,6 +48,8 @@ class TickReport:
     messages_resent: int = 0
     runs_expired: int = 0
     pool_waits_failed: int = 0
+    # Canaries promoted or aborted, blue-green deployments switched or aborted.
+    deployments: tuple[str, ...] = ()
     # Lost attempts not ended this tick (out of time): the next tick ends them.
     repairs_left: int = 0
     opened: tuple[str, ...] = ()
@@ -65,6 +68,7 @@ class TickReport:
             or self.messages_resent
             or self.runs_expired
             or self.pool_waits_failed
+            or self.deployments
             or self.opened
             or self.resolved
             or self.repairs
@@ -99,6 +103,7 @@ class TickReport:
         lines += _listed("opened  ", self.opened)
         lines += _listed("resolved", self.resolved)
         lines += _listed("repaired", self.repairs)
+        lines += _listed("deployed", self.deployments)
         lines += [f"  could not check {code}: {why}" for code, why in self.failed_detectors.items()]
         return "\n".join(lines)
 
@@ -242,6 +247,8 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
        queued node whose job is missing (a flush, the commit→enqueue gap), and note
        the re-sends on their findings.
     7. Fail runs past their deadline.
+    8. Judge deployments in flight: promote or abort canaries, switch or abort
+       blue-green deployments whose validation run ended.
     """
     now = timezone.now()
     db = db if db is not None else connection
@@ -279,7 +286,9 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
         repairs.confirm_resent(found.detections, recorded.by_key, report)
     expired = engine.expire_overdue_runs()
     pool_waits = engine.fail_pool_timeouts()
+    deployed = services.advance_in_flight()
     return TickReport(
+        deployments=tuple(deployed),
         acted=True,
         retries_queued=retries,
         messages_resent=resent,

@@ -49,6 +49,122 @@ class WorkflowVersion(models.Model):
         return f"{self.workflow.slug} v{self.number}"
 
 
+class DeploymentStrategy(models.TextChoices):
+    IMMEDIATE = "immediate"
+    CANARY = "canary"
+    BLUE_GREEN = "blue_green"
+
+
+class DeploymentState(models.TextChoices):
+    VALIDATING = "validating"  # blue-green: a validation run; new runs stay on the baseline
+    RAMPING = "ramping"  # canary: a share of new runs, step by step
+    ACTIVE = "active"  # every new run (at most one per workflow)
+    SUPERSEDED = "superseded"  # was active; a later deployment took over
+    ABORTED = "aborted"  # never became active: its canary or validation failed, or an operator
+    ROLLED_BACK = "rolled_back"  # was active; an operator went back to an earlier version
+
+
+class Deployment(models.Model):
+    """Which version new runs of a workflow get. Runs stay pinned to the version they
+    started on; a deployment only decides for new ones (workflows/deployments/)."""
+
+    Strategy = DeploymentStrategy
+    State = DeploymentState
+    IN_FLIGHT = frozenset({State.VALIDATING, State.RAMPING})
+    LIVE = frozenset({State.VALIDATING, State.RAMPING, State.ACTIVE})
+
+    workflow = models.ForeignKey(Workflow, on_delete=models.CASCADE, related_name="deployments")
+    version = models.ForeignKey(
+        WorkflowVersion, on_delete=models.PROTECT, related_name="deployments"
+    )
+    baseline = models.ForeignKey(
+        WorkflowVersion,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The version new runs got before; a canary is compared with it.",
+    )
+    strategy = models.CharField(max_length=16, choices=Strategy.choices)
+    state = models.CharField(max_length=16, choices=State.choices)
+    steps = models.JSONField(
+        default=list, blank=True, help_text="Canary: the share of new runs at each step, in %."
+    )
+    step = models.PositiveSmallIntegerField(default=0, help_text="Canary: the current step.")
+    step_started_at = models.DateTimeField(null=True, blank=True)
+    routed = models.PositiveIntegerField(
+        default=0, help_text="Canary: new runs routed in the current step (the split's counter)."
+    )
+    min_runs = models.PositiveIntegerField(
+        default=20, help_text="Canary: finished canary runs a step needs before it is judged."
+    )
+    key_param = models.CharField(
+        max_length=100,
+        blank=True,
+        help_text="Canary: a run parameter whose value keeps a key on one version (sticky).",
+    )
+    validation_run = models.ForeignKey(
+        "Run", on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    retire_baseline_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Blue-green: until then the previous version is the instant rollback target.",
+    )
+    actor = models.CharField(max_length=150)
+    reason = models.TextField(blank=True)
+    evidence = models.JSONField(
+        default=dict, blank=True, help_text="The last canary analysis or validation outcome."
+    )
+    outcome = models.TextField(blank=True, help_text="Why the deployment ended as it did.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(state__in=DeploymentState.values), name="deployment_state_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(strategy__in=DeploymentStrategy.values),
+                name="deployment_strategy_valid",
+            ),
+            # Guarded transitions: two clicks can never make two live deployments.
+            models.UniqueConstraint(
+                fields=["workflow"],
+                condition=Q(state=DeploymentState.ACTIVE),
+                name="deployment_one_active",
+            ),
+            models.UniqueConstraint(
+                fields=["workflow"],
+                condition=Q(state__in=[DeploymentState.VALIDATING, DeploymentState.RAMPING]),
+                name="deployment_one_in_flight",
+            ),
+        ]
+        indexes = [
+            # The watchdog's sweep of deployments in flight.
+            models.Index(
+                fields=["state"],
+                name="deployment_in_flight",
+                condition=Q(state__in=[DeploymentState.VALIDATING, DeploymentState.RAMPING]),
+            ),
+        ]
+
+    def __str__(self):
+        return f"{self.workflow.slug} v{self.version.number} {self.strategy} ({self.state})"
+
+    @property
+    def percent(self) -> int:
+        """The canary's share of new runs now (100 once active)."""
+        if self.state == self.State.ACTIVE:
+            return 100
+        if self.state == self.State.RAMPING and self.steps:
+            return int(self.steps[min(self.step, len(self.steps) - 1)])
+        return 0
+
+
 class RunStatus(models.TextChoices):
     PENDING = "pending"
     RUNNING = "running"
@@ -100,6 +216,22 @@ class Run(models.Model):
     deadline = models.DateTimeField(null=True, blank=True)
     pools = models.JSONField(
         default=list, blank=True, help_text="Pools the run's nodes use, locked in name order."
+    )
+    deployment = models.ForeignKey(
+        Deployment,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="runs",
+        help_text="The deployment that chose this run's version.",
+    )
+    restarted_from = models.ForeignKey(
+        "self",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="restarts",
+        help_text="The run of a rolled-back version this run started again.",
     )
 
     objects = RunQuerySet.as_manager()
@@ -544,6 +676,10 @@ class AuditAction(models.TextChoices):
     START_RUN = "start_run"
     CLEAR_QUEUE = "clear_queue"
     REQUEUE_FAILED = "requeue_failed"
+    DEPLOY = "deploy"
+    PROMOTE_DEPLOYMENT = "promote_deployment"
+    ABORT_DEPLOYMENT = "abort_deployment"
+    ROLLBACK_VERSION = "rollback_version"
 
 
 class AuditEvent(models.Model):

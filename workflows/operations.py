@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from workflows import audit, engine
 from workflows.definitions import registry
-from workflows.definitions.versioning import latest_version
+from workflows.deployments import routing
 from workflows.models import AuditEvent, Checkpoint, NodeAttempt, NodeRun, Run, RunEvent, Workflow
 
 OPERATE_PERMISSION = "workflows.operate_run"
@@ -96,8 +96,10 @@ def start_run(
     params: dict | None = None,
     priority: str = "default",
     request_key: str | None = None,
+    version_number: int | None = None,
 ) -> Run:
-    """Start a run of the workflow's latest version.
+    """Start a run on the version the workflow's deployments choose (or, asked by
+    number, on that version, outside any deployment).
 
     With a request key, a repeat of the same request returns the run it started.
     """
@@ -114,7 +116,16 @@ def start_run(
             f"No workflow {workflow_slug!r} (known: {known}). Load it with manage.py load_workflow PATH."
         ) from None
     check_may_start(actor, workflow)
-    version = latest_version(workflow)
+    if version_number is None:
+        version, deployment = routing.version_for_new_run(workflow, params or {})
+    else:
+        deployment = None
+        version = workflow.versions.filter(number=version_number).first()
+        if version is None:
+            raise OperationError(
+                f"Workflow {workflow_slug!r} has no version {version_number}: it has "
+                f"{', '.join(f'v{n}' for n in workflow.versions.values_list('number', flat=True))}."
+            )
     if version is None:
         raise OperationError(
             f"Workflow {workflow_slug!r} has no version; load its definition first."
@@ -123,7 +134,12 @@ def start_run(
         raise OperationError(f"Priority must be one of {', '.join(Run.Priority.values)}.")
     try:
         return engine.start_run(
-            version, params=params, trigger=actor.name, priority=priority, request_key=request_key
+            version,
+            params=params,
+            trigger=actor.name,
+            priority=priority,
+            request_key=request_key,
+            deployment=deployment,
         )
     except engine.RunParamsError as error:
         raise OperationError(str(error)) from None

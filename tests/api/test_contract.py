@@ -46,7 +46,16 @@ from schemathesis.specs.openapi.checks import (
 from diagnostics.models import Finding
 from tests.api.conftest import CHAIN, work
 from workflows.api.schemas import MAX_WAIT_SECONDS as MAX_WAIT
-from workflows.models import AuditEvent, Checkpoint, LogLine, NodeAttempt, NodeRun, Run, RunEvent
+from workflows.models import (
+    AuditEvent,
+    Checkpoint,
+    Deployment,
+    LogLine,
+    NodeAttempt,
+    NodeRun,
+    Run,
+    RunEvent,
+)
 
 APP = WSGIHandler()
 SCHEMA = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", APP)
@@ -70,7 +79,17 @@ START_RUN = ("POST", "/api/v1/workflows/{slug}/runs")
 # Every table that holds a run or refers to one (and the queue actions' audit trail).
 RUN_TABLES = [
     model._meta.db_table
-    for model in (LogLine, NodeAttempt, Checkpoint, RunEvent, Finding, NodeRun, Run, AuditEvent)
+    for model in (
+        LogLine,
+        NodeAttempt,
+        Checkpoint,
+        RunEvent,
+        Finding,
+        NodeRun,
+        Run,
+        Deployment,  # a validation run's deployment refers to it
+        AuditEvent,
+    )
 ]
 
 

@@ -350,7 +350,7 @@ def test_unknown_top_level_field_is_named():
     problems = problems_of("name: x\nschedule: daily\nnodes: {a: {type: keel.noop}}\n")
 
     assert list(problems) == ["schedule"]
-    assert problems["schedule"].startswith("unknown field (allowed: description, name, nodes")
+    assert problems["schedule"].startswith("unknown field (allowed: deploy, description, name")
 
 
 def test_unknown_node_field_names_the_node_and_field():

@@ -338,6 +338,58 @@ def _pools(value):
     return _string_keys(value)
 
 
+DEPLOY_STRATEGIES = ("immediate", "canary", "blue_green")
+
+
+class Deploy(_Model):
+    """How a new version of this workflow is deployed by default (workflows/deployments)."""
+
+    strategy: Any = "immediate"
+    steps: Any = Field(default_factory=lambda: [10, 50, 100])
+    min_runs: Any = 20
+    key_param: Text = ""
+    smoke_params: Annotated[
+        Any,
+        BeforeValidator(_mapping("must be a mapping of run parameter names to values")),
+    ] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data):
+        if not isinstance(data, dict):
+            raise _problem("must be a mapping (strategy, steps, min_runs, key_param, smoke_params)")
+        return _string_keys(data)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value):
+        if value not in DEPLOY_STRATEGIES:
+            raise _problem(f"must be one of {', '.join(DEPLOY_STRATEGIES)}")
+        return value
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _steps(cls, value):
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(_is_int_between(step, 1, 100) for step in value)
+            or value != sorted(set(value))
+            or value[-1] != 100
+        ):
+            raise _problem(
+                "must be rising percentages of new runs ending at 100, e.g. [10, 50, 100]"
+            )
+        return value
+
+    @field_validator("min_runs", mode="before")
+    @classmethod
+    def _min_runs(cls, value):
+        if not _is_int_between(value, 1, 100_000):
+            raise _problem("must be a whole number from 1 to 100000")
+        return value
+
+
 class Spec(_Model):
     name: Any = Field(default=None, validate_default=True)
     slug: Any = None
@@ -357,6 +409,7 @@ class Spec(_Model):
     nodes: Annotated[
         dict[Annotated[str, BeforeValidator(_node_key)], Node], BeforeValidator(_nodes)
     ] = Field(default=None, validate_default=True)
+    deploy: Deploy | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -397,6 +450,7 @@ class Spec(_Model):
             "params": self.params,
             "pools": self.pools,
             "nodes": {key: node.normalised() for key, node in self.nodes.items()},
+            **({"deploy": self.deploy.model_dump()} if self.deploy else {}),
             # PostgreSQL's jsonb does not keep key order; the order nodes were written in.
             "order": list(self.nodes),
         }
@@ -404,6 +458,7 @@ class Spec(_Model):
 
 _ALLOWED = {
     Spec: sorted(Spec.model_fields),
+    Deploy: sorted(Deploy.model_fields),
     Node: sorted(Node.model_fields),
     Retries: sorted(Retries.model_fields),
 }
@@ -418,7 +473,15 @@ def _schema_problems(error: ValidationError) -> list[tuple[str, str]]:
         if item["type"] == "keel":
             message = item["ctx"]["message"]
         elif item["type"] == "extra_forbidden":
-            model = Spec if len(loc) == 1 else Retries if len(loc) == 4 else Node
+            model = (
+                Spec
+                if len(loc) == 1
+                else Deploy
+                if loc[0] == "deploy"
+                else Retries
+                if len(loc) == 4
+                else Node
+            )
             message = f"unknown field (allowed: {', '.join(_ALLOWED[model])})"
         else:  # not expected: every field has its own check
             message = item["msg"]

@@ -7,6 +7,7 @@ from django.db import transaction
 
 from workflows.definitions import limits
 from workflows.definitions import spec as spec_module
+from workflows.deployments import services
 from workflows.models import ResourcePool, Workflow, WorkflowVersion
 
 
@@ -14,10 +15,12 @@ from workflows.models import ResourcePool, Workflow, WorkflowVersion
 class LoadResult:
     version: WorkflowVersion
     created: bool
+    deployed: str = ""  # what its deployment did, unless it went live at once
 
     def __str__(self):
         state = "created" if self.created else "unchanged"
-        return f"{self.version.workflow.slug} v{self.version.number} {state}"
+        text = f"{self.version.workflow.slug} v{self.version.number} {state}"
+        return f"{text}; {self.deployed}" if self.deployed else text
 
 
 def load_definition(
@@ -28,8 +31,11 @@ def load_definition(
     note: str = "",
     dry_run: bool = False,
     once: bool = False,
+    deploy: str | None = "default",
 ) -> LoadResult | None:
-    """Validate a definition and store it as a new version if its content changed.
+    """Validate a definition and store it as a new version if its content changed, then
+    deploy that new version: by ``deploy`` (a strategy), by the definition's own
+    ``deploy`` section when "default" (immediate without one), not at all when None.
 
     Content means the normalised spec: comments and formatting do not make a version.
     An invalid definition raises ``spec.DefinitionError`` and writes nothing;
@@ -68,11 +74,28 @@ def load_definition(
             created_by=actor,
             note=note,
         )
-    return LoadResult(version, created=True)
+        deployed = ""
+        if deploy is not None:
+            change = services.deploy(
+                version,
+                actor=actor,
+                reason=note or f"loaded from {source_name}",
+                strategy=None if deploy == "default" else deploy,
+            )
+            # Live at once is what loading always meant; anything else is said.
+            if change.deployment.state != change.deployment.State.ACTIVE:
+                deployed = change.message
+    return LoadResult(version, created=True, deployed=deployed)
 
 
 def load_file(
-    path: Path, *, actor: str, note: str = "", dry_run: bool = False, once: bool = False
+    path: Path,
+    *,
+    actor: str,
+    note: str = "",
+    dry_run: bool = False,
+    once: bool = False,
+    deploy: str | None = "default",
 ) -> LoadResult | None:
     limit = limits.MAX_FILE_BYTES
     try:
@@ -91,7 +114,13 @@ def load_file(
             [("(file)", f"cannot be read: {error}")], str(path)
         ) from None
     return load_definition(
-        source, actor=actor, source_name=str(path), note=note, dry_run=dry_run, once=once
+        source,
+        actor=actor,
+        source_name=str(path),
+        note=note,
+        dry_run=dry_run,
+        once=once,
+        deploy=deploy,
     )
 
 

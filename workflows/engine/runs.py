@@ -27,8 +27,11 @@ def start_run(
     trigger: str,
     priority: str = "default",
     request_key: str | None = None,
+    deployment=None,
+    restarted_from: Run | None = None,
 ) -> Run:
-    """Create a run pinned to ``version`` and queue its root nodes.
+    """Create a run pinned to ``version`` (chosen by ``deployment``, when one did) and
+    queue its root nodes.
 
     1. Check the run params against those the definition declares.
     2. Create the run and one NodeRun per node, copying what a worker needs; the nodes
@@ -52,12 +55,18 @@ def start_run(
             started_at=now,
             deadline=now + timedelta(seconds=spec["timeout"]) if spec.get("timeout") else None,
             pools=sorted({node["pool"] for node in spec["nodes"].values() if node["pool"]}),
+            deployment=deployment,
+            restarted_from=restarted_from,
         )
         RunEvent.objects.create(
             run=run,
             kind=RunEvent.Kind.TRANSITION,
             actor=trigger,
-            reason="run started",
+            reason=(
+                f"run started again on v{version.number}, from run {restarted_from.pk}"
+                if restarted_from
+                else "run started"
+            ),
             request_key=request_key,
             before={"status": Run.Status.PENDING},
             after={"status": Run.Status.RUNNING},

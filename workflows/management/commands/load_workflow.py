@@ -4,6 +4,8 @@ from django.core.management.base import BaseCommand, CommandError
 
 from workflows.definitions import versioning
 from workflows.definitions.spec import DefinitionError
+from workflows.models import Deployment
+from workflows.operations import OperationError
 
 
 class Command(BaseCommand):
@@ -13,6 +15,13 @@ class Command(BaseCommand):
         parser.add_argument("paths", nargs="+", help="Definition files.")
         parser.add_argument(
             "--note", default="", help="Why this version exists (shown in its history)."
+        )
+        parser.add_argument(
+            "--deploy",
+            default="default",
+            choices=["default", "none", *Deployment.Strategy.values],
+            help="How a new version is deployed: the definition's deploy section (default; "
+            "immediate without one), not at all (none), or this strategy.",
         )
 
     def handle(self, *args, **options):
@@ -29,6 +38,12 @@ class Command(BaseCommand):
                 "\n".join(errors) + "\nNothing was loaded. Fix the fields above and run again."
             )
         for path in options["paths"]:
-            result = versioning.load_file(path, actor=actor, note=options["note"])
+            deploy = None if options["deploy"] == "none" else options["deploy"]
+            try:
+                result = versioning.load_file(
+                    path, actor=actor, note=options["note"], deploy=deploy
+                )
+            except OperationError as error:
+                raise CommandError(f"{path}: {error}") from None
             style = self.style.SUCCESS if result.created else self.style.NOTICE
             self.stdout.write(style(str(result)))

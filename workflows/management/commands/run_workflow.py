@@ -13,7 +13,8 @@ EXIT_STILL_RUNNING = 3
 
 class Command(BaseCommand):
     help = (
-        "Start a run of a workflow's latest version. With --wait, wait for it: exit 0 when it "
+        "Start a run on the version the workflow's deployments choose (or --workflow-version "
+        "N). With --wait, wait for it: exit 0 when it "
         "succeeded, 1 when it failed or was cancelled, 3 when it was still running at the end."
     )
 
@@ -25,6 +26,12 @@ class Command(BaseCommand):
             help='Run params as a JSON object, e.g. \'{"date": "2026-01-31"}\'.',
         )
         parser.add_argument("--priority", default="default", choices=Run.Priority.values)
+        parser.add_argument(
+            "--workflow-version",
+            type=int,
+            metavar="N",
+            help="Run version N, outside any deployment (the live version otherwise).",
+        )
         parser.add_argument(
             "--wait",
             type=float,
@@ -46,6 +53,7 @@ class Command(BaseCommand):
                 actor=f"cli:{getpass.getuser()}",
                 params=params,
                 priority=options["priority"],
+                version_number=options["workflow_version"],
             )
         except operations.OperationError as error:
             raise CommandError(str(error)) from None

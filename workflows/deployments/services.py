@@ -1,0 +1,533 @@
+"""Deployment transitions: deploy, promote, abort, roll back a version, and the
+watchdog's step that judges canaries and blue-green validations.
+
+Every transition locks the workflow's row first, then checks the state it expects
+(guarded: twenty clicks make one transition, the others say what happened instead),
+writes the deployment and one AuditEvent (``workflow:<slug>``), and commits. Runs are
+never re-pinned: a deployment only decides the version of new runs (routing.py).
+
+States: ``validating`` (blue-green), ``ramping`` (canary) → ``active``; a later
+deployment makes the active one ``superseded``, an operator's rollback ``rolled_back``;
+one that never became active ends ``aborted``.
+"""
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from workflows import audit, engine
+from workflows.deployments import analysis
+from workflows.models import AuditEvent, Deployment, Run, Workflow, WorkflowVersion
+from workflows.operations import (
+    OPERATE_PERMISSION,
+    Actor,
+    OperationDenied,
+    OperationError,
+    _as_actor,
+)
+
+WATCHDOG = "watchdog"
+_ACTIONS = {
+    "deploy": AuditEvent.Action.DEPLOY,
+    "promote": AuditEvent.Action.PROMOTE_DEPLOYMENT,
+    "abort": AuditEvent.Action.ABORT_DEPLOYMENT,
+    "rollback_version": AuditEvent.Action.ROLLBACK_VERSION,
+}
+DEFAULT_STEPS = (10, 50, 100)
+DEFAULT_MIN_RUNS = 20
+RUN_POLICIES = ("finish", "cancel", "restart")
+
+
+@dataclass(frozen=True)
+class Change:
+    deployment: Deployment | None
+    changed: bool
+    message: str
+
+
+# --- Operator actions --------------------------------------------------------------------------
+
+
+def deploy(
+    version: WorkflowVersion,
+    *,
+    actor,
+    reason: str,
+    strategy: str | None = None,
+    steps: list[int] | None = None,
+    min_runs: int | None = None,
+    key_param: str | None = None,
+) -> Change:
+    """Make ``version`` the one new runs get, by a strategy (the definition's ``deploy``
+    section, else immediate): at once; as a canary on a share of new runs that grows
+    step by step while the analysis finds it no worse; or blue-green, after a validation
+    run with the definition's smoke params has succeeded."""
+    actor = _permitted(actor, "deploy", version.workflow)
+    reason = _required(reason, "deploy a version")
+    declared = version.spec.get("deploy") or {}
+    strategy = strategy or declared.get("strategy") or Deployment.Strategy.IMMEDIATE
+    if strategy not in Deployment.Strategy.values:
+        raise OperationError(
+            f"Unknown strategy {strategy!r}: use one of {', '.join(Deployment.Strategy.values)}."
+        )
+    steps = _checked_steps(steps or declared.get("steps") or DEFAULT_STEPS)
+    min_runs = int(min_runs or declared.get("min_runs") or DEFAULT_MIN_RUNS)
+    key_param = key_param if key_param is not None else declared.get("key_param", "")
+    now = timezone.now()
+    with transaction.atomic():
+        workflow = _lock(version.workflow_id)
+        live = _live(workflow)
+        in_flight = live.get(Deployment.State.RAMPING) or live.get(Deployment.State.VALIDATING)
+        if in_flight is not None:
+            raise OperationError(
+                f"v{in_flight.version.number} of {workflow.slug} is being deployed "
+                f"({in_flight.strategy}, {in_flight.state}): promote or abort it first."
+            )
+        active = live.get(Deployment.State.ACTIVE)
+        if active is not None and active.version_id == version.pk:
+            return Change(active, False, f"{workflow.slug} v{version.number} is already live.")
+        if active is None and strategy != Deployment.Strategy.IMMEDIATE:
+            strategy = Deployment.Strategy.IMMEDIATE  # nothing to compare against or keep
+        deployment = Deployment(
+            workflow=workflow,
+            version=version,
+            baseline=active.version if active else None,
+            strategy=strategy,
+            steps=steps if strategy == Deployment.Strategy.CANARY else [],
+            min_runs=min_runs,
+            key_param=key_param,
+            actor=actor.name,
+            reason=reason,
+        )
+        if strategy == Deployment.Strategy.IMMEDIATE:
+            _supersede(active, now)
+            deployment.state = Deployment.State.ACTIVE
+            deployment.save()
+        elif strategy == Deployment.Strategy.CANARY:
+            deployment.state = Deployment.State.RAMPING
+            deployment.step_started_at = now
+            deployment.save()
+        else:
+            deployment.state = Deployment.State.VALIDATING
+            deployment.save()
+            deployment.validation_run = _start_validation(deployment, declared)
+            deployment.save(update_fields=["validation_run"])
+        _audit(AuditEvent.Action.DEPLOY, deployment, actor.name, reason, before=active)
+    return Change(deployment, True, _describe(deployment))
+
+
+def promote(deployment_id: int, *, actor, reason: str, evidence: dict | None = None) -> Change:
+    """A canary to its next step (or active after its last); a blue-green deployment
+    active without waiting for its validation run. The watchdog promotes on evidence."""
+    now = timezone.now()
+    with transaction.atomic():
+        deployment = _lock_deployment(deployment_id)
+        actor = _permitted(actor, "promote", deployment.workflow)
+        reason = _required(reason, "promote a deployment")
+        if deployment.state not in Deployment.IN_FLIGHT:
+            return Change(deployment, False, f"Nothing to promote: {_describe(deployment)}.")
+        before = _snapshot(deployment)
+        if evidence is not None:
+            deployment.evidence = evidence
+        last_step = deployment.step + 1 >= len(deployment.steps)
+        if deployment.state == Deployment.State.RAMPING and not last_step:
+            deployment.step += 1
+            deployment.step_started_at = now
+            deployment.routed = 0
+            deployment.save()
+        else:
+            _activate(deployment, now)
+        _audit(AuditEvent.Action.PROMOTE_DEPLOYMENT, deployment, actor.name, reason, before)
+    return Change(deployment, True, _describe(deployment))
+
+
+def abort(deployment_id: int, *, actor, reason: str, evidence: dict | None = None) -> Change:
+    """Stop a canary or a validation: every new run gets the baseline again (runs already
+    on the aborted version finish on it). A validation run still going is cancelled."""
+    now = timezone.now()
+    with transaction.atomic():
+        deployment = _lock_deployment(deployment_id)
+        actor = _permitted(actor, "abort", deployment.workflow)
+        reason = _required(reason, "abort a deployment")
+        if deployment.state not in Deployment.IN_FLIGHT:
+            return Change(deployment, False, f"Nothing to abort: {_describe(deployment)}.")
+        before = _snapshot(deployment)
+        _end(deployment, Deployment.State.ABORTED, reason, now, evidence)
+        _audit(AuditEvent.Action.ABORT_DEPLOYMENT, deployment, actor.name, reason, before)
+        validation = deployment.validation_run
+    if validation is not None and validation.status not in Run.TERMINAL:
+        engine.cancel_run(validation.pk, actor=actor.name, reason=f"deployment aborted: {reason}")
+    return Change(deployment, True, _describe(deployment))
+
+
+@dataclass(frozen=True)
+class RollbackPreview:
+    workflow: str
+    from_versions: list[int]
+    to_version: int
+    running: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    noop_message: str = ""
+
+    def as_dict(self) -> dict:
+        return {
+            "workflow": self.workflow,
+            "from_versions": self.from_versions,
+            "to_version": self.to_version,
+            "runs": {"running": self.running, "queued": self.queued, "failed": self.failed},
+            "noop_message": self.noop_message,
+        }
+
+
+def preview_rollback(workflow: Workflow, to_number: int) -> RollbackPreview:
+    """What a rollback to version ``to_number`` changes: the versions new runs stop
+    getting, and the runs on them that are still running, only queued, or failed since
+    they went live (run ids, newest first, at most 200 of each)."""
+    target = _version(workflow, to_number)
+    live = _live(workflow)
+    bad = [d for d in live.values() if d.version_id != target.pk]
+    if not bad:
+        return RollbackPreview(
+            workflow.slug, [], to_number, noop_message=f"v{to_number} is already live."
+        )
+    runs = _runs_of(bad, target)
+    return RollbackPreview(
+        workflow=workflow.slug,
+        from_versions=sorted({d.version.number for d in bad}),
+        to_version=to_number,
+        running=[r.pk for r in runs if r.status == Run.Status.RUNNING and r.started_nodes][:200],
+        queued=[r.pk for r in runs if r.status == Run.Status.RUNNING and not r.started_nodes][:200],
+        failed=[r.pk for r in runs if r.status == Run.Status.FAILED][:200],
+    )
+
+
+def rollback_version(
+    workflow: Workflow, to_number: int, *, actor, reason: str, runs: str = "finish"
+) -> Change:
+    """Make an earlier (or any other) version the one new runs get, at once. The live
+    deployment is ``rolled_back``, one in flight ``aborted``. Runs on the versions left:
+    ``finish`` (they end on their version), ``cancel``, or ``restart`` (cancelled, then
+    started again on the chosen version with the same params, linked to the original;
+    failed ones since the version went live too). Never silently re-pinned."""
+    if runs not in RUN_POLICIES:
+        raise OperationError(f"runs must be one of {', '.join(RUN_POLICIES)}, not {runs!r}.")
+    actor = _permitted(actor, "rollback_version", workflow)
+    reason = _required(reason, "roll back a version")
+    now = timezone.now()
+    with transaction.atomic():
+        workflow = _lock(workflow.pk)
+        target = _version(workflow, to_number)
+        live = _live(workflow)
+        active = live.get(Deployment.State.ACTIVE)
+        bad = [d for d in live.values() if d.version_id != target.pk]
+        if not bad:
+            return Change(active, False, f"{workflow.slug} v{to_number} is already live.")
+        affected = _runs_of(bad, target) if runs != "finish" else []
+        for deployment in bad:
+            state = (
+                Deployment.State.ROLLED_BACK
+                if deployment.state == Deployment.State.ACTIVE
+                else Deployment.State.ABORTED
+            )
+            _end(deployment, state, f"rolled back to v{to_number}: {reason}", now)
+        if active is not None and active.version_id == target.pk:
+            new = active  # a canary of another version was aborted; the baseline stays
+        else:
+            new = Deployment.objects.create(
+                workflow=workflow,
+                version=target,
+                baseline=active.version if active else None,
+                strategy=Deployment.Strategy.IMMEDIATE,
+                state=Deployment.State.ACTIVE,
+                actor=actor.name,
+                reason=reason,
+            )
+        _audit(
+            AuditEvent.Action.ROLLBACK_VERSION,
+            new,
+            actor.name,
+            reason,
+            before=active,
+            extra={
+                "from_versions": sorted({d.version.number for d in bad}),
+                "runs": runs,
+                "run_ids": [run.pk for run in affected][:200],
+            },
+        )
+    _handle_runs(affected, runs, target, new, actor.name, reason)
+    return Change(new, True, f"{workflow.slug} now starts new runs on v{to_number}.")
+
+
+# --- The watchdog's step ----------------------------------------------------------------------
+
+
+def advance_in_flight(now=None) -> list[str]:
+    """Judge every deployment in flight: a validation run that ended promotes or aborts
+    its blue-green deployment; a canary step with enough finished runs is promoted or
+    aborted on the analysis's verdict (its evidence kept on the deployment). Returns
+    what it did, one line each."""
+    now = now or timezone.now()
+    done = []
+    for deployment in Deployment.objects.filter(state__in=Deployment.IN_FLIGHT).select_related(
+        "workflow", "version", "baseline", "validation_run"
+    ):
+        if deployment.state == Deployment.State.VALIDATING:
+            line = _judge_validation(deployment)
+        else:
+            line = _judge_canary(deployment)
+        if line:
+            done.append(line)
+    return done
+
+
+def canary_samples(deployment: Deployment) -> tuple[analysis.Sample, analysis.Sample]:
+    """Finished runs routed by this deployment in its current step: the canary's and the
+    baseline's, over the same window."""
+    finished = Run.objects.filter(
+        deployment=deployment,
+        status__in=[Run.Status.SUCCEEDED, Run.Status.FAILED],
+        created_at__gte=deployment.step_started_at,
+    ).exclude(pk=deployment.validation_run_id)
+    samples = []
+    for version_id in (deployment.version_id, deployment.baseline_id):
+        rows = list(
+            finished.filter(version_id=version_id)
+            .order_by()
+            .values_list("status", "started_at", "finished_at")[:5000]
+        )
+        samples.append(
+            analysis.Sample(
+                runs=len(rows),
+                failures=sum(1 for status, *_ in rows if status == Run.Status.FAILED),
+                durations=tuple(
+                    (end - start).total_seconds() for _, start, end in rows if start and end
+                ),
+            )
+        )
+    return samples[0], samples[1]
+
+
+def _judge_canary(deployment: Deployment) -> str:
+    canary, baseline = canary_samples(deployment)
+    verdict = analysis.judge(canary, baseline, min_runs=deployment.min_runs)
+    evidence = {**verdict.evidence, "step": deployment.step, "percent": deployment.percent}
+    evidence["verdict"] = verdict.decision
+    evidence["reason"] = verdict.reason
+    label = f"{deployment.workflow.slug} v{deployment.version.number} canary"
+    if verdict.decision == "promote":
+        promote(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
+        return f"{label} promoted past {deployment.percent}%: {verdict.reason}"
+    if verdict.decision == "abort":
+        abort(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
+        return f"{label} aborted: {verdict.reason}"
+    Deployment.objects.filter(pk=deployment.pk, state=Deployment.State.RAMPING).update(
+        evidence=evidence, updated_at=timezone.now()
+    )
+    return ""
+
+
+def _judge_validation(deployment: Deployment) -> str:
+    run = deployment.validation_run
+    label = f"{deployment.workflow.slug} v{deployment.version.number} blue-green"
+    if run is None:
+        reason = "its validation run is gone"
+        abort(deployment.pk, actor=WATCHDOG, reason=reason)
+        return f"{label} aborted: {reason}"
+    if run.status not in Run.TERMINAL:
+        return ""
+    evidence = {"validation_run": run.pk, "status": run.status, "run_reason": run.reason}
+    if run.status == Run.Status.SUCCEEDED:
+        reason = f"validation run {run.pk} succeeded"
+        promote(deployment.pk, actor=WATCHDOG, reason=reason, evidence=evidence)
+        return f"{label} switched: {reason}"
+    reason = f"validation run {run.pk} {run.status}: {run.reason or 'no reason given'}"
+    abort(deployment.pk, actor=WATCHDOG, reason=reason, evidence=evidence)
+    return f"{label} aborted, v{deployment.baseline.number} kept: {reason}"
+
+
+# --- Helpers ----------------------------------------------------------------------------------
+
+
+def _lock(workflow_id: int) -> Workflow:
+    return Workflow.objects.select_for_update(no_key=True).get(pk=workflow_id)
+
+
+def _lock_deployment(deployment_id: int) -> Deployment:
+    try:
+        workflow_id = Deployment.objects.values_list("workflow_id", flat=True).get(pk=deployment_id)
+    except Deployment.DoesNotExist:
+        raise OperationError(
+            f"No deployment {deployment_id}; list them with manage.py deployments."
+        ) from None
+    _lock(workflow_id)
+    return Deployment.objects.select_related(
+        "workflow", "version", "baseline", "validation_run"
+    ).get(pk=deployment_id)
+
+
+def _live(workflow: Workflow) -> dict[str, Deployment]:
+    return {
+        d.state: d
+        for d in Deployment.objects.filter(
+            workflow=workflow, state__in=Deployment.LIVE
+        ).select_related("version", "baseline")
+    }
+
+
+def _version(workflow: Workflow, number) -> WorkflowVersion:
+    try:
+        return workflow.versions.get(number=int(number))
+    except (WorkflowVersion.DoesNotExist, ValueError, TypeError):
+        known = ", ".join(f"v{n}" for n in workflow.versions.values_list("number", flat=True))
+        raise OperationError(
+            f"{workflow.slug} has no version {number!r} (it has {known})."
+        ) from None
+
+
+def _checked_steps(steps) -> list[int]:
+    """Canary steps given on a command line or the API: the definition's own rule."""
+    try:
+        steps = [int(step) for step in steps]
+    except (TypeError, ValueError):
+        steps = []
+    if not steps or steps != sorted(set(steps)) or steps[0] < 1 or steps[-1] != 100:
+        raise OperationError(
+            "Canary steps must be rising percentages of new runs ending at 100, e.g. 10,50,100."
+        )
+    return steps
+
+
+def _supersede(active: Deployment | None, now) -> None:
+    if active is not None:
+        _end(active, Deployment.State.SUPERSEDED, "a later deployment took over", now)
+
+
+def _activate(deployment: Deployment, now) -> None:
+    active = Deployment.objects.filter(
+        workflow_id=deployment.workflow_id, state=Deployment.State.ACTIVE
+    ).first()
+    _supersede(active, now)
+    deployment.state = Deployment.State.ACTIVE
+    if deployment.strategy == Deployment.Strategy.BLUE_GREEN:
+        deployment.retire_baseline_at = now + timedelta(
+            seconds=settings.KEEL_BLUE_GREEN_RETENTION_SECONDS
+        )
+    deployment.save()
+
+
+def _end(deployment: Deployment, state: str, outcome: str, now, evidence=None) -> None:
+    deployment.state = state
+    deployment.outcome = outcome[:2000]
+    deployment.finished_at = now
+    if evidence is not None:
+        deployment.evidence = evidence
+    deployment.save()
+
+
+def _start_validation(deployment: Deployment, declared: dict) -> Run:
+    try:
+        return engine.start_run(
+            deployment.version,
+            params=declared.get("smoke_params") or {},
+            trigger=f"validation of v{deployment.version.number}",
+            deployment=deployment,
+        )
+    except engine.RunParamsError as error:
+        raise OperationError(f"The validation run cannot start: {error}") from None
+
+
+def _runs_of(deployments: list[Deployment], target: WorkflowVersion) -> list[Run]:
+    """Runs on the versions being left: unfinished ones, and those that failed since the
+    first of these deployments was made, newest first."""
+    versions = {d.version_id for d in deployments} - {target.pk}
+    since = min(d.created_at for d in deployments)
+    unfinished = Run.objects.filter(
+        workflow_id=deployments[0].workflow_id, version_id__in=versions, status__in=Run.ACTIVE
+    )
+    failed = Run.objects.filter(
+        workflow_id=deployments[0].workflow_id,
+        version_id__in=versions,
+        status=Run.Status.FAILED,
+        created_at__gte=since,
+    )
+    runs = list((unfinished | failed).order_by("-id")[:1000])
+    started = set(
+        Run.objects.filter(pk__in=[r.pk for r in runs], nodes__started_at__isnull=False)
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    for run in runs:
+        run.started_nodes = run.pk in started
+    return runs
+
+
+def _handle_runs(runs: list[Run], policy: str, target, deployment, actor: str, reason) -> None:
+    for run in runs:
+        if run.status in Run.ACTIVE:
+            engine.cancel_run(run.pk, actor=actor, reason=f"version rolled back: {reason}")
+        if policy == "restart":
+            engine.start_run(
+                target,
+                params=run.params,
+                trigger=actor,
+                priority=run.priority,
+                deployment=deployment,
+                restarted_from=run,
+            )
+
+
+def _permitted(actor, action: str, workflow: Workflow) -> Actor:
+    """The actor, if it may operate; a refusal is audited (rate-limited) and raised."""
+    actor = _as_actor(actor)
+    if not actor.may_operate():
+        audit.record_refusal(
+            actor.name, _ACTIONS[action], f"workflow:{workflow.slug}", "", OPERATE_PERMISSION
+        )
+        raise OperationDenied(
+            f"{actor.name} may not {action.replace('_', ' ')} on {workflow.slug}: ask an "
+            f"administrator for the '{OPERATE_PERMISSION}' permission."
+        )
+    return actor
+
+
+def _required(reason, action: str) -> str:
+    if not reason or not str(reason).strip():
+        raise OperationError(f"A reason is required to {action}; it is kept in the audit.")
+    return str(reason).strip()[:2000]
+
+
+def _snapshot(deployment: Deployment | None) -> dict:
+    if deployment is None:
+        return {}
+    return {
+        "deployment": deployment.pk,
+        "version": deployment.version.number,
+        "strategy": deployment.strategy,
+        "state": deployment.state,
+        "percent": deployment.percent,
+    }
+
+
+def _audit(action, deployment, actor: str, reason: str, before=None, extra=None) -> None:
+    before = before if isinstance(before, dict) else _snapshot(before)
+    AuditEvent.objects.create(
+        actor=actor,
+        action=action,
+        target=f"workflow:{deployment.workflow.slug}",
+        reason=reason[:2000],
+        before=before,
+        after={**_snapshot(deployment), **(extra or {})},
+    )
+
+
+def _describe(deployment: Deployment) -> str:
+    version = f"{deployment.workflow.slug} v{deployment.version.number}"
+    if deployment.state == Deployment.State.RAMPING:
+        return f"{version} is a canary on {deployment.percent}% of new runs."
+    if deployment.state == Deployment.State.VALIDATING:
+        return f"{version} is being validated (run {deployment.validation_run_id})."
+    return f"{version}: {deployment.state}."
