@@ -20,7 +20,7 @@ from ninja.errors import AuthenticationError, HttpError, ValidationError
 
 from diagnostics.api import router as diagnostics_router
 from workflows import engine, operations
-from workflows.api import actions, auth, runs, workflows
+from workflows.api import actions, auth, deployments, runs, workflows
 from workflows.api.errors import API_ERROR_STATUSES, ApiError, error_response, from_validation
 from workflows.api.parser import parser
 from workflows.definitions.loading import DefinitionError
@@ -31,7 +31,8 @@ logger = logging.getLogger("workflows.api")
 api = NinjaAPI(
     title="Keel API",
     version="1.0.0",
-    description="Runs, their nodes, attempts and logs; operator actions; findings and queues. "
+    description="Runs, their nodes, attempts and logs; operator actions; deployments of "
+    "versions; findings and queues. "
     'Errors are {"error": {"code", "message", "field"}}. See docs/api.md.',
     urls_namespace="api",
     docs_url=None,  # the page would load Swagger UI from a CDN; the document is enough
@@ -41,6 +42,7 @@ api = NinjaAPI(
 api.add_router("", workflows.router)
 api.add_router("", runs.router)
 api.add_router("", actions.router)
+api.add_router("", deployments.router)
 api.add_router("", diagnostics_router)
 
 

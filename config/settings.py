@@ -222,6 +222,10 @@ KEEL_RSS_LIMIT_BYTES = env_int("KEEL_RSS_LIMIT_BYTES", 0, minimum=0)
 KEEL_RSS_NEAR_RATIO = env_float("KEEL_RSS_NEAR_RATIO", 0.9, minimum=0.1, maximum=1.0)
 KEEL_REDIS_MEMORY_RATIO = env_float("KEEL_REDIS_MEMORY_RATIO", 0.9, minimum=0.1, maximum=1.0)
 KEEL_DB_CONNECTIONS_RATIO = env_float("KEEL_DB_CONNECTIONS_RATIO", 0.9, minimum=0.1, maximum=1.0)
+# deployment_stuck: a blue-green validation running this long, or a canary step this old
+# without the finished runs it needs to be judged.
+KEEL_VALIDATION_STUCK_SECONDS = env_int("KEEL_VALIDATION_STUCK_SECONDS", 1800, minimum=1)
+KEEL_CANARY_STEP_STUCK_SECONDS = env_int("KEEL_CANARY_STEP_STUCK_SECONDS", 3600, minimum=1)
 
 
 # --- Auth, i18n, static -----------------------------------------------------------------------

@@ -6,7 +6,8 @@ import uuid
 from django import forms
 from django.conf import settings
 
-from workflows.models import Run, Workflow
+from workflows.definitions import limits as definition_limits
+from workflows.models import Deployment, Run, Workflow
 
 # --- Operator actions -------------------------------------------------------------------------
 
@@ -239,3 +240,118 @@ class BulkActionForm(ActionForm):
         choices=[("resume", "Resume"), ("cancel", "Cancel")], widget=forms.HiddenInput
     )
     run = RunIdsField()
+
+
+# --- Deployments (dashboard/deployment_views.py) ----------------------------------------------
+
+
+class DeploymentReasonForm(forms.Form):
+    """What every deployment action needs: a reason, kept in the audit."""
+
+    reason = forms.CharField(
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "Why? It is kept in the audit."}),
+        error_messages={"required": "Say why: the reason is kept in the audit."},
+    )
+
+
+class DeployForm(DeploymentReasonForm):
+    version = forms.IntegerField(min_value=1)
+    strategy = forms.ChoiceField(choices=Deployment.Strategy.choices, initial="canary")
+    steps = forms.CharField(
+        required=False,
+        max_length=100,
+        label="Canary steps (%)",
+        widget=forms.TextInput(attrs={"placeholder": "10,50,100"}),
+        help_text="Empty: the definition's own, else 10,50,100.",
+    )
+    min_runs = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=100000,
+        label="Min runs per step",
+        widget=forms.NumberInput(attrs={"placeholder": "20"}),
+    )
+
+    def clean_steps(self) -> list[int] | None:
+        text = self.cleaned_data["steps"].strip()
+        if not text:
+            return None
+        try:
+            return [int(step) for step in text.replace(" ", "").split(",") if step]
+        except ValueError:
+            raise forms.ValidationError(
+                "Give whole percentages separated by commas, e.g. 10,50,100."
+            ) from None
+
+
+class PromoteForm(DeploymentReasonForm):
+    # The step the operator saw: a second submit of the same form finds it moved on.
+    step = forms.IntegerField(min_value=0, widget=forms.HiddenInput)
+
+
+class RollbackVersionForm(DeploymentReasonForm):
+    to = forms.IntegerField(min_value=1, widget=forms.HiddenInput)
+    runs = forms.ChoiceField(
+        choices=[
+            ("finish", "Let them finish on their version"),
+            ("cancel", "Cancel them"),
+            ("restart", "Cancel them and start them again on the chosen version"),
+        ],
+        initial="finish",
+        widget=forms.RadioSelect,
+        label="Runs on the version left",
+    )
+
+
+UPLOAD_DEPLOY_CHOICES = [
+    ("default", "As the definition says (at once without a deploy section)"),
+    ("immediate", "At once"),
+    ("canary", "Canary"),
+    ("blue_green", "Blue-green"),
+    ("none", "Do not deploy (load the version only)"),
+]
+
+
+class UploadDefinitionForm(forms.Form):
+    """A definition pasted or chosen as a file; the file wins when both are given."""
+
+    source = forms.CharField(
+        required=False,
+        strip=False,  # stored as given, as a file is
+        label="Definition (YAML or JSON)",
+        widget=forms.Textarea(attrs={"rows": 18, "spellcheck": "false"}),
+    )
+    file = forms.FileField(required=False, label="…or a file")
+    # Only asked for with the load: a check leaves it out.
+    deploy = forms.ChoiceField(choices=UPLOAD_DEPLOY_CHOICES, initial="default", required=False)
+    reason = forms.CharField(
+        required=False,
+        max_length=2000,
+        widget=forms.Textarea(attrs={"rows": 2, "placeholder": "Why? It is kept in the audit."}),
+    )
+    # The checksum of the text last checked: "Load" loads only what was checked.
+    checked = forms.CharField(required=False, max_length=64, widget=forms.HiddenInput)
+
+    def clean(self):
+        data = super().clean()
+        data["deploy"] = data.get("deploy") or "default"
+        upload = data.get("file")
+        if upload:
+            limit = definition_limits.MAX_FILE_BYTES
+            raw = upload.read(limit + 1)
+            if len(raw) > limit:
+                raise forms.ValidationError(f"The file is over {limit} bytes, the limit.")
+            try:
+                data["source"] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise forms.ValidationError("The file is not UTF-8 text.") from None
+        # As load_file reads a file: universal newlines.
+        data["source"] = (data.get("source") or "").replace("\r\n", "\n").replace("\r", "\n")
+        if not data["source"].strip():
+            raise forms.ValidationError("Paste a definition or choose a file.")
+        if len(data["source"].encode()) > definition_limits.MAX_FILE_BYTES:
+            raise forms.ValidationError(
+                f"The definition is over {definition_limits.MAX_FILE_BYTES} bytes, the limit."
+            )
+        return data

@@ -1,15 +1,42 @@
 from django.urls import path
 
-from dashboard import action_views, bulk_views, diagnostics_views, log_views, views, worker_views
+from dashboard import (
+    action_views,
+    bulk_views,
+    deployment_views,
+    diagnostics_views,
+    log_views,
+    views,
+    worker_views,
+)
 
 app_name = "dashboard"
 
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("workflows/", views.workflow_list, name="workflow-list"),
+    # Outside workflows/: any slug, "upload" too, can name a workflow.
+    path("definitions/upload/", deployment_views.upload, name="workflow-upload"),
     path("workflows/<slug:slug>/", views.workflow_detail, name="workflow-detail"),
     path("workflows/<slug:slug>/diff/", views.workflow_diff, name="workflow-diff"),
     path("workflows/<slug:slug>/start/", action_views.start_run, name="workflow-start"),
+    path("workflows/<slug:slug>/deploy/", deployment_views.deploy, name="workflow-deploy"),
+    path(
+        "workflows/<slug:slug>/rollback-version/",
+        deployment_views.rollback_preview,
+        name="workflow-rollback-preview",
+    ),
+    path(
+        "workflows/<slug:slug>/rollback-version/apply/",
+        deployment_views.rollback,
+        name="workflow-rollback",
+    ),
+    path(
+        "deployments/<int:deployment_id>/promote/",
+        deployment_views.promote,
+        name="deployment-promote",
+    ),
+    path("deployments/<int:deployment_id>/abort/", deployment_views.abort, name="deployment-abort"),
     path("runs/", views.run_list, name="run-list"),
     path("runs/bulk/", bulk_views.preview, name="runs-bulk-preview"),
     path("runs/bulk/apply/", bulk_views.apply, name="runs-bulk"),

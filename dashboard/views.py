@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from dashboard import run_page, selectors
+from dashboard import deployment_views, run_page, selectors
 from dashboard.forms import RANGES, ActionForm, RunFilterForm, StartRunForm
 from diagnostics import selectors as diagnostics_selectors
 from diagnostics.reliability import DEFAULT_WINDOW, workflow_reliability
@@ -87,7 +87,8 @@ def workflow_context(
             }
         )
     reliability = workflow_reliability(workflow, window=window or DEFAULT_WINDOW)
-    return {**context, "start_form": start_form, "reliability": reliability}
+    release = deployment_views.release_context(workflow)
+    return {**context, **release, "start_form": start_form, "reliability": reliability}
 
 
 @require_GET

@@ -89,6 +89,23 @@ MEANING = {
         "The database, which holds every run and node state, is unreachable or nearly out "
         "of connections. Workers cannot claim or finish nodes meanwhile."
     ),
+    "retired_version_running": (
+        "New runs of the workflow get another version now, because this one was aborted, "
+        "rolled back, or replaced by a blue-green switch longer ago than its retention. "
+        "Runs that started on it keep running on it until they end: a deployment never "
+        "moves a run to another version."
+    ),
+    "canary_failing": (
+        "A new version is being tried on a share of new runs (a canary), and its runs fail "
+        "more often than those of the live version over the same time. The watchdog aborts "
+        "a canary on its own only with enough runs to be sure; this one is not there yet."
+    ),
+    "deployment_stuck": (
+        "A deployment cannot finish on its own: a blue-green validation run has not ended, "
+        "or a canary step has had too few runs to judge the new version for a long time "
+        "(the workflow runs rarely, or the canary's share is small). Until a person "
+        "promotes or aborts it, new runs stay split or on the old version."
+    ),
 }
 
 # Evidence keys worth showing a person, in this order, with their labels.
@@ -172,6 +189,30 @@ EVIDENCE_LABELS = [
     ("down_from", "down from"),
     ("up_at", "up again at"),
     ("down_for_seconds", "down for"),
+    ("workflow", "workflow"),
+    ("version", "version"),
+    ("baseline_version", "baseline version"),
+    ("live_version", "live version"),
+    ("deployment", "deployment"),
+    ("strategy", "strategy"),
+    ("deployment_state", "deployment state"),
+    ("retired_at", "left at"),
+    ("running_runs", "runs still running"),
+    ("run_ids", "runs"),
+    ("oldest_started_at", "oldest started"),
+    ("step", "step"),
+    ("percent", "canary share"),
+    ("step_started_at", "step started"),
+    ("waiting_since", "waiting since"),
+    ("stuck_after_seconds", "stuck after"),
+    ("validation_run", "validation run"),
+    ("validation_run_status", "validation run status"),
+    ("finished_runs", "finished runs"),
+    ("runs_needed", "runs needed"),
+    ("canary", "canary"),
+    ("baseline", "baseline"),
+    ("fisher_p", "Fisher's exact test p"),
+    ("reported_below_p", "reported below p"),
 ]
 
 
@@ -354,6 +395,10 @@ def format_value(key: str, value, now: datetime | None = None) -> str:
         return f"{words} {value.get('message') or ''}".strip()
     if key == "holders":
         return ", ".join(f"run {h['run']} ({h['node']}, {h['status']})" for h in value)
+    if key in ("canary", "baseline") and isinstance(value, dict):
+        return _sample_words(value)
+    if key == "percent" and isinstance(value, int | float):
+        return f"{value}% of new runs"
     if key == "timed_out_attempts":
         return "; ".join(f"#{a['attempt']} after {a['seconds']}s: {a['error']}" for a in value)
     if key == "resource_samples":
@@ -372,6 +417,17 @@ def format_value(key: str, value, now: datetime | None = None) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
+
+
+def _sample_words(sample: dict) -> str:
+    """A canary's or baseline's runs in a step: "3 of 20 failed (15.0%), p95 2.10s"."""
+    rate = sample.get("failure_rate")
+    words = f"{sample.get('failures')} of {sample.get('runs')} failed"
+    words += f" ({rate * 100:.1f}%)" if rate is not None else ""
+    p95 = sample.get("p95_seconds")
+    if p95 is not None:
+        words += f", p95 {p95:.2f}s" if p95 < 60 else f", p95 {duration_words(p95)}"
+    return words
 
 
 def duration_words(seconds: float) -> str:

@@ -7,8 +7,9 @@ the same (aggregate several scraped instances with ``max``, never ``sum``) and a
 resets nothing.
 
 A scrape's cost does not grow with history: every query reads either current state
-(running runs, open findings) or a recent window through an index on the timestamp that
-bounds it (``RECENT`` for counts the alerts read, ``DURATION_WINDOW`` for the histograms).
+(running runs, open findings, live deployments) or a recent window through an index on the
+timestamp that bounds it (``RECENT`` for counts the alerts read, ``DURATION_WINDOW`` for the
+histograms).
 So there are no all-time counters: ``workflow_runs_finished_5m`` and ``node_retries_5m``
 are gauges over the last five minutes, and the duration histograms are gauge histograms
 of what finished in the last hour (read them as they are, never with ``rate()``).
@@ -41,7 +42,7 @@ from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from diagnostics import health, rq_state
 from diagnostics.models import Finding
 from diagnostics.reliability import with_known_start
-from workflows.models import NodeAttempt, NodeRun, Run, Workflow
+from workflows.models import Deployment, NodeAttempt, NodeRun, Run, Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,33 @@ METRICS = {
         "last hour, by code.",
         ["code"],
     ),
+    "workflow_version_live": (
+        "gauge",
+        "1 for the version new runs of each workflow get (its active deployment).",
+        ["workflow", "version"],
+    ),
+    "workflow_deployment_in_flight": (
+        "gauge",
+        "1 for each deployment in flight (a canary ramping, a blue-green validating).",
+        ["workflow", "version", "strategy", "state"],
+    ),
+    "workflow_deployment_canary_percent": (
+        "gauge",
+        "The share of new runs, in %, the version in flight gets now (0 while validating).",
+        ["workflow", "version"],
+    ),
+    "workflow_canary_runs": (
+        "gauge",
+        "Finished runs of the canary's current step, of the canary and of its baseline "
+        "(role), as of the watchdog's last analysis.",
+        ["workflow", "version", "role"],
+    ),
+    "workflow_canary_failure_rate": (
+        "gauge",
+        "Share (0-1) of those runs that failed, of the canary and of its baseline (role), "
+        "as of the watchdog's last analysis.",
+        ["workflow", "version", "role"],
+    ),
     "workflow_queue_size": ("gauge", "Jobs waiting in each RQ queue.", ["queue"]),
     "workflow_queue_oldest_job_seconds": (
         "gauge",
@@ -164,7 +192,7 @@ def _add_histogram(metric, labels, row, bounds) -> None:
 class KeelCollector:
     """Registered once (DiagnosticsConfig.ready); runs its queries on each scrape.
 
-    Seven queries, each bounded by current state or a recent window, each through an
+    Eight queries, each bounded by current state or a recent window, each through an
     index (the index names are in the comments).
     """
 
@@ -189,6 +217,7 @@ class KeelCollector:
                 *self._run_families(now),
                 *self._node_families(now),
                 *self._finding_families(now),
+                *self._deployment_families(),
             ]
         except DatabaseError as error:
             logger.warning("metrics: database unreadable: %s", health.error_text(error))
@@ -316,6 +345,47 @@ class KeelCollector:
         ):
             _add_histogram(recovery, [row["code"]], row, RECOVERY_BUCKETS)
         return [stuck, stuck_oldest, open_findings, detection, recovery]
+
+    def _deployment_families(self):
+        live, in_flight = family("workflow_version_live"), family("workflow_deployment_in_flight")
+        percent = family("workflow_deployment_canary_percent")
+        runs, failure_rate = family("workflow_canary_runs"), family("workflow_canary_failure_rate")
+        # Current state: at most one active and one in flight per workflow
+        # (deployment_one_active, deployment_in_flight).
+        for slug, number, baseline, strategy, state, steps, step, evidence in (
+            Deployment.objects.filter(state__in=Deployment.LIVE)
+            .order_by("workflow__slug", "pk")
+            .values_list(
+                "workflow__slug",
+                "version__number",
+                "baseline__number",
+                "strategy",
+                "state",
+                "steps",
+                "step",
+                "evidence",
+            )
+        ):
+            version = str(number)
+            if state == Deployment.State.ACTIVE:
+                live.add_metric([slug, version], 1)
+                continue
+            in_flight.add_metric([slug, version, strategy, state], 1)
+            share = Deployment(state=state, steps=steps, step=step).percent
+            percent.add_metric([slug, version], share)
+            # The watchdog's analysis of this step (one of an earlier step says nothing now).
+            if state != Deployment.State.RAMPING or (evidence or {}).get("step") != step:
+                continue
+            for role, role_version in (("canary", number), ("baseline", baseline)):
+                if role_version is None:
+                    continue
+                sample = evidence.get(role) or {}
+                labels = [slug, str(role_version), role]
+                if sample.get("runs") is not None:
+                    runs.add_metric(labels, sample["runs"])
+                if sample.get("failure_rate") is not None:
+                    failure_rate.add_metric(labels, sample["failure_rate"])
+        return [live, in_flight, percent, runs, failure_rate]
 
     # --- Redis --------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from workflows.models import (
     ApiToken,
     AuditEvent,
     Checkpoint,
+    Deployment,
     LogLine,
     NodeAttempt,
     NodeRun,
@@ -41,7 +42,8 @@ class VersionInline(ReadOnlyInline):
 
 
 @admin.register(Workflow)
-class WorkflowAdmin(admin.ModelAdmin):
+class WorkflowAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+    actions = [admin_actions.rollback_to_version]
     list_display = ["slug", "name", "created_at", "updated_at"]
     search_fields = ["slug", "name", "description"]
     readonly_fields = ["created_at", "updated_at"]
@@ -70,6 +72,71 @@ class WorkflowVersionAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False  # versions come from load_workflow, so each has a validated spec
+
+
+@admin.register(Deployment)
+class DeploymentAdmin(admin_actions.OperateRunsMixin, HistoryAdmin):
+    """Deployments are made, promoted, aborted and rolled back only by the audited
+    services (workflows/deployments/services.py): here, the actions."""
+
+    actions = [admin_actions.promote_deployments, admin_actions.abort_deployments]
+    list_display = [
+        "id",
+        "workflow",
+        "version_number",
+        "strategy",
+        "state",
+        "share",
+        "actor",
+        "created_at",
+    ]
+    list_filter = ["state", "strategy"]
+    list_select_related = ["workflow", "version"]  # and get_queryset leaves the spec out
+    search_fields = ["workflow__slug", "actor", "reason", "outcome"]
+    fields = [
+        "workflow",
+        "version",
+        "baseline",
+        "strategy",
+        "state",
+        "share",
+        "steps",
+        "step",
+        "step_started_at",
+        "min_runs",
+        "key_param",
+        "validation_run",
+        "retire_baseline_at",
+        "actor",
+        "reason",
+        "outcome",
+        "analysis",
+        "evidence",
+        "created_at",
+        "updated_at",
+        "finished_at",
+    ]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .select_related("workflow", "version", "baseline")
+            .defer("version__spec", "version__source", "baseline__spec", "baseline__source")
+        )
+
+    @admin.display(description="version", ordering="version__number")
+    def version_number(self, obj):
+        return f"v{obj.version.number}"
+
+    @admin.display(description="share of new runs")
+    def share(self, obj):
+        return f"{obj.percent}%"
+
+    @admin.display(description="last analysis")
+    def analysis(self, obj):
+        return admin_actions.evidence_html(obj.evidence)
 
 
 class NodeRunInline(ReadOnlyInline):

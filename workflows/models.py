@@ -700,6 +700,14 @@ class AuditEvent(models.Model):
     before = models.JSONField(default=dict, blank=True)
     after = models.JSONField(default=dict, blank=True)
     at = models.DateTimeField(auto_now_add=True)
+    request_key = models.CharField(
+        max_length=200,
+        null=True,
+        blank=True,
+        unique=True,
+        help_text="Idempotency key of the request that acted: the same request again finds "
+        "this row and changes nothing.",
+    )
 
     class Meta:
         ordering = ["-at", "-id"]

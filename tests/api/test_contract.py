@@ -149,6 +149,7 @@ class Rows:
         )
         self.run_ids = [failed.pk, succeeded.pk, running.pk]
         self.checkpoint_ids = list(Checkpoint.objects.values_list("pk", flat=True))
+        self.deployment_ids = list(Deployment.objects.values_list("pk", flat=True))
 
     def remake(self) -> None:
         """The same rows again, with the same ids: empty the run tables, reset their ids."""
@@ -171,7 +172,10 @@ def aim_at_real_rows(case, rows: Rows) -> None:
     _swap(case.path_parameters, "run_id", int, rows.run_ids)
     _swap(case.path_parameters, "node_key", str, rows.node_keys)
     _swap(case.path_parameters, "slug", str, rows.slugs)
+    _swap(case.path_parameters, "deployment_id", int, rows.deployment_ids)
+    _swap(case.query, "version", int, [1])
     if isinstance(case.body, dict):
+        _swap(case.body, "version", int, [1])
         _swap(case.body, "to_node", str, rows.node_keys)
         _swap(case.body, "to_checkpoint", int, rows.checkpoint_ids)
 
@@ -185,7 +189,7 @@ def _swap(values, name: str, kind: type, choices: list) -> None:
     if not isinstance(value, kind) or isinstance(value, bool):
         return
     number = value if isinstance(value, int) else len(value)
-    if number % 4:
+    if number % 4 and choices:
         values[name] = choices[(number // 4) % len(choices)]
 
 
@@ -257,7 +261,9 @@ def test_a_body_over_the_size_limit_is_a_documented_413(
     """A body Django refuses to read (DATA_UPLOAD_MAX_MEMORY_SIZE) is an answer the
     document lists for every write, in the usual error shape."""
     operator.user_permissions.add(Permission.objects.get(codename="operate_queues"))
-    path = template.format(run_id=failed_chain.pk, node_key="b", slug="chain", name="default")
+    path = template.format(
+        run_id=failed_chain.pk, node_key="b", slug="chain", name="default", deployment_id=1
+    )
     body = '{"reason": "' + "x" * django_settings.DATA_UPLOAD_MAX_MEMORY_SIZE + '"}'
 
     response = client.post(

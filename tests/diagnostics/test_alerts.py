@@ -17,6 +17,8 @@ from django.utils import timezone
 
 from diagnostics import metrics
 from tests.diagnostics.test_pages import make_finding
+from workflows import operations
+from workflows.deployments import services
 from workflows.models import Run
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -74,10 +76,12 @@ def test_the_required_alerts_are_there():
     assert "> 3600" in expressions["KeelRunTooLong"]
     assert "nodes_stuck" in expressions["KeelNodeStuck"]
     assert "workers_alive" in expressions["KeelQueueWithoutWorker"]
+    assert 'workflow_canary_failure_rate{role="canary"}' in expressions["KeelCanaryFailing"]
+    assert 'workflow_canary_failure_rate{role="baseline"}' in expressions["KeelCanaryFailing"]
 
 
 @pytest.fixture
-def busy_keel(start_run, clean_redis):
+def busy_keel(start_run, make_version, clean_redis):
     """Data that makes every Keel metric the alerts read appear in a scrape."""
     run = start_run({"name": "Scraped", "nodes": {"a": {"type": "keel.noop"}}})
     Run.objects.filter(pk=run.pk).update(started_at=timezone.now() - timedelta(hours=2))
@@ -92,6 +96,14 @@ def busy_keel(start_run, clean_redis):
         first_seen=now - timedelta(seconds=5),
         resolved_at=now,
     )
+    # A canary of v2 in its first step, with the watchdog's analysis of it (workflow_canary_*).
+    nodes = {"a": {"type": "keel.noop"}, "b": {"type": "keel.noop"}}
+    make_version({"name": "Scraped", "nodes": nodes, "deploy": {"strategy": "canary"}})
+    routed = [operations.start_run("scraped", actor="test") for _ in range(20)]
+    Run.objects.filter(pk__in=[r.pk for r in routed]).update(
+        status=Run.Status.SUCCEEDED, started_at=now - timedelta(seconds=1), finished_at=now
+    )
+    services.advance_in_flight()
 
 
 # Lint findings about metrics that are not Keel's, each with where it comes from. Anything

@@ -15,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from diagnostics import metrics
 from diagnostics.models import Finding
 from tests.conftest import finished, wait_for
+from tests.deployments.test_deployments import finish, load, start
 from tests.diagnostics.test_pages import make_finding
 from workflows import engine
-from workflows.models import NodeAttempt, Run
+from workflows.deployments import services
+from workflows.models import Deployment, NodeAttempt, Run
 
 DEFINITION = {"name": "Measured", "nodes": {"a": {"type": "keel.noop"}}}
 OTHER = {"name": "Other measured", "nodes": {"a": {"type": "keel.noop"}}}
@@ -299,13 +301,14 @@ def test_a_scrape_makes_the_same_queries_with_ten_times_the_history(
 
 @pytest.mark.django_db
 def test_a_scrape_costs_a_fixed_number_of_queries(client, make_version):
-    """Seven database queries: current state and recent windows, one query per family."""
+    """Eight database queries: current state and recent windows, one query per group of
+    families (runs, nodes, open findings, ..., deployments)."""
     make_run(make_version(DEFINITION), Run.Status.SUCCEEDED, took=1)
     make_finding()
     with CaptureQueriesContext(connection) as queries:
         scrape(client)
     keel = [q["sql"] for q in queries if "django_session" not in q["sql"]]
-    assert len(keel) == 7, "\n".join(keel)
+    assert len(keel) == 8, "\n".join(keel)
 
 
 @pytest.mark.django_db
@@ -328,3 +331,58 @@ def test_a_scrape_without_redis_still_reports_the_database(client, settings, mak
     assert value(samples, "workflow_queue_size", queue="default") is None
     assert value(samples, "workflow_runs_finished_5m", workflow="measured", status="succeeded") == 1
     assert value(samples, "keel_database_up") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_versions_live_and_in_flight_and_the_canary_step_by_role(client, clean_redis):
+    load(1)
+    v2 = load(2, deploying=None)
+    canary = services.deploy(
+        v2, actor="test", reason="try v2", strategy="canary", steps=[20, 100]
+    ).deployment
+    runs = start(10)  # 2 on the canary, 8 on v1
+    on_v2 = [run for run in runs if run.version == v2]
+    finish(on_v2[:1], Run.Status.FAILED)
+    finish(on_v2[1:], Run.Status.SUCCEEDED)
+    finish([run for run in runs if run.version != v2][:4], Run.Status.SUCCEEDED)
+    assert services.advance_in_flight() == [], "2 of 20 runs: the analysis waits, and says so"
+
+    with CaptureQueriesContext(connection) as queries:
+        samples = scrape(client)
+    assert len([q for q in queries if "django_session" not in q["sql"]]) == 8
+
+    assert value(samples, "workflow_version_live", workflow="orders", version="1") == 1
+    assert value(samples, "workflow_version_live", workflow="orders", version="2") is None
+    in_flight = {"workflow": "orders", "version": "2", "strategy": "canary", "state": "ramping"}
+    assert value(samples, "workflow_deployment_in_flight", **in_flight) == 1
+    assert (
+        value(samples, "workflow_deployment_canary_percent", workflow="orders", version="2") == 20
+    )
+    step = {
+        (role, name): value(samples, name, workflow="orders", version=version, role=role)
+        for role, version in (("canary", "2"), ("baseline", "1"))
+        for name in ("workflow_canary_runs", "workflow_canary_failure_rate")
+    }
+    assert step == {
+        ("canary", "workflow_canary_runs"): 2,
+        ("canary", "workflow_canary_failure_rate"): 0.5,
+        ("baseline", "workflow_canary_runs"): 4,
+        ("baseline", "workflow_canary_failure_rate"): 0.0,
+    }
+
+    services.promote(canary.pk, actor="test", reason="looks fine")
+    samples = scrape(client)
+    assert (
+        value(samples, "workflow_deployment_canary_percent", workflow="orders", version="2") == 100
+    )
+    assert (
+        value(samples, "workflow_canary_runs", workflow="orders", version="2", role="canary")
+        is None
+    ), "the analysis of an earlier step says nothing about this one"
+
+    services.promote(canary.pk, actor="test", reason="all in")
+    samples = scrape(client)
+    assert value(samples, "workflow_version_live", workflow="orders", version="2") == 1
+    assert value(samples, "workflow_version_live", workflow="orders", version="1") is None
+    assert not any(name == "workflow_deployment_in_flight" for name, _ in samples)
+    assert Deployment.objects.get(pk=canary.pk).state == Deployment.State.ACTIVE

@@ -3,6 +3,7 @@
 * ``workflows.py``  workflows, their runs, starting a run (with a bounded wait).
 * ``runs.py``       runs, events, checkpoints, a node's attempts and logs.
 * ``actions.py``    one endpoint per operator action of the registry (workflows/actions.py).
+* ``deployments.py`` which version new runs get: deploy, promote, abort, roll back.
 * ``schemas.py``    pydantic Schemas: responses, bodies, query parameters (the document).
 * ``auth.py``       bearer tokens (only a SHA-256 is stored) and session + CSRF.
 * ``errors.py``     every failure as ``{"error": {"code", "message", "field"}}``.

@@ -161,6 +161,13 @@ class RunSummary(Schema):
     finished_at: datetime | None
     deadline: datetime | None
     duration_seconds: float | None
+    deployment: int | None = Field(
+        description="The deployment that chose its version (null: asked for by number)."
+    )
+
+    @staticmethod
+    def resolve_deployment(run) -> int | None:
+        return run.deployment_id
 
     @staticmethod
     def resolve_url(run, context) -> str:
@@ -395,7 +402,7 @@ class PreviewResult(Schema):
 
 
 class StartRun(Schema):
-    """Run params, priority and how long to wait."""
+    """Run params, priority, version and how long to wait."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -404,6 +411,13 @@ class StartRun(Schema):
     )
     priority: Priority = Field(
         "default", description="Queue priority of the run's nodes (a node's own priority wins)."
+    )
+    version: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_ID,
+        description="Run this version number, outside any deployment (default: the version "
+        "the workflow's deployments give new runs).",
     )
     wait: float = Field(
         DEFAULT_WAIT_SECONDS,

@@ -102,11 +102,11 @@ def run_page(request, query, workflow) -> dict:
     response={200: RunDetail, 202: RunDetail, **errors(400, 404, 409, 413)},
     url_name="workflow-start-run",
     operation_id="startRun",
-    summary="Start a run of the workflow's latest version",
-    description="Waits up to `wait` seconds (default 10, at most 180, never longer than the "
-    "workflow's timeout) for the run to finish. Answers 200 with the final state if it did, "
-    "else 202 with the state so far and a Location header to poll. Needs the "
-    "workflows.operate_run permission.",
+    summary="Start a run: on the version its deployments choose, or the one asked for",
+    description="With `version`, that version runs, outside any deployment. Waits up to "
+    "`wait` seconds (default 10, at most 180, never longer than the workflow's timeout) for "
+    "the run to finish. Answers 200 with the final state if it did, else 202 with the state "
+    "so far and a Location header to poll. Needs the workflows.operate_run permission.",
     openapi_extra=idempotency.OPENAPI,
 )
 def start_run(
@@ -125,6 +125,15 @@ def start_run(
             f"Workflow {workflow.slug!r} has no version yet; load its definition with "
             "manage.py load_workflow PATH.",
         )
+    if body.version is not None:
+        version = workflow.versions.filter(number=body.version).first()
+        if version is None:
+            numbers = workflow.versions.order_by("number").values_list("number", flat=True)
+            raise invalid(
+                "version",
+                f"{workflow.slug} has no version {body.version} (it has "
+                f"{', '.join(f'v{n}' for n in numbers)}).",
+            )
     try:
         engine.resolve_run_params(version.spec, body.params)
     except engine.RunParamsError as error:
@@ -140,6 +149,7 @@ def start_run(
             params=body.params,
             priority=body.priority,
             request_key=idempotency.request_key(request),
+            version_number=body.version,
         )
     except operations.OperationDenied:
         raise

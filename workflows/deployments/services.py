@@ -11,6 +11,7 @@ deployment makes the active one ``superseded``, an operator's rollback ``rolled_
 one that never became active ends ``aborted``.
 """
 
+import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -28,6 +29,8 @@ from workflows.operations import (
     OperationError,
     _as_actor,
 )
+
+logger = logging.getLogger(__name__)
 
 WATCHDOG = "watchdog"
 _ACTIONS = {
@@ -60,6 +63,7 @@ def deploy(
     steps: list[int] | None = None,
     min_runs: int | None = None,
     key_param: str | None = None,
+    request_key: str | None = None,
 ) -> Change:
     """Make ``version`` the one new runs get, by a strategy (the definition's ``deploy``
     section, else immediate): at once; as a canary on a share of new runs that grows
@@ -79,12 +83,15 @@ def deploy(
     now = timezone.now()
     with transaction.atomic():
         workflow = _lock(version.workflow_id)
+        if (earlier := _applied(request_key)) is not None:
+            return earlier
         live = _live(workflow)
         in_flight = live.get(Deployment.State.RAMPING) or live.get(Deployment.State.VALIDATING)
         if in_flight is not None:
             raise OperationError(
                 f"v{in_flight.version.number} of {workflow.slug} is being deployed "
-                f"({in_flight.strategy}, {in_flight.state}): promote or abort it first."
+                f"({in_flight.strategy}, {in_flight.state}): promote or abort it first "
+                "(a definition can be loaded without deploying it: load_workflow --deploy none)."
             )
         active = live.get(Deployment.State.ACTIVE)
         if active is not None and active.version_id == version.pk:
@@ -115,20 +122,38 @@ def deploy(
             deployment.save()
             deployment.validation_run = _start_validation(deployment, declared)
             deployment.save(update_fields=["validation_run"])
-        _audit(AuditEvent.Action.DEPLOY, deployment, actor.name, reason, before=active)
+        _audit(AuditEvent.Action.DEPLOY, deployment, actor.name, reason, active, key=request_key)
     return Change(deployment, True, _describe(deployment))
 
 
-def promote(deployment_id: int, *, actor, reason: str, evidence: dict | None = None) -> Change:
+def promote(
+    deployment_id: int,
+    *,
+    actor,
+    reason: str,
+    evidence: dict | None = None,
+    request_key: str | None = None,
+    expected_step: int | None = None,
+) -> Change:
     """A canary to its next step (or active after its last); a blue-green deployment
-    active without waiting for its validation run. The watchdog promotes on evidence."""
+    active without waiting for its validation run. The watchdog promotes on evidence.
+    With ``expected_step`` (the step a page showed), only from that step: a form sent
+    twice promotes once."""
+    actor = _permitted(actor, "promote", _get(deployment_id).workflow)
+    reason = _required(reason, "promote a deployment")
     now = timezone.now()
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        actor = _permitted(actor, "promote", deployment.workflow)
-        reason = _required(reason, "promote a deployment")
+        if (earlier := _applied(request_key)) is not None:
+            return earlier
         if deployment.state not in Deployment.IN_FLIGHT:
             return Change(deployment, False, f"Nothing to promote: {_describe(deployment)}.")
+        if expected_step is not None and deployment.step != expected_step:
+            return Change(
+                deployment,
+                False,
+                f"Not promoted again: it moved on since the page was shown. {_describe(deployment)}",
+            )
         before = _snapshot(deployment)
         if evidence is not None:
             deployment.evidence = evidence
@@ -140,23 +165,46 @@ def promote(deployment_id: int, *, actor, reason: str, evidence: dict | None = N
             deployment.save()
         else:
             _activate(deployment, now)
-        _audit(AuditEvent.Action.PROMOTE_DEPLOYMENT, deployment, actor.name, reason, before)
+        _audit(
+            AuditEvent.Action.PROMOTE_DEPLOYMENT,
+            deployment,
+            actor.name,
+            reason,
+            before,
+            key=request_key,
+        )
     return Change(deployment, True, _describe(deployment))
 
 
-def abort(deployment_id: int, *, actor, reason: str, evidence: dict | None = None) -> Change:
+def abort(
+    deployment_id: int,
+    *,
+    actor,
+    reason: str,
+    evidence: dict | None = None,
+    request_key: str | None = None,
+) -> Change:
     """Stop a canary or a validation: every new run gets the baseline again (runs already
     on the aborted version finish on it). A validation run still going is cancelled."""
+    actor = _permitted(actor, "abort", _get(deployment_id).workflow)
+    reason = _required(reason, "abort a deployment")
     now = timezone.now()
     with transaction.atomic():
         deployment = _lock_deployment(deployment_id)
-        actor = _permitted(actor, "abort", deployment.workflow)
-        reason = _required(reason, "abort a deployment")
+        if (earlier := _applied(request_key)) is not None:
+            return earlier
         if deployment.state not in Deployment.IN_FLIGHT:
             return Change(deployment, False, f"Nothing to abort: {_describe(deployment)}.")
         before = _snapshot(deployment)
         _end(deployment, Deployment.State.ABORTED, reason, now, evidence)
-        _audit(AuditEvent.Action.ABORT_DEPLOYMENT, deployment, actor.name, reason, before)
+        _audit(
+            AuditEvent.Action.ABORT_DEPLOYMENT,
+            deployment,
+            actor.name,
+            reason,
+            before,
+            key=request_key,
+        )
         validation = deployment.validation_run
     if validation is not None and validation.status not in Run.TERMINAL:
         engine.cancel_run(validation.pk, actor=actor.name, reason=f"deployment aborted: {reason}")
@@ -206,7 +254,13 @@ def preview_rollback(workflow: Workflow, to_number: int) -> RollbackPreview:
 
 
 def rollback_version(
-    workflow: Workflow, to_number: int, *, actor, reason: str, runs: str = "finish"
+    workflow: Workflow,
+    to_number: int,
+    *,
+    actor,
+    reason: str,
+    runs: str = "finish",
+    request_key: str | None = None,
 ) -> Change:
     """Make an earlier (or any other) version the one new runs get, at once. The live
     deployment is ``rolled_back``, one in flight ``aborted``. Runs on the versions left:
@@ -220,6 +274,8 @@ def rollback_version(
     now = timezone.now()
     with transaction.atomic():
         workflow = _lock(workflow.pk)
+        if (earlier := _applied(request_key)) is not None:
+            return earlier
         target = _version(workflow, to_number)
         live = _live(workflow)
         active = live.get(Deployment.State.ACTIVE)
@@ -257,6 +313,7 @@ def rollback_version(
                 "runs": runs,
                 "run_ids": [run.pk for run in affected][:200],
             },
+            key=request_key,
         )
     _handle_runs(affected, runs, target, new, actor.name, reason)
     return Change(new, True, f"{workflow.slug} now starts new runs on v{to_number}.")
@@ -275,10 +332,14 @@ def advance_in_flight(now=None) -> list[str]:
     for deployment in Deployment.objects.filter(state__in=Deployment.IN_FLIGHT).select_related(
         "workflow", "version", "baseline", "validation_run"
     ):
-        if deployment.state == Deployment.State.VALIDATING:
-            line = _judge_validation(deployment)
-        else:
-            line = _judge_canary(deployment)
+        try:
+            if deployment.state == Deployment.State.VALIDATING:
+                line = _judge_validation(deployment)
+            else:
+                line = _judge_canary(deployment)
+        except OperationError as error:  # e.g. an operator acted first; the next tick sees
+            logger.warning("Deployment %s not judged: %s", deployment.pk, error)
+            continue
         if line:
             done.append(line)
     return done
@@ -319,11 +380,15 @@ def _judge_canary(deployment: Deployment) -> str:
     evidence["reason"] = verdict.reason
     label = f"{deployment.workflow.slug} v{deployment.version.number} canary"
     if verdict.decision == "promote":
-        promote(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
-        return f"{label} promoted past {deployment.percent}%: {verdict.reason}"
+        change = promote(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
+        return (
+            f"{label} promoted past {deployment.percent}%: {verdict.reason}"
+            if change.changed
+            else ""
+        )
     if verdict.decision == "abort":
-        abort(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
-        return f"{label} aborted: {verdict.reason}"
+        change = abort(deployment.pk, actor=WATCHDOG, reason=verdict.reason, evidence=evidence)
+        return f"{label} aborted: {verdict.reason}" if change.changed else ""
     Deployment.objects.filter(pk=deployment.pk, state=Deployment.State.RAMPING).update(
         evidence=evidence, updated_at=timezone.now()
     )
@@ -356,17 +421,33 @@ def _lock(workflow_id: int) -> Workflow:
     return Workflow.objects.select_for_update(no_key=True).get(pk=workflow_id)
 
 
-def _lock_deployment(deployment_id: int) -> Deployment:
+def _get(deployment_id: int) -> Deployment:
     try:
-        workflow_id = Deployment.objects.values_list("workflow_id", flat=True).get(pk=deployment_id)
+        return Deployment.objects.select_related(
+            "workflow", "version", "baseline", "validation_run"
+        ).get(pk=deployment_id)
     except Deployment.DoesNotExist:
         raise OperationError(
-            f"No deployment {deployment_id}; list them with manage.py deployments."
+            f"No deployment {deployment_id}; list them with manage.py deployments SLUG."
         ) from None
-    _lock(workflow_id)
-    return Deployment.objects.select_related(
-        "workflow", "version", "baseline", "validation_run"
-    ).get(pk=deployment_id)
+
+
+def _lock_deployment(deployment_id: int) -> Deployment:
+    _lock(_get(deployment_id).workflow_id)
+    return _get(deployment_id)
+
+
+def _applied(request_key: str | None) -> Change | None:
+    """The answer to a request already applied (its audit row carries the key): what it
+    acted on, as it is now, unchanged. The caller holds the workflow's lock, so the same
+    request sent twice at once is applied once."""
+    if not request_key:
+        return None
+    event = AuditEvent.objects.filter(request_key=request_key).first()
+    if event is None:
+        return None
+    deployment = Deployment.objects.filter(pk=(event.after or {}).get("deployment")).first()
+    return Change(deployment, False, "Already done: this request was applied before.")
 
 
 def _live(workflow: Workflow) -> dict[str, Deployment]:
@@ -512,7 +593,7 @@ def _snapshot(deployment: Deployment | None) -> dict:
     }
 
 
-def _audit(action, deployment, actor: str, reason: str, before=None, extra=None) -> None:
+def _audit(action, deployment, actor: str, reason: str, before=None, extra=None, key=None):
     before = before if isinstance(before, dict) else _snapshot(before)
     AuditEvent.objects.create(
         actor=actor,
@@ -521,6 +602,7 @@ def _audit(action, deployment, actor: str, reason: str, before=None, extra=None)
         reason=reason[:2000],
         before=before,
         after={**_snapshot(deployment), **(extra or {})},
+        request_key=key or None,
     )
 
 

@@ -31,5 +31,5 @@ class Command(BaseCommand):
             if d.outcome:
                 self.stdout.write(f"      {d.outcome}")
             verdict = (d.evidence or {}).get("reason")
-            if verdict:
+            if verdict and verdict != d.outcome:
                 self.stdout.write(f"      analysis: {verdict}")
