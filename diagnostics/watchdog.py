@@ -22,7 +22,7 @@ from diagnostics import detectors, findings, repairs
 from diagnostics.health import LAST_TICK_KEY, WATCHDOG_HEARTBEAT_KEY, error_text
 from diagnostics.models import Finding
 from workflows import engine
-from workflows.deployments import services
+from workflows.deployments import judging
 from workflows.models import NodeRun
 from workflows.runtime import dispatch
 
@@ -286,7 +286,7 @@ def _act(*, redis_connection=None, db=None, lock=None) -> TickReport:
         repairs.confirm_resent(found.detections, recorded.by_key, report)
     expired = engine.expire_overdue_runs()
     pool_waits = engine.fail_pool_timeouts()
-    deployed = services.advance_in_flight()
+    deployed = judging.advance_in_flight()
     return TickReport(
         deployments=tuple(deployed),
         acted=True,

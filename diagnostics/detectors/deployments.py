@@ -18,7 +18,7 @@ from django.db.models.functions import RowNumber
 from diagnostics.detectors.context import WARNING, Context, clock, iso, setting
 from diagnostics.detectors.registry import detector
 from diagnostics.findings import Detection
-from workflows.deployments import analysis, services
+from workflows.deployments import analysis, judging
 from workflows.models import Deployment, Run
 
 # A canary is reported as failing below this p-value of Fisher's exact test: a lead, well
@@ -57,7 +57,7 @@ def in_flight(ctx: Context) -> list[InFlight]:
         ):
             samples = (None, None)
             if deployment.state == Deployment.State.RAMPING:
-                samples = services.canary_samples(deployment)
+                samples = judging.canary_samples(deployment)
             found.append(InFlight(deployment, *samples))
         _in_flight_by_tick[ctx] = found
     return _in_flight_by_tick[ctx]

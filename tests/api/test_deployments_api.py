@@ -10,7 +10,7 @@ from django.utils import timezone
 from tests.api.test_actions import assert_error
 from workflows import operations
 from workflows.definitions import versioning
-from workflows.deployments import services
+from workflows.deployments import judging, services
 from workflows.models import AuditEvent, Deployment, Run, Workflow
 
 pytestmark = pytest.mark.django_db
@@ -64,7 +64,7 @@ def test_the_list_is_newest_first_with_the_canary_analysis(api, django_assert_ma
     ramping = canary(load(3, deploying=None), steps=[50, 100])
     Deployment.objects.filter(pk=ramping.pk).update(min_runs=5)
     finish(start(20), Run.Status.SUCCEEDED)
-    services.advance_in_flight()  # judged on the evidence: promoted to 100 %
+    judging.advance_in_flight()  # judged on the evidence: promoted to 100 %
 
     # The token, its last use, the user's and groups' permissions, the workflow, the list.
     with django_assert_max_num_queries(6):

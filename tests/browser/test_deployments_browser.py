@@ -10,7 +10,7 @@ from playwright.sync_api import expect
 
 from tests.browser.test_graph import fits_the_screen
 from tests.web.test_deployments_page import canary, finish, load, start
-from workflows.deployments import services
+from workflows.deployments import judging
 from workflows.models import Deployment, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,7 +46,7 @@ def test_a_failing_canary_is_aborted_and_the_workflow_page_says_why(
         shoot(page, "canary-in-flight", width, height)
 
     finish(on_v2[8:], Run.Status.FAILED, seconds=3)  # 20 of 20 canary runs failed
-    assert "aborted" in services.advance_in_flight()[0]
+    assert "aborted" in judging.advance_in_flight()[0]
     deployment.refresh_from_db()
     assert deployment.state == Deployment.State.ABORTED
 

@@ -13,7 +13,7 @@ from django.utils import timezone
 from tests.conftest import finished
 from workflows import operations
 from workflows.definitions import spec, versioning
-from workflows.deployments import routing, services
+from workflows.deployments import judging, routing, services
 from workflows.models import AuditEvent, Deployment, Run, Workflow
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -106,7 +106,7 @@ def test_a_failing_canary_is_aborted_with_its_evidence_and_new_runs_return_to_th
     finish([r for r in runs if r.version == v1], Run.Status.SUCCEEDED)
     finish([r for r in runs if r.version == v2], Run.Status.FAILED)
 
-    done = services.advance_in_flight()
+    done = judging.advance_in_flight()
 
     canary.refresh_from_db()
     assert canary.state == Deployment.State.ABORTED
@@ -130,12 +130,12 @@ def test_a_healthy_canary_is_promoted_step_by_step_then_takes_every_run():
     ).deployment
     Deployment.objects.filter(pk=canary.pk).update(min_runs=5)
 
-    assert services.advance_in_flight() == [], "no evidence yet: it waits"
+    assert judging.advance_in_flight() == [], "no evidence yet: it waits"
     for percent in (20, 50, 100):
         canary.refresh_from_db()
         assert (canary.state, canary.percent) == (Deployment.State.RAMPING, percent)
         finish(start(40), Run.Status.SUCCEEDED)
-        assert "promoted" in services.advance_in_flight()[0]
+        assert "promoted" in judging.advance_in_flight()[0]
 
     canary.refresh_from_db()
     assert canary.state == Deployment.State.ACTIVE
@@ -149,7 +149,7 @@ def test_a_canary_with_too_little_evidence_is_not_promoted():
         load(2, deploying=None), actor="test", reason="r", strategy="canary", steps=[50, 100]
     ).deployment
     finish(start(10), Run.Status.SUCCEEDED)  # 5 canary runs; min_runs is 20
-    assert services.advance_in_flight() == []
+    assert judging.advance_in_flight() == []
     canary.refresh_from_db()
     assert canary.state == Deployment.State.RAMPING
     assert "5 of the 20" in canary.evidence["reason"]
@@ -172,7 +172,7 @@ def test_blue_green_switches_after_a_good_validation_run_and_keeps_blue_after_a_
     start_worker("simple")
     finished(green.validation_run)
 
-    services.advance_in_flight()
+    judging.advance_in_flight()
 
     green.refresh_from_db()
     assert live().version.number == kept

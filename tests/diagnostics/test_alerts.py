@@ -18,7 +18,7 @@ from django.utils import timezone
 from diagnostics import metrics
 from tests.diagnostics.test_pages import make_finding
 from workflows import operations
-from workflows.deployments import services
+from workflows.deployments import judging
 from workflows.models import Run
 
 RULES_DIR = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -103,7 +103,7 @@ def busy_keel(start_run, make_version, clean_redis):
     Run.objects.filter(pk__in=[r.pk for r in routed]).update(
         status=Run.Status.SUCCEEDED, started_at=now - timedelta(seconds=1), finished_at=now
     )
-    services.advance_in_flight()
+    judging.advance_in_flight()
 
 
 # Lint findings about metrics that are not Keel's, each with where it comes from. Anything

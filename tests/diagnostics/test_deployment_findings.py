@@ -17,7 +17,7 @@ from diagnostics.detectors import deployments as deployment_detectors
 from diagnostics.models import Finding
 from tests.deployments.test_deployments import finish, live, load, start
 from workflows import operations
-from workflows.deployments import services
+from workflows.deployments import judging, services
 from workflows.models import Deployment, Run
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -113,7 +113,7 @@ def test_runs_on_the_blue_version_are_reported_only_after_its_retention(clean_re
     load(2, deploy={"strategy": "blue_green"})
     green = live(Deployment.State.VALIDATING)
     finish([green.validation_run], Run.Status.SUCCEEDED)
-    services.advance_in_flight()
+    judging.advance_in_flight()
     green.refresh_from_db()
     assert green.state == Deployment.State.ACTIVE
 

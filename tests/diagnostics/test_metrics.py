@@ -18,7 +18,7 @@ from tests.conftest import finished, wait_for
 from tests.deployments.test_deployments import finish, load, start
 from tests.diagnostics.test_pages import make_finding
 from workflows import engine
-from workflows.deployments import services
+from workflows.deployments import judging, services
 from workflows.models import Deployment, NodeAttempt, Run
 
 DEFINITION = {"name": "Measured", "nodes": {"a": {"type": "keel.noop"}}}
@@ -345,7 +345,7 @@ def test_versions_live_and_in_flight_and_the_canary_step_by_role(client, clean_r
     finish(on_v2[:1], Run.Status.FAILED)
     finish(on_v2[1:], Run.Status.SUCCEEDED)
     finish([run for run in runs if run.version != v2][:4], Run.Status.SUCCEEDED)
-    assert services.advance_in_flight() == [], "2 of 20 runs: the analysis waits, and says so"
+    assert judging.advance_in_flight() == [], "2 of 20 runs: the analysis waits, and says so"
 
     with CaptureQueriesContext(connection) as queries:
         samples = scrape(client)

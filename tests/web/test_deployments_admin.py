@@ -13,7 +13,7 @@ from django.utils import timezone
 from tests.web.conftest import user_with
 from workflows import operations
 from workflows.definitions import versioning
-from workflows.deployments import services
+from workflows.deployments import judging, services
 from workflows.models import AuditEvent, Deployment, Run, Workflow
 
 pytestmark = pytest.mark.django_db
@@ -109,7 +109,7 @@ def test_the_detail_shows_the_analysis_and_the_outcome_readably(operator):
     Run.objects.filter(pk__in=[r.pk for r in runs if r.version.number == 1]).update(
         status="succeeded", started_at=now - timedelta(seconds=1), finished_at=now
     )
-    services.advance_in_flight()  # the watchdog's judgement: aborted on the failures
+    judging.advance_in_flight()  # the watchdog's judgement: aborted on the failures
 
     html = operator.get(f"{DEPLOYMENTS}{ramping.pk}/change/").content.decode()
 

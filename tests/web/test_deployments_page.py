@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from workflows import operations
 from workflows.definitions import versioning
-from workflows.deployments import analysis, selectors, services
+from workflows.deployments import analysis, judging, selectors, services
 from workflows.models import AuditEvent, Deployment, Run, Workflow
 
 pytestmark = pytest.mark.django_db
@@ -64,7 +64,7 @@ def failing_canary() -> Deployment:
     runs = start(100)
     finish([r for r in runs if r.version.number == 1], Run.Status.SUCCEEDED)
     finish([r for r in runs if r.version.number == 2], Run.Status.FAILED)
-    assert "aborted" in services.advance_in_flight()[0]
+    assert "aborted" in judging.advance_in_flight()[0]
     deployment.refresh_from_db()
     return deployment
 
@@ -103,7 +103,7 @@ def test_a_canary_in_flight_shows_its_split_its_numbers_and_its_last_analysis(op
     finish(on_v2[:3], Run.Status.FAILED, seconds=4)
     finish(on_v2[3:], Run.Status.SUCCEEDED, seconds=2)
     finish([r for r in runs if r.version.number == 1], Run.Status.SUCCEEDED, seconds=1)
-    assert services.advance_in_flight() == []  # 10 of 50 runs: it waits, keeping the evidence
+    assert judging.advance_in_flight() == []  # 10 of 50 runs: it waits, keeping the evidence
 
     html = page(operator_client)
 
@@ -211,7 +211,7 @@ def test_the_workflow_page_reads_the_same_number_of_queries_for_10_or_100_runs(o
         runs = start(n)
         finish(runs[: n // 2], Run.Status.SUCCEEDED, hours_ago=2)
         finish(runs[n // 2 :], Run.Status.FAILED, hours_ago=0.1)
-        services.advance_in_flight()  # evidence: waiting
+        judging.advance_in_flight()  # evidence: waiting
         with CaptureQueriesContext(connection) as captured:
             assert operator_client.get(PAGE).status_code == 200
         return len(captured)

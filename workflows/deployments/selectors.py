@@ -1,7 +1,7 @@
 """Reads of a workflow's deployments, for the dashboard's release panel and upload page.
 
 A handful of queries whatever the number of runs: the live deployments, the newest
-history, the canary's current step (services.canary_samples, capped), and the hourly
+history, the canary's current step (judging.canary_samples, capped), and the hourly
 trend per version, aggregated in the database.
 """
 
@@ -12,7 +12,7 @@ from django.db.models import Count, DurationField, ExpressionWrapper, F, Q, Valu
 from django.db.models.functions import Floor, Greatest, RowNumber, TruncHour
 from django.utils import timezone
 
-from workflows.deployments import analysis, services
+from workflows.deployments import analysis, judging
 from workflows.models import AuditEvent, Deployment, Run, Workflow, WorkflowVersion
 
 HISTORY_SIZE = 20
@@ -122,7 +122,7 @@ def release_panel(workflow: Workflow, *, now: datetime | None = None) -> Release
     ended = _worth_telling(_last_ended(history), in_flight)
     canary = baseline = None
     if in_flight is not None and in_flight.state == Deployment.State.RAMPING:
-        canary_sample, baseline_sample = services.canary_samples(in_flight)
+        canary_sample, baseline_sample = judging.canary_samples(in_flight)
         canary = Side.of(in_flight.version.number, canary_sample)
         if in_flight.baseline is not None:
             baseline = Side.of(in_flight.baseline.number, baseline_sample)
