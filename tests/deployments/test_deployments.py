@@ -270,6 +270,46 @@ def test_the_deploy_section_is_checked_with_its_path():
         load(1, deploy={"colour": "blue"})
 
 
+def test_the_deploy_sections_run_params_are_checked_against_the_declared_ones():
+    with pytest.raises(spec.DefinitionError) as error:
+        load(
+            1,
+            params={"customer": "x", "limit": 5},
+            deploy={
+                "strategy": "blue_green",
+                "key_param": "client",
+                "smoke_params": {"limit": "five", "region": "eu"},
+            },
+        )
+    problems = dict(error.value.problems)
+    assert problems == {
+        "deploy.key_param": "names 'client', which is not a declared run param "
+        "(params: customer, limit)",
+        "deploy.smoke_params.region": "names 'region', which is not a declared run param "
+        "(params: customer, limit)",
+        "deploy.smoke_params.limit": 'expected an integer (the default is 5), got "five"',
+    }
+    assert not Workflow.objects.exists(), "a refused definition writes nothing"
+    load(
+        1,
+        params={"customer": "x", "limit": 5},
+        deploy={"strategy": "canary", "key_param": "customer", "smoke_params": {"limit": 7}},
+    )
+
+
+def test_deploying_with_an_undeclared_key_param_is_refused_and_writes_nothing():
+    load(1, params={"customer": "x"})
+    v2 = load(2, deploying=None, params={"customer": "x"})
+    audited = AuditEvent.objects.count()
+
+    with pytest.raises(operations.OperationError, match="key_param names 'client', which is not"):
+        services.deploy(
+            v2, actor="test", reason="r", strategy="canary", steps=[50, 100], key_param="client"
+        )
+    assert Deployment.objects.filter(version=v2).count() == 0
+    assert AuditEvent.objects.count() == audited
+
+
 def test_routing_of_a_workflow_never_deployed_takes_its_latest_version():
     version = load(1, deploying=None)
     assert routing.version_for_new_run(version.workflow, {}) == (version, None)

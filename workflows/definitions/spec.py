@@ -42,6 +42,7 @@ from workflows.definitions.limits import (
     params_size_problem,
 )
 from workflows.definitions.loading import DefinitionError, Refused, checksum, load_text
+from workflows.definitions.params import run_param_problems
 
 PRIORITIES = ("high", "default", "low")
 NODE_KEY_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,99}$")
@@ -523,6 +524,8 @@ def validate(raw, *, source_name: str = "definition") -> dict:
         for key, node in nodes_raw.items():
             if isinstance(node, dict):
                 problems.extend(_params_problems(f"nodes.{key}.params", node.get("params", {})))
+    if model is not None and model.deploy is not None:
+        problems.extend(deploy_param_problems(model.params, model.deploy))
     if problems or model is None:
         raise DefinitionError(problems, source_name)
 
@@ -534,6 +537,27 @@ def validate(raw, *, source_name: str = "definition") -> dict:
             source_name,
         )
     return spec
+
+
+def deploy_param_problems(declared: dict, deploy: Deploy) -> list[tuple[str, str]]:
+    """The ``deploy`` section's run params against the declared ones: ``key_param`` names
+    one, and ``smoke_params`` would start a run (the validation run of a blue-green)."""
+    problems = []
+    if deploy.key_param and deploy.key_param not in declared:
+        problems.append(("deploy.key_param", unknown_param_message(deploy.key_param, declared)))
+    for name in deploy.smoke_params:
+        if name not in declared:
+            problems.append((f"deploy.smoke_params.{name}", unknown_param_message(name, declared)))
+    known = {name: value for name, value in deploy.smoke_params.items() if name in declared}
+    problems.extend(
+        (f"deploy.smoke_{path}", message) for path, message in run_param_problems(declared, known)
+    )
+    return problems
+
+
+def unknown_param_message(name: str, declared: dict) -> str:
+    known = ", ".join(sorted(declared)) or "none"
+    return f"names {name!r}, which is not a declared run param (params: {known})"
 
 
 def _params_problems(path: str, params) -> list[tuple[str, str]]:

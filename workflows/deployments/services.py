@@ -20,6 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from workflows import audit, engine
+from workflows.definitions.spec import unknown_param_message
 from workflows.models import AuditEvent, Deployment, Run, Workflow, WorkflowVersion
 from workflows.operations import (
     OPERATE_PERMISSION,
@@ -79,6 +80,12 @@ def deploy(
     steps = _checked_steps(steps or declared.get("steps") or DEFAULT_STEPS)
     min_runs = int(min_runs or declared.get("min_runs") or DEFAULT_MIN_RUNS)
     key_param = key_param if key_param is not None else declared.get("key_param", "")
+    run_params = version.spec.get("params") or {}
+    if key_param and key_param not in run_params:
+        raise OperationError(
+            f"key_param {unknown_param_message(key_param, run_params)} of "
+            f"{version.workflow.slug} v{version.number}."
+        )
     now = timezone.now()
     with transaction.atomic():
         workflow = _lock(version.workflow_id)
