@@ -11,11 +11,13 @@ import difflib
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from dashboard import forms
@@ -30,6 +32,9 @@ VIEW_PERMISSION = "workflows.view_run"
 
 # --- The panel on the workflow page -----------------------------------------------------------
 
+RELEASE_POLL_SECONDS = 5  # the watchdog judges a canary every few seconds
+# htmx stops polling when a response has this status (and still swaps it in).
+STOP_POLLING = 286
 CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 480, 110, 6
 RATE_TOPS = (0.1, 0.25, 0.5, 1.0)  # a failure-rate axis ends at the first that fits
 
@@ -69,7 +74,7 @@ def release_context(workflow: Workflow) -> dict:
     in_flight = panel.in_flight
     newest = next((n for n in panel.rollback_targets if n > (panel.current or 0)), None)
     return {
-        "release": panel,
+        **_status_context(workflow, panel),
         "release_charts": trend_charts(panel.trend) if panel.trend else [],
         "deploy_form": forms.DeployForm(
             prefix="deploy", initial={"version": newest or panel.current, "strategy": "canary"}
@@ -79,6 +84,61 @@ def release_context(workflow: Workflow) -> dict:
         ),
         "abort_form": forms.DeploymentReasonForm(prefix="abort"),
     }
+
+
+def _status_context(workflow: Workflow, panel: selectors.ReleasePanel) -> dict:
+    """What ``_release_status.html`` needs; its poll names the deployment shown now."""
+    url = reverse("dashboard:workflow-release", args=[workflow.slug])
+    return {
+        "workflow": workflow,
+        "release": panel,
+        "release_status_url": f"{url}?{urlencode({'shown': _signature(panel.in_flight)})}",
+        "release_poll_seconds": RELEASE_POLL_SECONDS,
+    }
+
+
+def _signature(deployment: Deployment | None) -> str:
+    """Which deployment is in flight, in which state and step: the page's forms fit it."""
+    if deployment is None:
+        return ""
+    return f"{deployment.pk}:{deployment.state}:{deployment.step}"
+
+
+@require_GET
+def release_status(request, slug):
+    """The release panel's state, polled by htmx while a deployment is in flight; 286
+    (stop) once the deployment the page was made for has moved on, saying so."""
+    workflow = get_object_or_404(Workflow, slug=slug)
+    if not request.user.is_authenticated:
+        # A redirect to the login page would be swapped into the panel; say it instead.
+        context = {"workflow": workflow, "signed_out": True}
+        return render(request, "dashboard/_release_status.html", context, status=STOP_POLLING)
+    if not request.user.has_perm(VIEW_PERMISSION):
+        raise PermissionDenied(f"Seeing workflows needs the {VIEW_PERMISSION} permission.")
+    shown = request.GET.get("shown", "")
+    panel = selectors.release_panel(workflow, with_trend=False)
+    context = _status_context(workflow, panel)
+    if _signature(panel.in_flight) != shown:
+        context["moved_on"] = _moved_on(shown, panel)
+    polling = panel.in_flight is not None and "moved_on" not in context
+    return render(
+        request,
+        "dashboard/_release_status.html",
+        context,
+        status=200 if polling else STOP_POLLING,
+    )
+
+
+def _moved_on(shown: str, panel: selectors.ReleasePanel) -> str:
+    """One sentence: what became of the deployment the page showed."""
+    shown_id = shown.split(":", 1)[0]
+    earlier = next((d for d in panel.history if str(d.pk) == shown_id), None)
+    if earlier is None:
+        return "The deployments changed since this page was loaded."
+    what = f"v{earlier.version.number} {earlier.get_strategy_display().lower()}"
+    if earlier.state == Deployment.State.RAMPING:
+        return f"{what} is at step {earlier.step + 1} of {len(earlier.steps)} ({earlier.percent}%) now."
+    return f"{what} is {earlier.get_state_display().lower()} now."
 
 
 def trend_charts(trend: selectors.Trend) -> list[Chart]:

@@ -22,6 +22,11 @@ urlpatterns = [
     path("workflows/<slug:slug>/start/", action_views.start_run, name="workflow-start"),
     path("workflows/<slug:slug>/deploy/", deployment_views.deploy, name="workflow-deploy"),
     path(
+        "workflows/<slug:slug>/release/",
+        deployment_views.release_status,
+        name="workflow-release",
+    ),
+    path(
         "workflows/<slug:slug>/rollback-version/",
         deployment_views.rollback_preview,
         name="workflow-rollback-preview",

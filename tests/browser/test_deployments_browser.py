@@ -1,5 +1,5 @@
 """The release panel in real Chromium: a failing canary aborted by Keel's analysis says why
-on the workflow page, a rollback is done from the page (preview, reason, confirm), and
+on the workflow page (an open page learns it by itself), a rollback is done from the page (preview, reason, confirm), and
 the pages fit a laptop and a phone. Screenshots go to /tmp/keel-shots/."""
 
 import re
@@ -49,6 +49,18 @@ def test_a_failing_canary_is_aborted_and_the_workflow_page_says_why(
     assert "aborted" in judging.advance_in_flight()[0]
     deployment.refresh_from_db()
     assert deployment.state == Deployment.State.ABORTED
+
+    # The open page learns it by itself: the release state polls while a canary is in flight.
+    moved = page.locator("#release-status .release-moved")
+    expect(moved).to_contain_text("v2 canary is aborted now.", timeout=15_000)
+    expect(page.locator("#release-status .release-ended")).to_contain_text("by watchdog")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("#release-status").screenshot(
+        path=str(SHOTS / "canary-aborted-while-watching.png")
+    )
+    moved.get_by_role("link", name="Reload the page").click()
+    expect(page.locator(".release-moved")).to_have_count(0)
+    expect(page.get_by_role("button", name="Abort v2")).to_have_count(0)
 
     for width, height in SIZES:
         page.set_viewport_size({"width": width, "height": height})

@@ -5,7 +5,7 @@ not grow with the runs."""
 
 import hashlib
 from datetime import timedelta
-from html import escape
+from html import escape, unescape
 
 import pytest
 import yaml
@@ -152,6 +152,81 @@ def test_a_rollback_is_shown_with_its_reason_until_the_next_deployment(operator_
     assert "v2 immediate rolled back" in html and "Why: rolled back to v1: v2 slow" in html
     load(3)
     assert "release-ended" not in page(operator_client), "a newer deployment took over"
+
+
+def status_url(html: str) -> str:
+    """The release status's poll, as the page gives it to htmx."""
+    part = html.split('id="release-status"')[1].split(">")[0]
+    assert 'hx-trigger="every 5s"' in part, part
+    return unescape(part.split('hx-get="')[1].split('"')[0])
+
+
+def test_the_release_state_updates_itself_while_a_canary_is_in_flight(operator_client):
+    deployment = canary(steps=(10, 50, 100), min_runs=50)
+    url = status_url(page(operator_client))
+    runs = start(20)
+    finish([r for r in runs if r.version.number == 2], Run.Status.FAILED, seconds=4)
+
+    polled = operator_client.get(url)
+
+    assert polled.status_code == 200, "it keeps polling while the same step is in flight"
+    html = polled.content.decode()
+    compare = html.split('class="release-compare"')[1].split("</table>")[0]
+    assert 'v2 canary</strong></td><td class="num">2</td><td class="num">2</td>' in compare
+    assert status_url(html) == url and "release-moved" not in html
+    assert "<form" not in html and "release-chart" not in html, "only the state is polled"
+
+    services.promote(deployment.pk, actor="op", reason="looks fine", expected_step=0)
+    polled = operator_client.get(url)
+    assert polled.status_code == 286, "the page's forms were made for step 1: polling stops"
+    html = polled.content.decode()
+    assert "v2 canary is at step 2 of 3 (50%) now." in html and "Reload the page" in html
+    assert "hx-get" not in html
+    assert "v2 canary 50% · v1 50%" in html
+
+
+def test_the_release_state_says_when_the_watchdog_aborted_the_canary(operator_client):
+    url = status_url(_page_with_canary(operator_client))
+    runs = start(100)
+    finish([r for r in runs if r.version.number == 1], Run.Status.SUCCEEDED)
+    finish([r for r in runs if r.version.number == 2], Run.Status.FAILED)
+    assert "aborted" in judging.advance_in_flight()[0]
+
+    polled = operator_client.get(url)
+
+    assert polled.status_code == 286
+    html = polled.content.decode()
+    assert "v2 canary is aborted now." in html
+    assert "v2 canary aborted" in html and "by watchdog" in html and "All new runs on v1." in html
+
+
+def _page_with_canary(client) -> str:
+    canary(steps=(20, 100), min_runs=10)
+    return page(client)
+
+
+def test_nothing_in_flight_means_no_polling(operator_client):
+    load(1)
+    html = page(operator_client)
+    assert (
+        'id="release-status">' in html
+        and "hx-trigger" not in html.split('id="release-status"')[1].split(">")[0]
+    )
+
+
+def test_the_release_state_needs_a_login_and_the_view_permission(client, django_user_model):
+    deployment = canary()
+    url = f"/workflows/orders/release/?shown={deployment.pk}:ramping:0"
+
+    signed_out = client.get(url)
+    assert signed_out.status_code == 286, "a login page swapped into the panel would confuse"
+    assert "You were signed out" in signed_out.content.decode()
+    assert "v2 canary" not in signed_out.content.decode()
+
+    nobody = django_user_model.objects.create_user("nobody", password="pw")
+    client.force_login(nobody)
+    assert client.get(url).status_code == 403
+    assert client.get("/workflows/missing/release/").status_code == 404
 
 
 def test_a_viewer_sees_the_panel_but_no_forms(viewer_client):

@@ -108,10 +108,13 @@ class ReleasePanel:
     quick_rollback: int | None = None  # the version before the live or in-flight one
 
 
-def release_panel(workflow: Workflow, *, now: datetime | None = None) -> ReleasePanel:
+def release_panel(
+    workflow: Workflow, *, now: datetime | None = None, with_trend: bool = True
+) -> ReleasePanel:
     """What the workflow page's release panel shows: which version new runs get, the
     deployment in flight with its split and its current step's numbers, why the last
-    one was aborted or rolled back, the newest history and the hourly trend."""
+    one was aborted or rolled back, the newest history and (``with_trend``) the hourly
+    trend."""
     now = now or timezone.now()
     active, in_flight = live_deployments(workflow)
     history = list(
@@ -143,7 +146,9 @@ def release_panel(workflow: Workflow, *, now: datetime | None = None) -> Release
         ended=ended,
         ended_by=_ended_by(workflow, ended) if ended is not None else "",
         history=history,
-        trend=trend(workflow, _involved(active, in_flight, history, now), now=now),
+        trend=trend(workflow, _involved(active, in_flight, history, now), now=now)
+        if with_trend
+        else None,
         rollback_targets=_rollback_targets(numbers, current, in_flight),
         quick_rollback=_previous(active, in_flight),
     )
