@@ -412,6 +412,58 @@ def rollback(request, slug):
     return redirect(_release_url(workflow))
 
 
+@require_http_methods(["GET", "POST"])
+@login_required
+def runs_left(request, slug, number):
+    """The unfinished runs of a version new runs no longer get (a finding links here), and
+    the form that restarts them on the live version or cancels them."""
+    workflow = _workflow_for_user(request, slug)
+    if request.method == "GET":
+        return _runs_left_page(request, workflow, number, forms.MoveRunsForm(prefix="move"))
+    if not _may_operate(request):
+        return _refuse(
+            request,
+            f"workflow:{slug}",
+            AuditEvent.Action.MOVE_RUNS_OFF,
+            f"move runs off a version of {slug}",
+        )
+    form = forms.MoveRunsForm(request.POST, prefix="move")
+    if not form.is_valid():
+        return _runs_left_page(request, workflow, number, form, status=400)
+    try:
+        change = services.move_runs_off(
+            workflow,
+            number,
+            actor=operations.Actor.for_user(request.user),
+            reason=form.cleaned_data["reason"],
+            runs=form.cleaned_data["runs"],
+        )
+    except operations.OperationDenied as denied:
+        return render(request, "dashboard/denied.html", {"message": str(denied)}, status=403)
+    except operations.OperationError as problem:
+        return _runs_left_page(request, workflow, number, form, status=400, error=str(problem))
+    (messages.success if change.changed else messages.info)(request, change.message)
+    return redirect(_release_url(workflow))
+
+
+def _runs_left_page(request, workflow: Workflow, number: int, form, *, status=200, error=""):
+    preview = None
+    try:
+        preview = services.preview_runs_left(workflow, number)
+    except operations.OperationError as problem:
+        error, status = error or str(problem), 404
+    context = {
+        "workflow": workflow,
+        "number": number,
+        "preview": preview,
+        "form": form,
+        "error": error,
+        "may_operate": _may_operate(request),
+        "permission": operations.OPERATE_PERMISSION,
+    }
+    return render(request, "dashboard/version_runs_left.html", context, status=status)
+
+
 # --- Uploading a definition -------------------------------------------------------------------
 
 

@@ -304,6 +304,18 @@ class RollbackVersionForm(DeploymentReasonForm):
     )
 
 
+class MoveRunsForm(DeploymentReasonForm):
+    runs = forms.ChoiceField(
+        choices=[
+            ("restart", "Cancel them and start them again on the live version"),
+            ("cancel", "Cancel them"),
+        ],
+        initial="restart",
+        widget=forms.RadioSelect,
+        label="The runs left on this version",
+    )
+
+
 UPLOAD_DEPLOY_CHOICES = [
     ("default", "As the definition says (at once without a deploy section)"),
     ("immediate", "At once"),

@@ -37,6 +37,11 @@ urlpatterns = [
         name="workflow-rollback",
     ),
     path(
+        "workflows/<slug:slug>/versions/<int:number>/runs-left/",
+        deployment_views.runs_left,
+        name="workflow-version-runs-left",
+    ),
+    path(
         "deployments/<int:deployment_id>/promote/",
         deployment_views.promote,
         name="deployment-promote",

@@ -7,7 +7,7 @@ from urllib.parse import urlencode
 
 from django.db.models import Case, Count, F, IntegerField, Value, When, Window
 from django.db.models.functions import RowNumber
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 
 from diagnostics.models import Finding, FindingSeverity
 from diagnostics.reliability import format_duration
@@ -68,6 +68,16 @@ def describe_action(action: dict, run_id: int | None) -> dict | None:
             "label": f"{label} ({node})…" if node else f"{label}…",
             "url": f"{url}?{urlencode({'node': node})}" if node else url,
         }
+    if kind == "move_runs_off" and str(action.get("version")).isdigit():
+        try:
+            url = reverse(
+                "dashboard:workflow-version-runs-left",
+                args=[str(action.get("workflow")), int(action["version"])],
+            )
+        except NoReverseMatch:  # not a slug: the command below still says what to do
+            pass
+        else:
+            return {"kind": kind, "label": f"{label}…", "url": url}
     if action.get("command"):
         return {"kind": kind or "command", "label": label, "command": str(action["command"])}
     if kind in {"raise_pool", "resize_pool"} and action.get("pool"):

@@ -51,7 +51,8 @@ class WorkflowAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
 
 
 @admin.register(WorkflowVersion)
-class WorkflowVersionAdmin(admin.ModelAdmin):
+class WorkflowVersionAdmin(admin_actions.OperateRunsMixin, admin.ModelAdmin):
+    actions = [admin_actions.move_runs_off]
     list_display = ["workflow", "number", "created_by", "created_at", "short_checksum"]
     list_filter = ["workflow"]
     list_select_related = ["workflow"]

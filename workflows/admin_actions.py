@@ -499,3 +499,62 @@ def _roll_back(modeladmin, request, workflow, number: int, cleaned: dict) -> Non
     else:
         level = messages.SUCCESS if change.changed else messages.INFO
         modeladmin.message_user(request, change.message, level)
+
+
+class MoveRunsForm(forms.Form):
+    runs = forms.ChoiceField(
+        choices=[
+            ("restart", "cancel them and start them again on the live version"),
+            ("cancel", "cancel them"),
+        ],
+        initial="restart",
+        widget=forms.RadioSelect,
+        label="Its unfinished runs",
+    )
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 80}), max_length=2000, required=False
+    )
+
+
+@admin.action(permissions=["operate"], description="Restart or cancel its runs left…")
+def move_runs_off(modeladmin, request, queryset):
+    """The unfinished runs of one version new runs no longer get: the preview, then
+    confirmed with a reason, services.move_runs_off."""
+    versions = list(queryset.select_related("workflow")[:2])
+    if len(versions) != 1:
+        modeladmin.message_user(
+            request, "Select one version: its runs are moved on their own.", messages.ERROR
+        )
+        return None
+    version = versions[0]
+    workflow = version.workflow
+    form = MoveRunsForm(request.POST if "apply" in request.POST else None)
+    if "apply" in request.POST and form.is_valid():
+        if not form.cleaned_data["reason"].strip():
+            form.add_error("reason", "Give a reason: it is kept in the audit.")
+        else:
+            try:
+                change = services.move_runs_off(
+                    workflow,
+                    version.number,
+                    actor=operations.Actor.for_user(request.user),
+                    reason=form.cleaned_data["reason"],
+                    runs=form.cleaned_data["runs"],
+                )
+            except operations.OperationError as error:
+                modeladmin.message_user(request, f"{workflow.slug}: {error}", messages.ERROR)
+            else:
+                level = messages.SUCCESS if change.changed else messages.INFO
+                modeladmin.message_user(request, change.message, level)
+            return None
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": f"Runs left on {workflow.slug} v{version.number}",
+        "opts": modeladmin.model._meta,
+        "version": version,
+        "preview": services.preview_runs_left(workflow, version.number),
+        "form": form,
+        "action_name": request.POST.get("action"),
+        "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, "admin/workflows/move_runs_off.html", context)

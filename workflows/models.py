@@ -680,6 +680,7 @@ class AuditAction(models.TextChoices):
     PROMOTE_DEPLOYMENT = "promote_deployment"
     ABORT_DEPLOYMENT = "abort_deployment"
     ROLLBACK_VERSION = "rollback_version"
+    MOVE_RUNS_OFF = "move_runs_off"
 
 
 class AuditEvent(models.Model):

@@ -24,7 +24,7 @@ from workflows.models import Deployment, Run
 # A canary is reported as failing below this p-value of Fisher's exact test: a lead, well
 # before the watchdog's own bar (p < alpha, with min_runs runs) lets it abort.
 CANARY_FAILING_P = 0.2
-# Runs named in a finding's evidence (and in its command); the count says how many more.
+# Runs named in a finding's evidence; the count says how many more.
 LISTED_RUNS = 20
 ENDED = {
     Deployment.State.ABORTED: "aborted",
@@ -212,14 +212,7 @@ def _retired_detection(item: Retired, runs: dict) -> Detection:
     count, ids = runs["total"], runs["ids"]
     live = f"v{item.live}" if item.live is not None else "no version"
     reason = f"{slug} v{number} was {item.how}"
-    if count == 1:
-        command = f'manage.py cancel_run {ids[0]} --reason "{reason}"'
-    else:
-        listed = " ".join(map(str, ids))
-        command = f'for run in {listed}; do manage.py cancel_run $run --reason "{reason}"; done'
-    more = (
-        f" (the first {len(ids)} listed; the rest appear as these end)" if count > len(ids) else ""
-    )
+    command = f'manage.py move_runs_off {slug} {number} --runs restart --reason "{reason}"'
     return Detection(
         code="retired_version_running",
         subject=f"version:{row['version_id']}",
@@ -230,10 +223,9 @@ def _retired_detection(item: Retired, runs: dict) -> Detection:
         ),
         suggestion=(
             f"These runs stay on v{number} until they end, whatever is live now. If v{number} "
-            f"must not finish them, cancel them{more}: `{command}`; then start again on {live} "
-            f"those whose work is still needed (`manage.py run_workflow {slug} ...`). A "
-            "rollback with `--runs restart` or `--runs cancel` does both when it happens; "
-            f"v{number} has left already, so a rollback now has nothing to change."
+            f"must not finish them, restart them on {live} (each is cancelled and started "
+            f"again with the same params, linked to its original) or cancel them: `{command}` "
+            "(`--runs cancel` only cancels; `--preview` lists them first)."
         ),
         evidence={
             "workflow": slug,
@@ -247,7 +239,13 @@ def _retired_detection(item: Retired, runs: dict) -> Detection:
             "run_ids": ids,
             "oldest_started_at": iso(runs["oldest"]),
         },
-        action={"kind": "command", "command": command},
+        action={
+            "kind": "move_runs_off",
+            "label": f"Restart or cancel the runs left on v{number}",
+            "workflow": slug,
+            "version": number,
+            "command": command,
+        },
     )
 
 

@@ -262,7 +262,12 @@ def test_a_body_over_the_size_limit_is_a_documented_413(
     document lists for every write, in the usual error shape."""
     operator.user_permissions.add(Permission.objects.get(codename="operate_queues"))
     path = template.format(
-        run_id=failed_chain.pk, node_key="b", slug="chain", name="default", deployment_id=1
+        run_id=failed_chain.pk,
+        node_key="b",
+        slug="chain",
+        name="default",
+        deployment_id=1,
+        version=1,
     )
     body = '{"reason": "' + "x" * django_settings.DATA_UPLOAD_MAX_MEMORY_SIZE + '"}'
 

@@ -412,6 +412,80 @@ def test_a_viewer_cannot_roll_back(viewer_api):
     assert Workflow.objects.get(slug="orders").deployments.count() == 2
 
 
+# --- Runs left on a version -------------------------------------------------------------------
+
+
+def runs_left_on_v2() -> list[Run]:
+    """v1 live after v2 was rolled back; v2's runs left queued."""
+    load(1)
+    load(2)
+    left = start(2)
+    services.rollback_version(Workflow.objects.get(slug="orders"), 1, actor="t", reason="bad")
+    return left
+
+
+def test_the_runs_left_on_a_version_are_listed_then_restarted_once(api):
+    left = runs_left_on_v2()
+
+    preview = api.get("workflows/orders/versions/2/runs-left")
+
+    assert preview.status_code == 200, preview.content
+    assert preview.json() == {
+        "workflow": "orders",
+        "from_version": 2,
+        "to_version": 1,
+        "runs": {"running": [], "queued": sorted((r.pk for r in left), reverse=True)},
+        "total": 2,
+        "refusal": "",
+    }
+    headers = {"Idempotency-Key": "move-v2"}
+    body = {"reason": "v2 is broken"}
+    first = api.post("workflows/orders/versions/2/move-runs", body, **headers)
+    repeat = api.post("workflows/orders/versions/2/move-runs", body, **headers)
+
+    assert first.status_code == 200, first.content
+    assert first.json()["changed"] is True
+    assert first.json()["message"] == "2 run(s) of orders v2 restarted on v1."
+    assert first.json()["deployment"]["version"] == 1
+    assert (repeat.json()["changed"], repeat.json()["message"]) == (
+        False,
+        "Already done: this request was applied before.",
+    )
+    assert Run.objects.filter(restarted_from__in=left, version__number=1).count() == 2
+    [event] = audit(AuditEvent.Action.MOVE_RUNS_OFF)
+    assert (event.actor, event.after["runs"], event.after["from_version"]) == ("olga", "restart", 2)
+
+
+def test_moving_runs_off_the_live_version_is_409_saying_what_to_do(api):
+    runs_left_on_v2()
+    refusal = api.get("workflows/orders/versions/1/runs-left").json()["refusal"]
+    assert refusal == "orders v1 is live: new runs get it. Roll back to another version first."
+    response = api.post("workflows/orders/versions/1/move-runs", {"reason": "x"})
+    assert assert_error(response, 409, "conflict") == refusal
+
+
+@pytest.mark.parametrize(
+    "path, body, status, code, field",
+    [
+        ("versions/2/move-runs", {}, 400, "invalid", "reason"),
+        ("versions/2/move-runs", {"reason": "x", "runs": "finish"}, 400, "invalid", "runs"),
+        ("versions/7/move-runs", {"reason": "x"}, 404, "not_found", None),
+        ("versions/0/move-runs", {"reason": "x"}, 404, "not_found", None),
+    ],
+)
+def test_bad_moves_are_refused_and_change_nothing(api, path, body, status, code, field):
+    left = runs_left_on_v2()
+    assert_error(api.post(f"workflows/orders/{path}", body), status, code, field)
+    assert not Run.objects.filter(pk__in=[r.pk for r in left], status="cancelled").exists()
+
+
+def test_a_viewer_cannot_move_runs(viewer_api):
+    left = runs_left_on_v2()
+    response = viewer_api.post("workflows/orders/versions/2/move-runs", {"reason": "x"})
+    assert "vic may not move runs off on orders" in assert_error(response, 403, "forbidden")
+    assert not Run.objects.filter(pk__in=[r.pk for r in left], status="cancelled").exists()
+
+
 # --- Starting a run on a version --------------------------------------------------------------
 
 

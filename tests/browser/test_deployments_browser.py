@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from diagnostics import watchdog
 from tests.browser.test_graph import fits_the_screen
 from tests.web.test_deployments_page import canary, finish, load, start
-from workflows.deployments import judging
-from workflows.models import Deployment, Run
+from workflows.deployments import judging, services
+from workflows.models import Deployment, Run, Workflow
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,4 +113,43 @@ def test_a_version_is_rolled_back_from_the_workflow_page(
     page.get_by_role("button", name="Check").click()
     expect(page.locator("#check")).to_contain_text("Valid: orders")
     fits_the_screen(page, f"the upload page, {width}px")
+    assert browser_errors == []
+
+
+@pytest.mark.parametrize("width,height", SIZES)
+def test_runs_left_on_a_rolled_back_version_are_restarted_from_their_finding(
+    signed_in, live_server, clean_redis, browser_errors, django_user_model, width, height
+):
+    page = signed_in
+    django_user_model.objects.filter(username="olga").update(is_staff=True)  # findings: staff
+    page.set_viewport_size({"width": width, "height": height})
+    load(1)
+    load(2)
+    left = start(2)
+    services.rollback_version(Workflow.objects.get(slug="orders"), 1, actor="t", reason="slow")
+    watchdog.tick()
+
+    page.goto(f"{live_server.url}/findings/")
+    finding = page.locator("article.finding", has_text="still run v2, which was rolled back")
+    expect(finding).to_contain_text("restart them on v1")
+    finding.get_by_role("link", name="Restart or cancel the runs left on v2…").click()
+
+    page.wait_for_url(re.compile(r"/workflows/orders/versions/2/runs-left/$"))
+    preview = page.locator(".panel.preview")
+    expect(preview).to_contain_text("2 unfinished runs of orders v2; restarted, they run v1")
+    for run in left:
+        expect(preview.get_by_role("link", name=f"#{run.pk}", exact=True)).to_be_visible()
+    fits_the_screen(page, f"the runs-left page, {width}px")
+    shoot(page, "runs-left", width, height)
+    page.get_by_label("Reason").fill("v2 was rolled back: its runs must not finish")
+    page.get_by_role("button", name="End the runs left on v2").click()
+
+    page.wait_for_url(re.compile(r"/workflows/orders/#release$"))
+    expect(page.locator(".messages")).to_contain_text("2 run(s) of orders v2 restarted on v1.")
+    assert sorted(
+        Run.objects.filter(restarted_from__in=left).values_list("version__number", flat=True)
+    ) == [1, 1]
+    watchdog.tick()
+    page.goto(f"{live_server.url}/findings/")
+    expect(page.locator("article.finding", has_text="still run v2")).to_have_count(0)
     assert browser_errors == []

@@ -6,7 +6,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection, connections
 from django.utils import timezone
 
@@ -313,3 +313,126 @@ def test_deploying_with_an_undeclared_key_param_is_refused_and_writes_nothing():
 def test_routing_of_a_workflow_never_deployed_takes_its_latest_version():
     version = load(1, deploying=None)
     assert routing.version_for_new_run(version.workflow, {}) == (version, None)
+
+
+# --- Runs left on a version new runs no longer get ----------------------------------------------
+
+
+def aborted_canary_with_runs() -> tuple[Workflow, list[Run]]:
+    """v1 live, v2 a canary aborted with runs still on it; those runs."""
+    load(1, params={"day": "mon"})
+    v2 = load(2, deploying=None, params={"day": "mon"})
+    deployment = services.deploy(
+        v2, actor="t", reason="r", strategy="canary", steps=[50, 100]
+    ).deployment
+    left = [run for run in start(8, params={"day": "tue"}) if run.version == v2]
+    services.abort(deployment.pk, actor="t", reason="bad")
+    return Workflow.objects.get(slug="orders"), left
+
+
+def test_runs_left_on_a_version_are_previewed_then_restarted_on_the_live_one_once():
+    workflow, left = aborted_canary_with_runs()
+    preview = services.preview_runs_left(workflow, 2)
+    assert (preview.from_version, preview.to_version, preview.refusal) == (2, 1, "")
+    assert sorted(preview.queued) == sorted(run.pk for run in left) and preview.running == []
+
+    change = services.move_runs_off(workflow, 2, actor="op", reason="v2 broke", request_key="k1")
+
+    assert change.changed and change.message == f"{len(left)} run(s) of orders v2 restarted on v1."
+    for run in left:
+        run.refresh_from_db()
+        assert run.status == Run.Status.CANCELLED
+        (again,) = run.restarts.all()
+        assert (again.version.number, again.params, again.deployment) == (1, run.params, live())
+    (event,) = AuditEvent.objects.filter(action=AuditEvent.Action.MOVE_RUNS_OFF)
+    assert (event.actor, event.reason, event.target) == ("op", "v2 broke", "workflow:orders")
+    assert sorted(event.after["run_ids"]) == sorted(run.pk for run in left)
+
+    repeat = services.move_runs_off(workflow, 2, actor="op", reason="v2 broke", request_key="k1")
+    assert not repeat.changed and repeat.message.startswith("Already done")
+    again = services.move_runs_off(workflow, 2, actor="op", reason="v2 broke")
+    assert (again.changed, again.message) == (False, "No unfinished runs of orders v2.")
+    assert Run.objects.filter(restarted_from__isnull=False).count() == len(left)
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.MOVE_RUNS_OFF).count() == 1
+
+
+def test_runs_left_can_be_only_cancelled():
+    workflow, left = aborted_canary_with_runs()
+    services.move_runs_off(workflow, 2, actor="op", reason="not needed", runs="cancel")
+    assert set(
+        Run.objects.filter(pk__in=[r.pk for r in left]).values_list("status", flat=True)
+    ) == {Run.Status.CANCELLED}
+    assert not Run.objects.filter(restarted_from__isnull=False).exists()
+
+
+def test_runs_cannot_be_moved_off_the_live_version_or_one_being_deployed():
+    load(1)
+    v2 = load(2, deploying=None)
+    deployment = services.deploy(v2, actor="t", reason="r", strategy="canary").deployment
+    workflow = Workflow.objects.get(slug="orders")
+    start(4)
+    cases = [
+        (1, "orders v1 is live: new runs get it. Roll back to another version first."),
+        (2, "orders v2 is being deployed (canary): abort it, or roll back with --runs restart"),
+        (9, "orders has no version 9 (it has v1, v2)."),
+    ]
+    for number, said in cases:
+        with pytest.raises(operations.OperationError) as error:
+            services.move_runs_off(workflow, number, actor="op", reason="r")
+        assert str(error.value).startswith(said)
+    assert services.preview_runs_left(workflow, 2).refusal.startswith(cases[1][1])
+    with pytest.raises(operations.OperationError, match="runs must be one of restart, cancel"):
+        services.move_runs_off(workflow, 2, actor="op", reason="r", runs="finish")
+    with pytest.raises(operations.OperationError, match="A reason is required"):
+        services.move_runs_off(workflow, 2, actor="op", reason=" ")
+    assert Run.objects.filter(status=Run.Status.CANCELLED).count() == 0
+    assert not AuditEvent.objects.filter(action=AuditEvent.Action.MOVE_RUNS_OFF).exists()
+    assert deployment.pk
+
+
+def test_moving_runs_needs_the_operate_permission_and_a_refusal_is_audited(django_user_model):
+    workflow, left = aborted_canary_with_runs()
+    viewer = django_user_model.objects.create_user("viewer")
+    with pytest.raises(operations.OperationDenied, match="viewer may not move runs off"):
+        services.move_runs_off(workflow, 2, actor=operations.Actor.for_user(viewer), reason="r")
+    refusal = AuditEvent.objects.get(action=AuditEvent.Action.MOVE_RUNS_OFF)
+    assert refusal.actor == "viewer" and refusal.before["denied"] is True
+    assert not Run.objects.filter(pk__in=[r.pk for r in left], status=Run.Status.CANCELLED).exists()
+
+
+def test_ten_simultaneous_moves_restart_each_run_once():
+    if connection.vendor != "postgresql":
+        pytest.skip("concurrent transactions: SQLite runs them one after another anyway")
+    workflow, left = aborted_canary_with_runs()
+    results, barrier = [], threading.Barrier(10)
+
+    def click():
+        try:
+            barrier.wait()
+            results.append(services.move_runs_off(workflow, 2, actor="op", reason="v2 broke"))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=click) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sum(change.changed for change in results) == 1
+    assert Run.objects.filter(restarted_from__isnull=False).count() == len(left)
+
+
+def test_the_command_previews_and_moves_runs_off_a_version():
+    _, left = aborted_canary_with_runs()
+    out = StringIO()
+    call_command("move_runs_off", "orders", "2", "--preview", stdout=out)
+    assert f"{len(left)} unfinished run(s) of orders v2; restarted, they run v1" in out.getvalue()
+    assert f"queued: {len(left)}" in out.getvalue()
+    assert not Run.objects.filter(status=Run.Status.CANCELLED).exists(), "a preview changes nothing"
+    with pytest.raises(CommandError, match="orders v1 is live"):
+        call_command("move_runs_off", "orders", "1", "--preview")
+    with pytest.raises(CommandError, match="A reason is required"):
+        call_command("move_runs_off", "orders", "2")
+    call_command("move_runs_off", "orders", "2", "--reason", "v2 broke", stdout=out)
+    assert f"{len(left)} run(s) of orders v2 restarted on v1." in out.getvalue()

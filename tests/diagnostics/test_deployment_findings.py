@@ -2,6 +2,7 @@
 version no longer deployed, a failing canary, a deployment that cannot finish."""
 
 import re
+import shlex
 from datetime import timedelta
 from io import StringIO
 
@@ -51,11 +52,13 @@ def on_version(runs, number: int) -> list[Run]:
     return [run for run in runs if run.version.number == number]
 
 
-def cancel_as_suggested(finding: Finding) -> None:
-    """What the finding's command does, one run at a time (the command loops over them)."""
-    assert finding.action["command"].count("manage.py cancel_run") == 1
-    for run_id in finding.evidence["run_ids"]:
-        call_command("cancel_run", str(run_id), reason="v2 was aborted")
+def run_as_suggested(finding: Finding) -> str:
+    """The finding's command, run as an operator would paste it."""
+    program, command, *args = shlex.split(finding.action["command"])
+    assert (program, command) == ("manage.py", "move_runs_off")
+    out = StringIO()
+    call_command(command, *args, stdout=out)
+    return out.getvalue()
 
 
 def test_runs_left_on_an_aborted_canary_are_reported_until_cancelled(clean_redis):
@@ -77,12 +80,23 @@ def test_runs_left_on_an_aborted_canary_are_reported_until_cancelled(clean_redis
     assert evidence["oldest_started_at"] == started.isoformat()
     assert finding.title.startswith("3 run(s) of orders still run v2, which was aborted at ")
     assert finding.title.endswith("new runs get v1")
-    assert "for run in" in finding.action["command"]
+    assert finding.action["kind"] == "move_runs_off"
+    assert finding.action["command"] == (
+        'manage.py move_runs_off orders 2 --runs restart --reason "orders v2 was aborted"'
+    )
     explained = dict(explain.explain(finding).evidence)
     assert explained["runs still running"] == "3"
     assert explained["runs"] == ", ".join(str(run.pk) for run in left)
 
-    cancel_as_suggested(finding)
+    said = run_as_suggested(finding)
+    # The run started on v2 by number is unfinished on v2 too: the command ends it as well.
+    assert "4 run(s) of orders v2 restarted on v1." in said
+    for run in left:
+        run.refresh_from_db()
+        assert run.status == Run.Status.CANCELLED
+        assert "moved off v2: orders v2 was aborted" in run.reason
+        (again,) = Run.objects.filter(restarted_from=run)
+        assert (again.version.number, again.params) == (1, run.params)
     watchdog.tick()
     assert resolved(finding)
     assert not Finding.objects.filter(code__in=CODES, resolved_at__isnull=True).exists()
@@ -99,10 +113,19 @@ def test_runs_left_on_a_rolled_back_version_name_the_rollback(clean_redis):
     assert finding.evidence["run_ids"] == [left.pk]
     assert finding.evidence["deployment_state"] == "rolled_back"
     assert "which was rolled back at" in finding.title
-    assert finding.action["command"] == (
-        f'manage.py cancel_run {left.pk} --reason "orders v2 was rolled back"'
+    call_command(
+        "move_runs_off",
+        "orders",
+        "2",
+        "--runs",
+        "cancel",
+        "--reason",
+        "v2 breaks",
+        stdout=StringIO(),
     )
-    call_command("cancel_run", str(left.pk), reason="v2 was rolled back")
+    left.refresh_from_db()
+    assert left.status == Run.Status.CANCELLED
+    assert not Run.objects.filter(restarted_from=left).exists(), "cancel only cancels"
     watchdog.tick()
     assert resolved(finding)
 

@@ -44,7 +44,14 @@ def start(n: int) -> list[Run]:
 
 
 def staff_client(django_user_model, username: str, *codenames: str) -> Client:
-    user = user_with(django_user_model, username, "view_deployment", "view_workflow", *codenames)
+    user = user_with(
+        django_user_model,
+        username,
+        "view_deployment",
+        "view_workflow",
+        "view_workflowversion",
+        *codenames,
+    )
     user.is_staff = True
     user.save(update_fields=["is_staff"])
     client = Client()
@@ -218,6 +225,46 @@ def test_rollback_is_for_one_workflow_at_a_time(operator):
     assert "Select one workflow" in response.content.decode()
 
 
+VERSIONS = "/admin/workflows/workflowversion/"
+
+
+def test_a_versions_runs_left_are_previewed_then_restarted_on_the_live_version(operator):
+    load(1)
+    load(2)
+    queued = start(2)
+    workflow = Workflow.objects.get()
+    services.rollback_version(workflow, 1, actor="t", reason="v2 slow")
+    v2 = workflow.versions.get(number=2)
+    data = {"action": "move_runs_off", "_selected_action": [v2.pk]}
+
+    html = operator.post(VERSIONS, data).content.decode()
+
+    assert "Runs left on orders v2" in html
+    assert "2 unfinished runs; restarted, they run v1." in html
+    assert ", ".join(str(r.pk) for r in reversed(queued)) in html
+    confirm = {**data, "runs": "restart", "apply": "Confirm"}
+    unexplained = operator.post(VERSIONS, {**confirm, "reason": " "})
+    assert "Give a reason" in unexplained.content.decode()
+    assert not Run.objects.filter(restarted_from__in=queued).exists()
+
+    done = operator.post(VERSIONS, {**confirm, "reason": "v2 must not finish"}, follow=True)
+    again = operator.post(VERSIONS, {**confirm, "reason": "v2 must not finish"}, follow=True)
+
+    assert "2 run(s) of orders v2 restarted on v1." in done.content.decode()
+    assert "No unfinished runs of orders v2." in again.content.decode()
+    assert Run.objects.filter(restarted_from__in=queued, version__number=1).count() == 2
+    [event] = AuditEvent.objects.filter(action=AuditEvent.Action.MOVE_RUNS_OFF)
+    assert (event.actor, event.reason) == ("olga", "v2 must not finish")
+
+    v1 = workflow.versions.get(number=1)
+    live = operator.post(VERSIONS, {"action": "move_runs_off", "_selected_action": [v1.pk]})
+    assert "orders v1 is live: new runs get it." in live.content.decode()
+    both = operator.post(
+        VERSIONS, {"action": "move_runs_off", "_selected_action": [v1.pk, v2.pk]}, follow=True
+    )
+    assert "Select one version" in both.content.decode()
+
+
 # --- Permission -------------------------------------------------------------------------------
 
 
@@ -229,6 +276,8 @@ def test_staff_without_the_operate_permission_neither_see_nor_use_the_actions(vi
     listing = viewer.get(DEPLOYMENTS).content.decode()
     assert "v2" in listing and "promote_deployments" not in listing
     assert "rollback_to_version" not in viewer.get(WORKFLOWS).content.decode()
+    versions = viewer.get("/admin/workflows/workflowversion/")
+    assert versions.status_code == 200 and "move_runs_off" not in versions.content.decode()
     for action in ("promote_deployments", "abort_deployments"):
         viewer.post(
             DEPLOYMENTS,

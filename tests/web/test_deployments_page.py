@@ -4,6 +4,7 @@ once, refused without the permission, errors said on the page; the page's querie
 not grow with the runs."""
 
 import hashlib
+import re
 from datetime import timedelta
 from html import escape, unescape
 
@@ -380,6 +381,11 @@ def test_every_action_is_refused_without_the_permission_and_the_refusal_audited(
             "rollback_version",
         ),
         ("/definitions/upload/", {"source": source(3), "load": "1"}, "deploy"),
+        (
+            "/workflows/orders/versions/1/runs-left/",
+            {"move-runs": "cancel", "move-reason": "r"},
+            "move_runs_off",
+        ),
     ]
     for url, form, action in attempts:
         response = viewer_client.post(url, form)
@@ -434,11 +440,58 @@ def test_the_rollback_preview_lists_the_runs_left_and_restarts_them_once(operato
         assert restart.version.number == 1
 
 
+def test_the_runs_left_on_a_version_are_listed_and_restarted_from_their_page(operator_client):
+    load(1)
+    load(2)
+    left = start(2)
+    services.rollback_version(Workflow.objects.get(slug="orders"), 1, actor="t", reason="bad")
+    url = "/workflows/orders/versions/2/runs-left/"
+
+    html = page(operator_client, url)
+
+    assert "<strong>2</strong> unfinished runs of <strong>orders v2</strong>" in html
+    assert "restarted, they run <strong>v1</strong>" in html
+    for run in left:
+        assert f'<a href="/runs/{run.pk}/">#{run.pk}</a>' in html
+    assert re.search(r'<input type="radio" name="move-runs" value="restart"[^>]* checked>', html)
+    form = {"move-runs": "restart", "move-reason": "v2 is broken"}
+    done = followed(operator_client.post(url, form, follow=True))
+    assert "2 run(s) of orders v2 restarted on v1." in done
+    assert Run.objects.filter(restarted_from__in=left, version__number=1).count() == 2
+    assert "No run of orders v2 is unfinished. Nothing to do." in page(operator_client, url)
+    again = followed(operator_client.post(url, form, follow=True))
+    assert "No unfinished runs of orders v2." in again
+    assert Run.objects.filter(restarted_from__in=left).count() == 2
+
+
+def test_the_runs_left_page_says_what_cannot_be_done(operator_client):
+    load(1)
+    load(2)
+    live_page = page(operator_client, "/workflows/orders/versions/2/runs-left/")
+    assert "orders v2 is live: new runs get it. Roll back to another version first." in live_page
+    assert '<form method="post"' not in live_page
+    missing = operator_client.get("/workflows/orders/versions/9/runs-left/")
+    assert missing.status_code == 404
+    assert "orders has no version 9 (it has v1, v2)." in missing.content.decode()
+    posted = operator_client.post(
+        "/workflows/orders/versions/2/runs-left/", {"move-runs": "restart", "move-reason": "x"}
+    )
+    assert posted.status_code == 400
+    assert "orders v2 is live" in posted.content.decode()
+    start(1)
+    load(3)  # v2 left, with a run on it
+    empty = operator_client.post("/workflows/orders/versions/2/runs-left/", {"move-runs": "x"})
+    said = empty.content.decode()
+    assert empty.status_code == 400 and "Say why: the reason is kept in the audit." in said
+    assert "Select a valid choice. x is not one of the available choices." in said
+    assert not Run.objects.filter(status=Run.Status.CANCELLED).exists()
+
+
 def test_rollback_problems_are_said_on_its_page(operator_client, viewer_client):
     load(1)
     load(2)
     missing = page(operator_client, "/workflows/orders/rollback-version/?to=9")
-    assert "orders has no version 9 (it has v2, v1)." in missing
+    assert "orders has no version 9 (it has v1, v2)." in missing
     noop = page(operator_client, "/workflows/orders/rollback-version/?to=2")
     assert "v2 is already live. Nothing would change." in noop and "Confirm" not in noop
     url = "/workflows/orders/rollback-version/apply/"

@@ -34,6 +34,7 @@ MAX_MIN_RUNS = 1000
 Strategy = Literal[tuple(Deployment.Strategy.values)]  # type: ignore[valid-type]
 State = Literal[tuple(Deployment.State.values)]  # type: ignore[valid-type]
 RunPolicy = Literal[services.RUN_POLICIES]  # type: ignore[valid-type]
+MovePolicy = Literal[services.MOVE_POLICIES]  # type: ignore[valid-type]
 VersionNumber = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
@@ -179,6 +180,33 @@ class RollbackBody(ReasonBody):
     )
 
 
+class RunsLeft(Schema):
+    running: list[int] = Field(description="Run ids with a node started, newest first.")
+    queued: list[int] = Field(description="Run ids not started yet.")
+
+
+class RunsLeftPreview(Schema):
+    workflow: str
+    from_version: int
+    to_version: int | None = Field(description="The live version a restart would run.")
+    runs: RunsLeft = Field(description="The version's unfinished runs, at most 200 of each.")
+    total: int = Field(
+        description=f"Unfinished runs one move handles (at most {services.MOVED_AT_ONCE})."
+    )
+    refusal: str = Field(
+        description="Non-empty when runs cannot be moved off this version "
+        "(it is live, or being deployed), saying what to do instead."
+    )
+
+
+class MoveRunsBody(ReasonBody):
+    runs: MovePolicy = Field(
+        "restart",
+        description="restart (cancelled, then started again on the live version with the "
+        "same params, linked to the original) or cancel.",
+    )
+
+
 class RollbackQuery(Schema):
     version: VersionNumber = Field(description="The version to roll back to.")
 
@@ -247,6 +275,22 @@ def rollback_preview(request, slug: str, query: Query[RollbackQuery]):
     workflow = lookups.get_workflow(slug)
     _get_version(workflow, query.version)
     return services.preview_rollback(workflow, query.version).as_dict()
+
+
+@router.get(
+    "/workflows/{slug}/versions/{int:version}/runs-left",
+    response={200: RunsLeftPreview, **errors(400, 404)},
+    url_name="workflow-version-runs-left",
+    operation_id="previewRunsLeft",
+    summary="The unfinished runs of a version new runs no longer get",
+    description="What POST move-runs would end: the runs still running or queued on a version "
+    "that was aborted, rolled back or replaced. Changes nothing.",
+)
+def runs_left(request, slug: str, version: int):
+    require(request.user, VIEW_PERMISSION, OPERATE_PERMISSION)
+    workflow = lookups.get_workflow(slug)
+    _get_version(workflow, version, in_path=True)
+    return services.preview_runs_left(workflow, version).as_dict()
 
 
 # --- Writes -----------------------------------------------------------------------------------
@@ -382,17 +426,46 @@ def rollback(request, slug: str, body: RollbackBody):
     )
 
 
-def _get_version(workflow: Workflow, number: int) -> WorkflowVersion:
-    version = workflow.versions.filter(number=number).first()
+@router.post(
+    "/workflows/{slug}/versions/{int:version}/move-runs",
+    response={200: DeploymentChange, **WRITE_ERRORS},
+    url_name="workflow-version-move-runs",
+    operation_id="moveRunsOff",
+    summary="End the runs left on a version: restart them on the live version, or cancel them",
+    description="For a version new runs no longer get; refused (409) for the live version "
+    f"and one being deployed. At most {services.MOVED_AT_ONCE} runs per request, newest "
+    "first. Answers changed=false when none is left. " + NEEDS,
+    openapi_extra=idempotency.OPENAPI,
+)
+def move_runs(request, slug: str, version: int, body: MoveRunsBody):
+    require(request.user, VIEW_PERMISSION, OPERATE_PERMISSION)
+    workflow = lookups.get_workflow(slug)
+    _get_version(workflow, version, in_path=True)
+    return _once(
+        request,
+        lambda key: services.move_runs_off(
+            workflow,
+            version,
+            actor=operations.Actor.for_user(request.user),
+            reason=body.reason,
+            runs=body.runs,
+            request_key=key,
+        ),
+    )
+
+
+def _get_version(workflow: Workflow, number: int, *, in_path: bool = False) -> WorkflowVersion:
+    """The workflow's version ``number``; unknown: 404 when the path names it, else 400."""
+    version = workflow.versions.filter(number=number).first() if 0 < number <= MAX_ID else None
     if version is None:
         known = ", ".join(
             f"v{n}" for n in workflow.versions.order_by("number").values_list("number", flat=True)
         )
-        raise invalid(
-            "version",
+        message = (
             f"{workflow.slug} has no version {number} (it has {known or 'none'}); load a "
-            "definition with manage.py load_workflow PATH --deploy none.",
+            "definition with manage.py load_workflow PATH --deploy none."
         )
+        raise ApiError(404, message) if in_path else invalid("version", message)
     return version
 
 

@@ -38,10 +38,13 @@ _ACTIONS = {
     "promote": AuditEvent.Action.PROMOTE_DEPLOYMENT,
     "abort": AuditEvent.Action.ABORT_DEPLOYMENT,
     "rollback_version": AuditEvent.Action.ROLLBACK_VERSION,
+    "move_runs_off": AuditEvent.Action.MOVE_RUNS_OFF,
 }
 DEFAULT_STEPS = (10, 50, 100)
 DEFAULT_MIN_RUNS = 20
 RUN_POLICIES = ("finish", "cancel", "restart")
+MOVE_POLICIES = ("restart", "cancel")
+MOVED_AT_ONCE = 1000  # runs one move_runs_off handles; the rest are left for the next
 
 
 @dataclass(frozen=True)
@@ -321,8 +324,144 @@ def rollback_version(
             },
             key=request_key,
         )
-    _handle_runs(affected, runs, target, new, actor.name, reason)
+    _handle_runs(affected, runs, target, new, actor.name, f"version rolled back: {reason}")
     return Change(new, True, f"{workflow.slug} now starts new runs on v{to_number}.")
+
+
+@dataclass(frozen=True)
+class RunsLeftPreview:
+    """The unfinished runs of a version new runs no longer get (newest first, at most
+    200 of each), and the live version they would be restarted on."""
+
+    workflow: str
+    from_version: int
+    to_version: int | None
+    running: list[int] = field(default_factory=list)
+    queued: list[int] = field(default_factory=list)
+    total: int = 0
+    refusal: str = ""  # why nothing can be moved off this version
+
+    def as_dict(self) -> dict:
+        return {
+            "workflow": self.workflow,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "runs": {"running": self.running, "queued": self.queued},
+            "total": self.total,
+            "refusal": self.refusal,
+        }
+
+
+def preview_runs_left(workflow: Workflow, from_number: int) -> RunsLeftPreview:
+    """What ``move_runs_off`` would do to the runs still on version ``from_number``."""
+    source = _version(workflow, from_number)
+    active, refusal = _move_target(workflow, source, _live(workflow))
+    to = active.version.number if active is not None else None
+    if refusal:
+        return RunsLeftPreview(workflow.slug, from_number, to, refusal=refusal)
+    runs = _unfinished(source)
+    return RunsLeftPreview(
+        workflow=workflow.slug,
+        from_version=from_number,
+        to_version=to,
+        running=[r.pk for r in runs if r.started_nodes][:200],
+        queued=[r.pk for r in runs if not r.started_nodes][:200],
+        total=len(runs),
+    )
+
+
+def move_runs_off(
+    workflow: Workflow,
+    from_number: int,
+    *,
+    actor,
+    reason: str,
+    runs: str = "restart",
+    request_key: str | None = None,
+) -> Change:
+    """End the unfinished runs of a version new runs no longer get (a canary aborted, a
+    version rolled back or replaced): ``cancel`` them, or ``restart`` them — cancelled,
+    then started again on the live version with the same params, each linked to its
+    original. What a rollback's run policy does when it happens, for runs left behind.
+    Refused for the live version and one being deployed."""
+    if runs not in MOVE_POLICIES:
+        raise OperationError(f"runs must be one of {', '.join(MOVE_POLICIES)}, not {runs!r}.")
+    actor = _permitted(actor, "move_runs_off", workflow)
+    reason = _required(reason, f"move runs off v{from_number}")
+    with transaction.atomic():
+        workflow = _lock(workflow.pk)
+        if (earlier := _applied(request_key)) is not None:
+            return earlier
+        source = _version(workflow, from_number)
+        active, refusal = _move_target(workflow, source, _live(workflow))
+        if refusal:
+            raise OperationError(refusal)
+        affected = _unfinished(source)
+        if not affected:
+            return Change(active, False, f"No unfinished runs of {workflow.slug} v{from_number}.")
+        _audit(
+            AuditEvent.Action.MOVE_RUNS_OFF,
+            active,
+            actor.name,
+            reason,
+            before={"version": from_number},
+            extra={"from_version": from_number, "runs": runs, "run_ids": [r.pk for r in affected]},
+            key=request_key,
+        )
+        # Under the workflow's lock, unlike a rollback's (whose state change is its
+        # guard): the same request twice must find these runs ended, not restart them twice.
+        why = f"moved off v{from_number}: {reason}"
+        _handle_runs(affected, runs, active.version, active, actor.name, why)
+    done = "restarted on" if runs == "restart" else "cancelled; new runs get"
+    more = (
+        f" More are left: move them again ({MOVED_AT_ONCE} at a time)."
+        if len(affected) == MOVED_AT_ONCE
+        else ""
+    )
+    return Change(
+        active,
+        True,
+        f"{len(affected)} run(s) of {workflow.slug} v{from_number} {done} "
+        f"v{active.version.number}.{more}",
+    )
+
+
+def _move_target(
+    workflow: Workflow, source: WorkflowVersion, live: dict[str, Deployment]
+) -> tuple[Deployment | None, str]:
+    """The active deployment runs move to, or why runs cannot move off ``source``."""
+    active = live.get(Deployment.State.ACTIVE)
+    in_flight = live.get(Deployment.State.RAMPING) or live.get(Deployment.State.VALIDATING)
+    name = f"{workflow.slug} v{source.number}"
+    if active is None:
+        return None, f"{workflow.slug} has never been deployed: every version may get new runs."
+    if source.pk == active.version_id:
+        return active, f"{name} is live: new runs get it. Roll back to another version first."
+    if in_flight is not None and source.pk == in_flight.version_id:
+        return active, (
+            f"{name} is being deployed ({in_flight.strategy}): abort it, or roll back with "
+            "--runs restart, which moves its runs too."
+        )
+    return active, ""
+
+
+def _unfinished(version: WorkflowVersion) -> list[Run]:
+    """The version's unfinished runs, newest first, each with ``started_nodes``."""
+    runs = list(
+        Run.objects.filter(version=version, status__in=Run.ACTIVE).order_by("-id")[:MOVED_AT_ONCE]
+    )
+    _mark_started(runs)
+    return runs
+
+
+def _mark_started(runs: list[Run]) -> None:
+    started = set(
+        Run.objects.filter(pk__in=[r.pk for r in runs], nodes__started_at__isnull=False)
+        .values_list("pk", flat=True)
+        .distinct()
+    )
+    for run in runs:
+        run.started_nodes = run.pk in started
 
 
 # --- Helpers ----------------------------------------------------------------------------------
@@ -374,7 +513,8 @@ def _version(workflow: Workflow, number) -> WorkflowVersion:
     try:
         return workflow.versions.get(number=int(number))
     except (WorkflowVersion.DoesNotExist, ValueError, TypeError):
-        known = ", ".join(f"v{n}" for n in workflow.versions.values_list("number", flat=True))
+        numbers = workflow.versions.order_by("number").values_list("number", flat=True)
+        known = ", ".join(f"v{n}" for n in numbers)
         raise OperationError(
             f"{workflow.slug} has no version {number!r} (it has {known})."
         ) from None
@@ -446,21 +586,16 @@ def _runs_of(deployments: list[Deployment], target: WorkflowVersion) -> list[Run
         status=Run.Status.FAILED,
         created_at__gte=since,
     )
-    runs = list((unfinished | failed).order_by("-id")[:1000])
-    started = set(
-        Run.objects.filter(pk__in=[r.pk for r in runs], nodes__started_at__isnull=False)
-        .values_list("pk", flat=True)
-        .distinct()
-    )
-    for run in runs:
-        run.started_nodes = run.pk in started
+    runs = list((unfinished | failed).order_by("-id")[:MOVED_AT_ONCE])
+    _mark_started(runs)
     return runs
 
 
-def _handle_runs(runs: list[Run], policy: str, target, deployment, actor: str, reason) -> None:
+def _handle_runs(runs: list[Run], policy: str, target, deployment, actor: str, why) -> None:
+    """``cancel`` or ``restart`` (cancelled, started again on ``target``, linked)."""
     for run in runs:
         if run.status in Run.ACTIVE:
-            engine.cancel_run(run.pk, actor=actor, reason=f"version rolled back: {reason}")
+            engine.cancel_run(run.pk, actor=actor, reason=why)
         if policy == "restart":
             engine.start_run(
                 target,
