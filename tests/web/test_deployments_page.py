@@ -283,18 +283,23 @@ def test_the_page_draws_the_trend_as_an_svg_per_measure(operator_client):
 def test_the_workflow_page_reads_the_same_number_of_queries_for_10_or_100_runs(operator_client):
     canary(steps=(50, 100), min_runs=500)
 
-    def count(n: int) -> int:
+    def count(n: int) -> tuple[int, int]:
         runs = start(n)
         finish(runs[: n // 2], Run.Status.SUCCEEDED, hours_ago=2)
         finish(runs[n // 2 :], Run.Status.FAILED, hours_ago=0.1)
         judging.advance_in_flight()  # evidence: waiting
         with CaptureQueriesContext(connection) as captured:
-            assert operator_client.get(PAGE).status_code == 200
-        return len(captured)
+            response = operator_client.get(PAGE)
+        assert response.status_code == 200
+        poll = status_url(response.content.decode())
+        with CaptureQueriesContext(connection) as polled:
+            assert operator_client.get(poll).status_code == 200
+        return len(captured), len(polled)
 
     few = count(10)
     many = count(100)
-    assert few == many, f"{few} queries with 10 runs, {many} with 110"
+    assert few == many, f"(page, poll) queries: {few} with 10 runs, {many} with 110"
+    assert few[1] < few[0], "the poll reads only the state"
 
 
 # --- Actions -----------------------------------------------------------------------------------
