@@ -11,7 +11,7 @@ from django.db import connection, connections
 from django.utils import timezone
 
 from tests.conftest import finished
-from workflows import operations
+from workflows import engine, operations
 from workflows.definitions import spec, versioning
 from workflows.deployments import judging, routing, services
 from workflows.models import AuditEvent, Deployment, Run, Workflow
@@ -436,3 +436,32 @@ def test_the_command_previews_and_moves_runs_off_a_version():
         call_command("move_runs_off", "orders", "2")
     call_command("move_runs_off", "orders", "2", "--reason", "v2 broke", stdout=out)
     assert f"{len(left)} run(s) of orders v2 restarted on v1." in out.getvalue()
+
+
+def test_a_restart_gives_what_the_starter_gave_and_refuses_runs_the_target_cannot_take():
+    """v2 added a param: its default stays behind on v1, a value someone chose cannot go."""
+    load(1, params={"day": "mon"})
+    load(2, params={"day": "mon", "region": "eu"})
+    defaulted = operations.start_run("orders", actor="t", params={"day": "tue"})
+    chosen = operations.start_run("orders", actor="t", params={"region": "us"})
+    workflow = Workflow.objects.get(slug="orders")
+    refused = (
+        f"1 run(s) cannot start again on v1 with their params (run {chosen.pk}: Unknown run "
+        "param(s) region for workflow 'orders' (it declares: day)). Nothing was changed: "
+        "cancel them instead, or let them finish."
+    )
+
+    with pytest.raises(operations.OperationError) as error:
+        services.rollback_version(workflow, 1, actor="op", reason="r", runs="restart")
+    assert str(error.value) == refused
+    assert live().version.number == 2, "the refused rollback changed nothing"
+    services.rollback_version(workflow, 1, actor="op", reason="r")  # the runs finish on v2
+    with pytest.raises(operations.OperationError) as error:
+        services.move_runs_off(workflow, 2, actor="op", reason="r")
+    assert str(error.value) == refused
+    assert not Run.objects.filter(status=Run.Status.CANCELLED).exists()
+
+    engine.cancel_run(chosen.pk, actor="op", reason="region us is v2's alone")
+    services.move_runs_off(workflow, 2, actor="op", reason="r")
+    (moved,) = Run.objects.filter(restarted_from=defaulted)
+    assert (moved.version.number, moved.params) == (1, {"day": "tue"})

@@ -292,6 +292,7 @@ def rollback_version(
         if not bad:
             return Change(active, False, f"{workflow.slug} v{to_number} is already live.")
         affected = _runs_of(bad, target) if runs != "finish" else []
+        restart_params = _restart_params(affected, target) if runs == "restart" else {}
         for deployment in bad:
             state = (
                 Deployment.State.ROLLED_BACK
@@ -324,7 +325,8 @@ def rollback_version(
             },
             key=request_key,
         )
-    _handle_runs(affected, runs, target, new, actor.name, f"version rolled back: {reason}")
+    why = f"version rolled back: {reason}"
+    _handle_runs(affected, restart_params, target, new, actor.name, why)
     return Change(new, True, f"{workflow.slug} now starts new runs on v{to_number}.")
 
 
@@ -399,6 +401,7 @@ def move_runs_off(
         affected = _unfinished(source)
         if not affected:
             return Change(active, False, f"No unfinished runs of {workflow.slug} v{from_number}.")
+        restart_params = _restart_params(affected, active.version) if runs == "restart" else {}
         _audit(
             AuditEvent.Action.MOVE_RUNS_OFF,
             active,
@@ -411,7 +414,7 @@ def move_runs_off(
         # Under the workflow's lock, unlike a rollback's (whose state change is its
         # guard): the same request twice must find these runs ended, not restart them twice.
         why = f"moved off v{from_number}: {reason}"
-        _handle_runs(affected, runs, active.version, active, actor.name, why)
+        _handle_runs(affected, restart_params, active.version, active, actor.name, why)
     done = "restarted on" if runs == "restart" else "cancelled; new runs get"
     more = (
         f" More are left: move them again ({MOVED_AT_ONCE} at a time)."
@@ -591,15 +594,48 @@ def _runs_of(deployments: list[Deployment], target: WorkflowVersion) -> list[Run
     return runs
 
 
-def _handle_runs(runs: list[Run], policy: str, target, deployment, actor: str, why) -> None:
-    """``cancel`` or ``restart`` (cancelled, started again on ``target``, linked)."""
+def _restart_params(runs: list[Run], target: WorkflowVersion) -> dict[int, dict]:
+    """Each run's params for starting it again on ``target``: those its starter gave,
+    without values that were only its version's defaults (the target's own apply).
+    Checked before anything changes: OperationError when any run cannot start there."""
+    declared = {
+        version.pk: version.spec.get("params") or {}
+        for version in WorkflowVersion.objects.filter(pk__in={run.version_id for run in runs}).only(
+            "spec"
+        )
+    }
+    params, problems = {}, []
+    for run in runs:
+        defaults = declared[run.version_id]
+        given = {
+            name: value
+            for name, value in run.params.items()
+            if name not in defaults or defaults[name] != value
+        }
+        try:
+            engine.resolve_run_params(target.spec, given)
+        except engine.RunParamsError as error:
+            problems.append(f"run {run.pk}: {str(error).rstrip('.')}")
+        else:
+            params[run.pk] = given
+    if problems:
+        raise OperationError(
+            f"{len(problems)} run(s) cannot start again on v{target.number} with their params "
+            f"({'; '.join(problems[:3])}{' …' if len(problems) > 3 else ''}). Nothing was "
+            "changed: cancel them instead, or let them finish."
+        )
+    return params
+
+
+def _handle_runs(runs: list[Run], restart_params: dict, target, deployment, actor: str, why):
+    """Cancel the runs; start again on ``target`` those with ``restart_params``, linked."""
     for run in runs:
         if run.status in Run.ACTIVE:
             engine.cancel_run(run.pk, actor=actor, reason=why)
-        if policy == "restart":
+        if run.pk in restart_params:
             engine.start_run(
                 target,
-                params=run.params,
+                params=restart_params[run.pk],
                 trigger=actor,
                 priority=run.priority,
                 deployment=deployment,
