@@ -450,8 +450,10 @@ def with_label(action: dict) -> dict:
         label = f"Resume run {action.get('run')}"
     elif kind == "resize_pool":
         label = f"Raise pool {action.get('pool')} to {action.get('slots')} slot(s)"
-    elif kind == "command":
+    elif kind == "command" or (action.get("command") and not action.get("label")):
         label = f"Run `{action.get('command')}`"
+    elif action.get("command"):  # its own words, then what to paste
+        label = f"{action['label']}: `{action['command']}`"
     else:
         label = str(kind)
     return {**action, "label": label}

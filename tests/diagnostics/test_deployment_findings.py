@@ -84,6 +84,10 @@ def test_runs_left_on_an_aborted_canary_are_reported_until_cancelled(clean_redis
     assert finding.action["command"] == (
         'manage.py move_runs_off orders 2 --runs restart --reason "orders v2 was aborted"'
     )
+    assert explain.explain(finding).action["label"] == (
+        "Restart or cancel the runs left on v2: `manage.py move_runs_off orders 2 --runs "
+        'restart --reason "orders v2 was aborted"`'
+    )
     explained = dict(explain.explain(finding).evidence)
     assert explained["runs still running"] == "3"
     assert explained["runs"] == ", ".join(str(run.pk) for run in left)
