@@ -383,8 +383,8 @@ def move_runs_off(
 ) -> Change:
     """End the unfinished runs of a version new runs no longer get (a canary aborted, a
     version rolled back or replaced): ``cancel`` them, or ``restart`` them — cancelled,
-    then started again on the live version with the same params, each linked to its
-    original. What a rollback's run policy does when it happens, for runs left behind.
+    then started again on the live version with the params their starters gave, each
+    linked to its original. What a rollback's run policy does when it happens, for runs left behind.
     Refused for the live version and one being deployed."""
     if runs not in MOVE_POLICIES:
         raise OperationError(f"runs must be one of {', '.join(MOVE_POLICIES)}, not {runs!r}.")
